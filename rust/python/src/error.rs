@@ -1,0 +1,33 @@
+//! Exception classes of `qkd_core` and the mapping from the core crates' errors.
+
+use pyo3::create_exception;
+use pyo3::exceptions::{PyException, PyOSError};
+use pyo3::prelude::*;
+
+create_exception!(
+    qkd_core,
+    QkdError,
+    PyException,
+    "Base class of every error raised by qkd_core."
+);
+create_exception!(
+    qkd_core,
+    FormatError,
+    QkdError,
+    "Invalid, truncated or inconsistent file or stream content."
+);
+
+pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("QkdError", py.get_type::<QkdError>())?;
+    m.add("FormatError", py.get_type::<FormatError>())?;
+    Ok(())
+}
+
+/// Maps a format error: I/O problems become `OSError`, everything else `FormatError`.
+pub fn format_error(err: qkd_formats::FormatError) -> PyErr {
+    match err {
+        qkd_formats::FormatError::Io { .. } => PyOSError::new_err(err.to_string()),
+        other => FormatError::new_err(other.to_string()),
+    }
+}

@@ -1,0 +1,21 @@
+//! `qkd_core`: the Python extension module of QKDServer.
+//!
+//! This is the only crate that uses pyo3. It checks arguments, converts between numpy
+//! arrays and Rust slices, releases the GIL around heavy calls and maps the core crates'
+//! errors to the exception classes of `error.rs`. The algorithms live in the core crates.
+
+use pyo3::prelude::*;
+
+mod error;
+mod formats;
+
+#[pymodule]
+fn qkd_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Route the `log` crate into Python's `logging`; loggers are named after the Rust
+    // module path, e.g. `qkd_chopping::chopper`.
+    let _ = pyo3_log::try_init();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    error::register(m)?;
+    formats::register(m)?;
+    Ok(())
+}
