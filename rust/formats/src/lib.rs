@@ -11,5 +11,12 @@
 pub mod epoch;
 pub mod error;
 pub mod raw;
+pub mod tdc1;
+pub mod timestamp7;
+pub mod type1;
+pub mod type2;
+pub mod type3;
+pub mod type4;
+pub mod type7;
 
 pub use error::FormatError;

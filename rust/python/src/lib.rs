@@ -6,8 +6,13 @@
 
 use pyo3::prelude::*;
 
+mod chopping;
+mod coincidences;
 mod error;
 mod formats;
+mod reconcile;
+mod sources;
+mod sync;
 
 #[pymodule]
 fn qkd_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -17,5 +22,10 @@ fn qkd_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     error::register(m)?;
     formats::register(m)?;
+    sources::register(m)?;
+    chopping::register(m)?;
+    sync::register(m)?;
+    coincidences::register(m)?;
+    reconcile::register(m)?;
     Ok(())
 }
