@@ -67,6 +67,86 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
     Ok(())
 }
 
+/// Bit of the header tag that marks an extended (Unix-based, 32-bit) epoch; tags without
+/// it carry a local 17-bit epoch.
+pub const EXTENDED_TAG: i32 = 0x100;
+
+/// Returns the header tag of an epoch file of `file_type` (1, 2, 3, ...).
+pub fn make_tag(file_type: i32, extended: bool) -> i32 {
+    if extended {
+        file_type | EXTENDED_TAG
+    } else {
+        file_type
+    }
+}
+
+/// Checks a header tag against the expected file type and returns whether it marks an
+/// extended epoch.
+pub fn check_tag(tag: i32, file_type: i32, what: &'static str) -> Result<bool, FormatError> {
+    if tag == file_type {
+        Ok(false)
+    } else if tag == file_type | EXTENDED_TAG {
+        Ok(true)
+    } else {
+        Err(FormatError::Invalid {
+            what,
+            detail: format!(
+                "header tag is {tag:#x}, expected {file_type} or {:#x}; this is not a type-{file_type} epoch file",
+                file_type | EXTENDED_TAG
+            ),
+        })
+    }
+}
+
+/// Splits the first `N` little-endian 32-bit header fields off `bytes`.
+pub(crate) fn header_fields<'a, const N: usize>(
+    bytes: &'a [u8],
+    what: &'static str,
+) -> Result<([u32; N], &'a [u8]), FormatError> {
+    if bytes.len() < 4 * N {
+        return Err(FormatError::Invalid {
+            what,
+            detail: format!(
+                "file has {} bytes, shorter than the {}-byte header",
+                bytes.len(),
+                4 * N
+            ),
+        });
+    }
+    let mut fields = [0u32; N];
+    for (i, field) in fields.iter_mut().enumerate() {
+        *field = u32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    }
+    Ok((fields, &bytes[4 * N..]))
+}
+
+/// Reads a whole file, naming the path in the error.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, FormatError> {
+    fs::read(path).map_err(|e| FormatError::io(path, e))
+}
+
+/// Adds the file path to an error about file content.
+pub(crate) fn with_path(err: FormatError, path: &Path) -> FormatError {
+    match err {
+        FormatError::Invalid { what, detail } => FormatError::Invalid {
+            what,
+            detail: format!("{}: {detail}", path.display()),
+        },
+        FormatError::Truncated {
+            what,
+            record_bytes,
+            len,
+        } => FormatError::Invalid {
+            what,
+            detail: format!(
+                "{}: truncated, {len} bytes of data is not a multiple of {record_bytes}",
+                path.display()
+            ),
+        },
+        other => other,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

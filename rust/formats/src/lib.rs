@@ -8,6 +8,7 @@
 //!
 //! This crate knows nothing of Python; `qkd_core` wraps it.
 
+pub mod bits;
 pub mod epoch;
 pub mod error;
 pub mod raw;
