@@ -16,7 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0,
         help="more log output (-v: info, -vv: debug)",
     )
-    parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    from . import node_commands
+
+    node_commands.add_commands(subparsers)
     return parser
 
 

@@ -1,0 +1,544 @@
+"""One mutual-TLS connection to the peer node, with acknowledged, resumable delivery.
+
+The high-count side listens and the low-count side connects. Both present their own
+certificate and accept only the peer certificate named in their configuration: it is the
+only trust anchor of the TLS context, and after the handshake the peer's certificate
+must also be byte for byte the configured one (pinning), so a certificate merely signed
+by the same key is refused too. TLS 1.3 only.
+
+Delivery. :meth:`Link.send` queues a frame; frames are numbered per link session and
+kept until the peer acknowledges them, then ``on_acked`` runs (the sender of an epoch
+file deletes the file there). After a lost connection both sides exchange HELLO frames
+that carry their session id, the peer session they know and the next sequence number
+they expect, and the sender retransmits from there: nothing is lost and the receiver
+drops what it already processed, so nothing is delivered twice.
+
+When either node restarted (its session id changed) the old numbering means nothing to
+the other side: the link starts a new session, every queued frame of the old session is
+handed to its ``on_discarded`` callback, and ``on_link_reset`` tells the node, which
+restarts key generation from a clean state.
+
+A frame that breaks the format (bad magic or version, unknown type, payload above
+``max_frame_bytes``, a gap in the numbering) closes the connection with a logged error;
+the client side reconnects with exponential backoff. A connection silent for longer
+than ``idle_timeout_s`` is considered dead; PING frames keep an idle link alive.
+
+Everything on the wire runs in one asyncio event loop in a thread of its own, so TLS
+reads and writes never run concurrently on one SSL object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import secrets
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from .frames import (HEADER_SIZE, SEQUENCED, Frame, FrameError, FrameType, decode_json,
+                     encode_json, parse_header)
+from .tls import load_pinned_certificate
+
+log = logging.getLogger(__name__)
+
+
+class LinkState(enum.Enum):
+    STOPPED = "stopped"
+    DISCONNECTED = "disconnected"
+    CONNECTED = "connected"
+
+
+class ChannelError(Exception):
+    """A connection that must be closed: failed handshake, pinning or protocol error."""
+
+
+Handler = Callable[[FrameType, bytes], None]
+
+
+@dataclass
+class Outgoing:
+    type: FrameType
+    payload: bytes
+    on_acked: Optional[Callable[[], None]] = None
+    on_discarded: Optional[Callable[[], None]] = None
+    seq: int = 0
+
+
+@dataclass
+class LinkStats:
+    frames_sent: int = 0
+    frames_received: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    connections: int = 0
+    resets: int = 0
+    retransmitted: int = 0
+    duplicates_dropped: int = 0
+    last_error: str = ""
+    connected_since: float = 0.0
+    peer_address: str = ""
+    peer_identity: str = ""
+
+
+@dataclass
+class LinkSettings:
+    role: str                       # "high" listens, "low" connects
+    host: str                       # listen address (high) or peer host (low)
+    port: int
+    server_context: Optional[ssl.SSLContext] = None
+    client_context: Optional[ssl.SSLContext] = None
+    remote_cert: str = ""
+    identity: str = ""
+    max_frame_bytes: int = 16 << 20
+    reconnect_min_s: float = 0.2
+    reconnect_max_s: float = 10.0
+    handshake_timeout_s: float = 10.0
+    ping_interval_s: float = 2.0
+    idle_timeout_s: float = 15.0
+    extra_hello: dict = field(default_factory=dict)
+
+
+class Link:
+    """The channel to the peer: start it, send frames, receive them through ``handler``."""
+
+    def __init__(self, settings: LinkSettings, handler: Handler,
+                 on_link_reset: Callable[[str], None] = lambda reason: None,
+                 on_state: Callable[[LinkState], None] = lambda state: None):
+        self.settings = settings
+        self._handler = handler
+        self._on_link_reset = on_link_reset
+        self._on_state = on_state
+        self._pinned_der = load_pinned_certificate(settings.remote_cert)
+        self.session = secrets.token_hex(8)
+        self.stats = LinkStats()
+        self.state = LinkState.STOPPED
+
+        # Shared with threads calling send(); guarded by _lock.
+        self._lock = threading.Lock()
+        self._pending: list[Outgoing] = []      # queued before a link session existed
+        self._outbox: deque[Outgoing] = deque()  # numbered, not yet acknowledged
+        self._send_next = 1
+        self._peer_session: Optional[str] = None
+        self._recv_next = 1
+
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._thread: Optional[threading.Thread] = None
+        self._started = threading.Event()
+        self._wakeup: Optional[asyncio.Event] = None
+        self._stopping: Optional[asyncio.Event] = None
+        self._current_writer: Optional[asyncio.StreamWriter] = None
+        self._listener: Optional[socket.socket] = None
+        self._ack_due = False        # an ACK of _recv_next - 1 is owed to the peer
+        self._resend_from = 1        # first frame to transmit on the current connection
+
+    # ---- public API, callable from any thread -------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._thread_main, name=f"link-{self.settings.role}",
+                                        daemon=True)
+        self._thread.start()
+        self._started.wait()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._request_stop)
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._set_state(LinkState.STOPPED)
+
+    def send(self, frame_type: FrameType, payload: bytes, *,
+             on_acked: Optional[Callable[[], None]] = None,
+             on_discarded: Optional[Callable[[], None]] = None) -> None:
+        """Queue a CONTROL, FILE or RECONCILE frame for acknowledged delivery."""
+        if frame_type not in SEQUENCED:
+            raise ValueError(f"frame type {frame_type.name} is not sent through send()")
+        if len(payload) > self.settings.max_frame_bytes:
+            raise ValueError(f"payload of {len(payload)} bytes exceeds max_frame_bytes "
+                             f"({self.settings.max_frame_bytes})")
+        item = Outgoing(frame_type, payload, on_acked, on_discarded)
+        with self._lock:
+            if self._peer_session is None:
+                self._pending.append(item)
+            else:
+                item.seq = self._send_next
+                self._send_next += 1
+                self._outbox.append(item)
+        self._wake_writer()
+
+    def drop_connection(self, reason: str) -> None:
+        """Close the current connection; it is re-established and resumes where it was."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._close_current, reason)
+
+    def wait_connected(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.state is LinkState.CONNECTED:
+                return True
+            time.sleep(0.02)
+        return self.state is LinkState.CONNECTED
+
+    @property
+    def queued_frames(self) -> int:
+        with self._lock:
+            return len(self._outbox) + len(self._pending)
+
+    # ---- event loop side ----------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        finally:
+            remaining = asyncio.all_tasks(loop)
+            for task in remaining:
+                task.cancel()
+            if remaining:
+                loop.run_until_complete(asyncio.gather(*remaining, return_exceptions=True))
+            loop.close()
+
+    async def _main(self) -> None:
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._set_state(LinkState.DISCONNECTED)
+        try:
+            if self.settings.role == "high":
+                await self._serve()
+            else:
+                self._started.set()
+                await self._dial()
+        except Exception as error:  # a bug here would otherwise end the thread silently
+            log.exception("classical channel stopped by an unexpected error: %s", error)
+            self.stats.last_error = f"internal error: {error}"
+        finally:
+            self._started.set()
+
+    def _request_stop(self) -> None:
+        assert self._stopping is not None
+        self._stopping.set()
+        self._close_current("link stopped")
+
+    def _close_current(self, reason: str) -> None:
+        writer = self._current_writer
+        if writer is not None:
+            log.info("closing channel connection: %s", reason)
+            writer.close()
+
+    def _wake_writer(self) -> None:
+        loop, wakeup = self._loop, self._wakeup
+        if loop is not None and wakeup is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(wakeup.set)
+            except RuntimeError:  # the loop closed between the check and the call
+                pass
+
+    def _set_state(self, state: LinkState) -> None:
+        if state is not self.state:
+            self.state = state
+            try:
+                self._on_state(state)
+            except Exception:
+                log.exception("link state callback failed for state %s", state.value)
+
+    async def _serve(self) -> None:
+        settings = self.settings
+        loop = asyncio.get_running_loop()
+        try:
+            listener = socket.create_server((settings.host, settings.port), reuse_port=False)
+        except OSError as error:
+            self.stats.last_error = f"cannot listen on {settings.host}:{settings.port}: {error}"
+            log.error("classical channel %s", self.stats.last_error)
+            self._started.set()
+            return
+        listener.setblocking(False)
+        self._listener = listener
+        log.info("classical channel listening on %s:%d", settings.host, settings.port)
+        self._started.set()
+        tasks: set[asyncio.Task] = set()
+        assert self._stopping is not None
+        stop_task = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                accept_task = asyncio.ensure_future(loop.sock_accept(listener))
+                await asyncio.wait({accept_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+                if stop_task.done():
+                    accept_task.cancel()
+                    break
+                connection, peer = accept_task.result()
+                task = asyncio.ensure_future(self._accept(connection, f"{peer[0]}:{peer[1]}"))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+        finally:
+            listener.close()
+            stop_task.cancel()
+            for task in tasks:
+                task.cancel()
+
+    async def _accept(self, connection: socket.socket, address: str) -> None:
+        # The TLS handshake runs on the accepted socket before any stream reads from it,
+        # and its errors (such as a wrong client certificate) reach this code for logging.
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**16, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        try:
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol, connection, ssl=self.settings.server_context,
+                ssl_handshake_timeout=self.settings.handshake_timeout_s)
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
+            self._record_error(f"TLS handshake with {address} failed: {_describe(error)}")
+            connection.close()
+            return
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if self._current_writer is not None:
+            # The peer reconnected while the old connection still looks open here (for
+            # example after a cut that this side did not notice): the new one wins.
+            self._close_current(f"peer {address} opened a new connection")
+        await self._run_connection(reader, writer, address)
+
+    async def _dial(self) -> None:
+        settings = self.settings
+        assert self._stopping is not None
+        delay = settings.reconnect_min_s
+        while not self._stopping.is_set():
+            address = f"{settings.host}:{settings.port}"
+            connected = False
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(settings.host, settings.port,
+                                            ssl=settings.client_context, server_hostname=None),
+                    settings.handshake_timeout_s)
+                connected = True
+                delay = settings.reconnect_min_s
+                await self._run_connection(reader, writer, address)
+            except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
+                if not connected:
+                    self._record_error(f"cannot connect to {address}: {_describe(error)}")
+            if self._stopping.is_set():
+                break
+            log.info("reconnecting to %s in %.2f s", address, delay)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except asyncio.TimeoutError:
+                pass
+            delay = min(delay * 2, settings.reconnect_max_s)
+
+    def _record_error(self, message: str) -> None:
+        self.stats.last_error = message
+        log.error("classical channel: %s", message)
+
+    async def _run_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                              address: str) -> None:
+        writer_task = None
+        try:
+            self._check_pinned(writer, address)
+            await self._exchange_hello(reader, writer, address)
+            self._current_writer = writer
+            self.stats.connections += 1
+            self.stats.connected_since = time.time()
+            self.stats.peer_address = address
+            self._set_state(LinkState.CONNECTED)
+            log.info("classical channel connected to %s (%s)", address,
+                     self.stats.peer_identity or "peer")
+            writer_task = asyncio.ensure_future(self._write_loop(writer))
+            read_task = asyncio.ensure_future(self._read_loop(reader))
+            done, _ = await asyncio.wait({writer_task, read_task},
+                                         return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # re-raise what ended the connection
+        except (FrameError, ChannelError) as error:
+            self._record_error(f"connection to {address} closed: {error}")
+        except asyncio.IncompleteReadError:
+            log.warning("classical channel: peer %s closed the connection", address)
+            self.stats.last_error = f"peer {address} closed the connection"
+        except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
+            self._record_error(f"connection to {address} lost: {_describe(error)}")
+        finally:
+            for task in (writer_task,):
+                if task is not None and not task.done():
+                    task.cancel()
+            if self._current_writer is writer:
+                self._current_writer = None
+                self._set_state(LinkState.DISCONNECTED)
+            writer.close()
+
+    def _check_pinned(self, writer: asyncio.StreamWriter, address: str) -> None:
+        ssl_object = writer.get_extra_info("ssl_object")
+        peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
+        if peer_der != self._pinned_der:
+            raise ChannelError(f"peer {address} presented a certificate other than "
+                               f"remote_cert ({self.settings.remote_cert})")
+
+    async def _exchange_hello(self, reader, writer, address: str) -> None:
+        with self._lock:
+            mine = {"session": self.session, "peer_session": self._peer_session or "",
+                    "recv_next": self._recv_next, "role": self.settings.role,
+                    "identity": self.settings.identity, **self.settings.extra_hello}
+        writer.write(Frame(FrameType.HELLO, 0, encode_json(mine)).encode())
+        await writer.drain()
+        frame_type, _, payload = await asyncio.wait_for(
+            self._read_frame(reader), self.settings.handshake_timeout_s)
+        if frame_type is not FrameType.HELLO:
+            raise ChannelError(f"expected HELLO from {address}, got {frame_type.name}")
+        hello = decode_json(payload, "HELLO")
+        theirs_session = hello.get("session")
+        recv_next = hello.get("recv_next")
+        if not isinstance(theirs_session, str) or not isinstance(recv_next, int) or recv_next < 1:
+            raise ChannelError(f"malformed HELLO from {address}: {hello!r}")
+        if hello.get("role") == self.settings.role:
+            raise ChannelError(f"both nodes are configured as the {self.settings.role}-count "
+                               "side; set role to 'high' on one node and 'low' on the other")
+        self.stats.peer_identity = str(hello.get("identity", ""))
+        self._resume_or_reset(theirs_session, str(hello.get("peer_session", "")), recv_next)
+
+    def _resume_or_reset(self, peer_session: str, peer_knows: str, peer_recv_next: int) -> None:
+        discarded: list[Outgoing] = []
+        acked: list[Outgoing] = []
+        with self._lock:
+            resumable = peer_session == self._peer_session and peer_knows == self.session
+            if resumable:
+                while self._outbox and self._outbox[0].seq < peer_recv_next:
+                    acked.append(self._outbox.popleft())
+                self.stats.retransmitted += len(self._outbox)
+                reason = ""
+            else:
+                if self._peer_session is None:
+                    reason = "first connection to the peer"
+                elif peer_session != self._peer_session:
+                    reason = "the peer restarted"
+                else:
+                    reason = "the peer lost this node's session"
+                discarded = list(self._outbox)
+                self._outbox.clear()
+                self._peer_session = peer_session
+                self._recv_next = 1
+                self._send_next = 1
+                for item in self._pending:
+                    item.seq = self._send_next
+                    self._send_next += 1
+                    self._outbox.append(item)
+                self._pending.clear()
+            self._resend_from = self._outbox[0].seq if self._outbox else self._send_next
+        for item in acked:
+            _run_callback(item.on_acked, "acknowledgement")
+        for item in discarded:
+            _run_callback(item.on_discarded, "discard")
+        if not resumable:
+            self.stats.resets += 1
+            log.info("classical channel: new link session (%s), %d queued frames discarded",
+                     reason, len(discarded))
+            try:
+                self._on_link_reset(reason)
+            except Exception:
+                log.exception("link reset callback failed")
+        else:
+            log.info("classical channel resumed; retransmitting from frame %d", self._resend_from)
+
+    async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[FrameType, int, bytes]:
+        header = await reader.readexactly(HEADER_SIZE)
+        frame_type, seq, length = parse_header(header, self.settings.max_frame_bytes)
+        payload = await reader.readexactly(length) if length else b""
+        self.stats.frames_received += 1
+        self.stats.bytes_received += HEADER_SIZE + length
+        return frame_type, seq, payload
+
+    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
+        while True:
+            frame_type, seq, payload = await asyncio.wait_for(
+                self._read_frame(reader), self.settings.idle_timeout_s)
+            if frame_type is FrameType.ACK:
+                self._acknowledge(seq)
+            elif frame_type is FrameType.PING:
+                continue
+            elif frame_type is FrameType.HELLO:
+                raise FrameError("unexpected HELLO frame on an established connection")
+            else:
+                self._deliver(frame_type, seq, payload)
+
+    def _deliver(self, frame_type: FrameType, seq: int, payload: bytes) -> None:
+        if seq < self._recv_next:
+            self.stats.duplicates_dropped += 1
+            self._ack_due = True
+            self._wake_writer()
+            return
+        if seq > self._recv_next:
+            raise FrameError(f"frame {seq} arrived while {self._recv_next} was expected")
+        # A handler error leaves the frame unacknowledged: the connection closes and the
+        # peer sends the frame again after reconnecting.
+        try:
+            self._handler(frame_type, payload)
+        except FrameError:
+            raise
+        except Exception as error:
+            log.exception("handling %s frame %d failed", frame_type.name, seq)
+            raise ChannelError(f"handling {frame_type.name} frame {seq} failed: {error}") from error
+        with self._lock:
+            self._recv_next = seq + 1
+        self._ack_due = True
+        self._wake_writer()
+
+    def _acknowledge(self, seq: int) -> None:
+        acked: list[Outgoing] = []
+        with self._lock:
+            if seq >= self._send_next:
+                raise FrameError(f"acknowledgement of frame {seq}, which was never sent")
+            while self._outbox and self._outbox[0].seq <= seq:
+                acked.append(self._outbox.popleft())
+        for item in acked:
+            _run_callback(item.on_acked, "acknowledgement")
+
+    async def _write_loop(self, writer: asyncio.StreamWriter) -> None:
+        assert self._wakeup is not None
+        cursor = self._resend_from
+        self._ack_due = True
+        while True:
+            chunks: list[bytes] = []
+            if self._ack_due:
+                self._ack_due = False
+                chunks.append(Frame(FrameType.ACK, self._recv_next - 1, b"").encode())
+            with self._lock:
+                for item in self._outbox:
+                    if item.seq >= cursor:
+                        chunks.append(Frame(item.type, item.seq, item.payload).encode())
+                        cursor = item.seq + 1
+                        if len(chunks) >= 64:
+                            break
+            if not chunks:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), self.settings.ping_interval_s)
+                    continue
+                except asyncio.TimeoutError:
+                    chunks.append(Frame(FrameType.PING, 0, b"").encode())
+            if writer.is_closing():
+                raise ConnectionResetError("connection closed locally")
+            for chunk in chunks:
+                writer.write(chunk)
+                self.stats.frames_sent += 1
+                self.stats.bytes_sent += len(chunk)
+            await writer.drain()
+
+
+def _run_callback(callback: Optional[Callable[[], None]], what: str) -> None:
+    if callback is None:
+        return
+    try:
+        callback()
+    except Exception:
+        log.exception("channel %s callback failed", what)
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, asyncio.TimeoutError):
+        return "timed out"
+    text = str(error) or type(error).__name__
+    return text

@@ -1,0 +1,96 @@
+"""TLS 1.3 contexts with the peer pinned to one certificate, and node certificates.
+
+Each node has a private key and a self-signed certificate (``qkdserver certs`` makes a
+pair) and holds a copy of the peer's certificate. The peer certificate is the only
+trust anchor of both contexts, so the handshake fails for anyone else; host names are
+not checked because the pinned certificate already identifies the peer.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from pathlib import Path
+
+from ..config import ConfigError
+
+
+def load_pinned_certificate(path: str) -> bytes:
+    """Return the DER bytes of the PEM certificate at ``path``."""
+    try:
+        pem = Path(path).read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"cannot read remote_cert {path!r}: {error}") from None
+    try:
+        return ssl.PEM_cert_to_DER_cert(pem.strip() + "\n")
+    except ValueError:
+        raise ConfigError(f"invalid remote_cert {path!r}: expected one PEM certificate") from None
+
+
+def make_context(server_side: bool, local_cert: str, local_key: str, remote_cert: str) -> ssl.SSLContext:
+    """Build a mutual-TLS 1.3 context presenting local_cert and trusting only remote_cert."""
+    purpose = ssl.PROTOCOL_TLS_SERVER if server_side else ssl.PROTOCOL_TLS_CLIENT
+    context = ssl.SSLContext(purpose)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    try:
+        context.load_cert_chain(local_cert, local_key)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"cannot load local_cert {local_cert!r} with local_key {local_key!r}: "
+                          f"{error}") from None
+    try:
+        context.load_verify_locations(cafile=remote_cert)
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigError(f"cannot load remote_cert {remote_cert!r}: {error}") from None
+    return context
+
+
+def create_node_certificate(folder: str | Path, name: str, days: int = 3650) -> tuple[Path, Path]:
+    """Write ``<name>.key`` (EC P-256, mode 0600) and a self-signed ``<name>.crt`` into folder.
+
+    Returns (certificate path, key path). Existing files are not overwritten.
+    """
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
+    for path in (cert_path, key_path):
+        if path.exists():
+            raise FileExistsError(f"{path} already exists; remove it or choose another name")
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name),
+                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "QKDServer node")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=days))
+        # A self-signed certificate that is also its own trust anchor must be marked as
+        # a CA, otherwise OpenSSL rejects it as issuer of itself.
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                     content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False,
+                                     crl_sign=False, encipher_only=False, decipher_only=False),
+                       critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    key_bytes = key.private_bytes(serialization.Encoding.PEM,
+                                  serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+    key_path.touch(mode=0o600)
+    key_path.write_bytes(key_bytes)
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert_path, key_path

@@ -1,0 +1,341 @@
+"""Configuration of one node: defaults, a site file (YAML or JSON), validation.
+
+A node reads its defaults from :data:`SCHEMA` and overrides them with a site file. The
+keys keep the reference server's names where they still mean the same thing
+(``target_hostname``, ``local_cert``, ``local_key``, ``remote_cert``, ``identity``,
+``local_detector_skew_correction``, ``QBER_limit``, ...). Nested keys are written as
+nested mappings in the file and as dotted names (``source.kind``) in code and errors.
+
+Every value is checked when the file is loaded, and the first invalid value raises
+:class:`ConfigError` with the key, the expected form and the value found. Keys that the
+reference used but this node does not (``program_root``, ``kill_option``, ...) are
+accepted and ignored with one log line, so an old site file still loads.
+
+``connections`` maps a peer's connection id to a partial configuration that overrides
+the site file while that peer is selected, as the reference's ``/set_conn/<id>`` does.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+log = logging.getLogger(__name__)
+
+ROLES = ("high", "low")
+SOURCE_KINDS = ("simulator", "file", "tdc1")
+
+
+class ConfigError(ValueError):
+    """An invalid, missing or unreadable configuration value; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration key: default, check, and the expected form for error messages."""
+
+    default: Any
+    check: Callable[[Any], bool]
+    expected: str
+    help: str
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _int_range(low: int, high: int) -> Callable[[Any], bool]:
+    return lambda value: _is_int(value) and low <= value <= high
+
+
+def _number_range(low: float, high: float) -> Callable[[Any], bool]:
+    return lambda value: _is_number(value) and low <= value <= high
+
+
+def _is_str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda value: value in choices
+
+
+def _is_connection_id(value: Any) -> bool:
+    # The id is written into the key manager's notification line, so it must be one
+    # word: no white space, no line break.
+    return isinstance(value, str) and not any(c.isspace() for c in value)
+
+
+PORT = _int_range(1, 65535)
+
+#: Every known key with its default. Dotted names are nested mappings in the file.
+SCHEMA: dict[str, Option] = {
+    # Identity and role.
+    "identity": Option("", _is_str, "a string", "name of this node shown on the web page"),
+    "role": Option("high", _one_of(*ROLES), "'high' or 'low'",
+                   "high-count side (chopper2, offset search, costream; accepts the peer's "
+                   "connection) or low-count side (chopper, splicer; connects to the peer)"),
+    "local_connection_id": Option("", _is_connection_id, "a string without white space",
+                                  "this node's id in key notifications and key direction"),
+    "remote_connection_id": Option("", _is_connection_id, "a string without white space",
+                                   "the peer's id in key notifications and key direction"),
+    # Classical channel.
+    "target_hostname": Option("", _is_str, "a host name or IP address",
+                              "peer host that the low-count side connects to"),
+    "port_authd": Option(4853, PORT, "a TCP port number from 1 to 65535",
+                         "TLS port of the classical channel (listen on the high-count side, "
+                         "connect on the low-count side)"),
+    "listen_address": Option("0.0.0.0", _is_str, "an IP address",
+                             "address the high-count side listens on"),
+    "local_cert": Option("", _is_str, "a path to a PEM certificate",
+                         "this node's certificate, presented to the peer"),
+    "local_key": Option("", _is_str, "a path to a PEM private key",
+                        "private key of local_cert"),
+    "remote_cert": Option("", _is_str, "a path to a PEM certificate",
+                          "the peer's certificate: the only one the channel accepts"),
+    "max_frame_bytes": Option(16 << 20, _int_range(1 << 16, 1 << 30),
+                              "an integer from 65536 to 1073741824",
+                              "largest frame payload accepted from the peer, in bytes"),
+    "reconnect_min_s": Option(0.2, _number_range(0.01, 60.0), "a number of seconds, 0.01 to 60",
+                              "first wait before reconnecting after a lost connection"),
+    "reconnect_max_s": Option(10.0, _number_range(0.1, 600.0), "a number of seconds, 0.1 to 600",
+                              "longest wait between reconnection attempts"),
+    "reply_timeout_s": Option(10.0, _number_range(0.5, 600.0), "a number of seconds, 0.5 to 600",
+                              "how long a start request waits for the peer's reply"),
+    # Folders.
+    "data_root": Option("/tmp/cryptostuff", _is_str, "a folder path",
+                        "working folder: epoch files, channel outbox, node state"),
+    "final_key_folder": Option("/epoch_files", _is_str, "a folder path",
+                               "final keys (type-7 files), notify.pipe and notified"),
+    # Event source.
+    "source.kind": Option("simulator", _one_of(*SOURCE_KINDS),
+                          "'simulator', 'file' or 'tdc1'", "where the timestamps come from"),
+    "source.events_file": Option("", _is_str, "a path to a raw event file",
+                                 "recorded raw events (readevents -X legacy words)"),
+    "source.device": Option("/dev/ttyACM0", _is_str, "a serial device path",
+                            "TDC1 time tagger"),
+    "source.real_time": Option(True, _is_bool, "true or false",
+                               "pace recorded or simulated events at the epoch rate "
+                               "(one epoch per 0.537 s) instead of as fast as possible"),
+    "source.seed": Option(1, _int_range(0, 2**63 - 1), "a non-negative integer",
+                          "simulator seed, equal on both nodes"),
+    "source.pair_rate": Option(1e5, _number_range(1.0, 1e8), "pairs per second, 1 to 1e8",
+                               "simulated entangled-pair rate"),
+    "source.qber": Option(0.03, _number_range(0.0, 0.5), "a fraction from 0 to 0.5",
+                          "simulated basis misalignment as a QBER"),
+    "source.loss_low": Option(0.8, _number_range(0.0, 0.999), "a fraction from 0 to 0.999",
+                              "simulated photon loss towards the low-count side"),
+    "source.offset_ticks": Option(34568, _int_range(-(2**40), 2**40),
+                                  "an integer number of ticks of 1/8 ns",
+                                  "simulated clock offset of the low-count side"),
+    "source.epochs": Option(0, _int_range(0, 2**31), "a non-negative integer",
+                            "stop the source after this many epochs (0: run until stopped)"),
+    **{f"local_detector_skew_correction.det{detector}corr":
+       Option(0, _int_range(-100000, 100000), "an integer number of ticks of 1/8 ns",
+              f"delay added to the times of detector {detector}")
+       for detector in range(1, 5)},
+    # Chopping, offset search, coincidences.
+    "max_event_diff": Option(20000, _int_range(1, 2**31), "an integer number of microseconds",
+                             "larger gaps between events are treated as timing errors"),
+    "pfind_epochs": Option(4, _int_range(1, 64), "an integer from 1 to 64",
+                           "epochs used by the time offset search"),
+    "FFT_buffer_order": Option(23, _int_range(12, 26), "an integer from 12 to 26",
+                               "log2 of the offset search FFT length"),
+    "remote_coincidence_window": Option(6, _int_range(1, 4096),
+                                        "an integer number of ticks of 1/8 ns",
+                                        "coincidence window of costream"),
+    "tracking_window": Option(30, _int_range(1, 65536), "an integer number of ticks of 1/8 ns",
+                              "window of the clock-tracking servo"),
+    "track_filter_time_constant": Option(200000, _int_range(1, 2**31),
+                                         "an integer number of microseconds",
+                                         "time constant of the clock-tracking filter"),
+    "frequency_search": Option(False, _is_bool, "true or false",
+                               "search the frequency offset with the time offset"),
+    # Error correction and keys.
+    "error_correction": Option(True, _is_bool, "true or false",
+                               "run reconciliation in key generation"),
+    "privacy_amplification": Option(True, _is_bool, "true or false",
+                                    "shorten corrected keys to the secure length"),
+    "minimal_block_size": Option(20000, _int_range(256, 10_000_000),
+                                 "an integer number of bits from 256 to 10000000",
+                                 "raw key bits collected before one reconciliation block"),
+    "QBER_limit": Option(0.1, _number_range(0.0, 0.5), "a fraction from 0 to 0.5",
+                         "mean QBER over servo_blocks above which key generation returns "
+                         "to service mode"),
+    "QBER_threshold": Option(0.085, _number_range(0.0, 0.5), "a fraction from 0 to 0.5",
+                             "service-mode QBER below which key generation starts"),
+    "default_QBER": Option(0.06, _number_range(0.005, 0.5), "a fraction from 0.005 to 0.5",
+                           "QBER assumed before the first block is corrected"),
+    "servo_blocks": Option(5, _int_range(1, 1000), "an integer from 1 to 1000",
+                           "blocks in the QBER running mean"),
+    "service_epochs": Option(2, _int_range(1, 1000), "an integer from 1 to 1000",
+                             "service-mode epochs measured before deciding on key generation"),
+    "connections": Option({}, lambda value: isinstance(value, dict), "a mapping",
+                          "per-peer overrides, selected by connection id"),
+}
+
+#: Keys of the reference server that this node accepts but does not use.
+IGNORED_KEYS = {
+    "port_transd", "local_authd_ip", "program_root", "kill_option", "costream_histo_option",
+    "costream_histo_number", "errcd_killfile_option", "do_polarization_compensation",
+    "LCR_polarization_compensator_path", "LCR_volt_info", "motor_angles", "qcrypto",
+    "ENVIRONMENT", "max_event_time_pause", "autorestart_costream", "costream_general_log",
+    "freqcd_threshold", "clock_source", "protocol", "error_correction_program_path",
+    "target_bit_error", "port_num", "target_ip", "port_num_authd",
+}
+
+
+def _flatten(mapping: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in mapping.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"invalid key {key!r}{' under ' + prefix if prefix else ''}: "
+                              "expected a string")
+        name = f"{prefix}{key}"
+        is_nested = any(known.startswith(name + ".") for known in SCHEMA)
+        if is_nested and isinstance(value, Mapping):
+            yield from _flatten(value, name + ".")
+        else:
+            yield name, value
+
+
+class Config:
+    """Validated configuration values of one node, looked up by (dotted) key."""
+
+    def __init__(self, values: Mapping[str, Any] | None = None, *, path: Path | None = None):
+        self.path = path
+        self._values: dict[str, Any] = {key: copy.deepcopy(opt.default)
+                                        for key, opt in SCHEMA.items()}
+        if values:
+            self.update(values)
+
+    def update(self, values: Mapping[str, Any]) -> None:
+        """Check and apply a nested mapping of overrides; raise ConfigError on the first bad one."""
+        staged = dict(self._values)
+        for key, value in _flatten(values):
+            top = key.split(".", 1)[0]
+            if key not in SCHEMA:
+                if top in IGNORED_KEYS:
+                    log.info("configuration key %r is not used by this node; ignored", key)
+                    continue
+                raise ConfigError(f"unknown configuration key {key!r}; known keys: "
+                                  f"{', '.join(sorted(SCHEMA))}")
+            option = SCHEMA[key]
+            if isinstance(option.default, float) and _is_int(value):
+                value = float(value)
+            if not option.check(value):
+                raise ConfigError(f"invalid value for {key!r}: expected {option.expected}, "
+                                  f"got {value!r}")
+            staged[key] = value
+        self._values = staged
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        if self["reconnect_min_s"] > self["reconnect_max_s"]:
+            raise ConfigError(f"invalid value for 'reconnect_min_s': expected at most "
+                              f"reconnect_max_s ({self['reconnect_max_s']}), "
+                              f"got {self['reconnect_min_s']}")
+        for conn_id, override in self["connections"].items():
+            if not isinstance(override, Mapping):
+                raise ConfigError(f"invalid value for 'connections.{conn_id}': "
+                                  f"expected a mapping, got {override!r}")
+
+    def __getitem__(self, key: str) -> Any:
+        try:
+            return self._values[key]
+        except KeyError:
+            raise KeyError(f"unknown configuration key {key!r}") from None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._values.get(key, default)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the values as a nested mapping, the shape of a site file."""
+        nested: dict[str, Any] = {}
+        for key, value in self._values.items():
+            node = nested
+            *parents, leaf = key.split(".")
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = copy.deepcopy(value)
+        return nested
+
+    def with_connection(self, connection_id: str) -> "Config":
+        """Return a copy with the overrides of ``connections.<connection_id>`` applied."""
+        overrides = self["connections"].get(connection_id)
+        if overrides is None:
+            known = ", ".join(sorted(self["connections"])) or "none"
+            raise ConfigError(f"unknown connection id {connection_id!r}; configured: {known}")
+        selected = Config(self.as_dict(), path=self.path)
+        selected.update(overrides)
+        selected.update({"remote_connection_id": connection_id})
+        return selected
+
+    def skew_corrections(self) -> list[int]:
+        """Return the four detector delays in ticks of 1/8 ns, detector 1 first."""
+        return [self[f"local_detector_skew_correction.det{i}corr"] for i in range(1, 5)]
+
+    def require_channel_files(self) -> None:
+        """Raise ConfigError unless the certificate and key files of the channel exist."""
+        for key in ("local_cert", "local_key", "remote_cert"):
+            if not self[key]:
+                raise ConfigError(f"missing value for {key!r}: expected a path to a PEM file; "
+                                  "create a pair with `qkdserver certs`")
+            if not Path(self[key]).is_file():
+                raise ConfigError(f"invalid value for {key!r}: file {self[key]!r} not found")
+        if self["role"] == "low" and not self["target_hostname"]:
+            raise ConfigError("missing value for 'target_hostname': the low-count side "
+                              "connects to the peer and needs its host name or address")
+
+
+def read_site_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (.yaml, .yml) or JSON site file into a mapping."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read configuration file {str(path)!r}: {error.strerror}") from None
+    if path.suffix.lower() in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"cannot read {str(path)!r}: YAML needs the PyYAML package "
+                              "(pip install pyyaml), or write the file as JSON") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ConfigError(f"invalid YAML in {str(path)!r}: {error}") from None
+    else:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"invalid JSON in {str(path)!r}: {error}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid configuration file {str(path)!r}: expected a mapping of "
+                          f"keys to values, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: Mapping[str, Any] | None = None) -> Config:
+    """Build a Config from the defaults, an optional site file and optional overrides."""
+    config = Config(path=Path(path) if path else None)
+    if path is not None:
+        config.update(read_site_file(path))
+    if overrides:
+        config.update(overrides)
+    return config

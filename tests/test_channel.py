@@ -1,0 +1,247 @@
+"""Classical channel: mutual TLS on loopback, acknowledged delivery, resume, bad peers."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import threading
+import time
+
+import pytest
+
+from linkproxy import LinkProxy
+from S15qkd.channel import FrameType, Link, LinkSettings, LinkState, create_node_certificate, make_context
+from S15qkd.channel.frames import HEADER, MAGIC, VERSION, Frame, FrameError, parse_header
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("certs")
+    return {name: create_node_certificate(folder, name) for name in ("high", "low", "intruder")}
+
+
+class Inbox:
+    """Collects delivered frames and lets a test wait for a count."""
+
+    def __init__(self):
+        self.frames: list[tuple[FrameType, bytes]] = []
+        self._condition = threading.Condition()
+
+    def __call__(self, frame_type, payload):
+        with self._condition:
+            self.frames.append((frame_type, payload))
+            self._condition.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0) -> bool:
+        with self._condition:
+            return self._condition.wait_for(lambda: len(self.frames) >= count, timeout)
+
+
+def make_link(certs, role, port, inbox, *, local=None, remote=None, resets=None, **extra):
+    local = local or role
+    remote = remote or ("low" if role == "high" else "high")
+    cert, key = certs[local]
+    remote_cert = str(certs[remote][0])
+    context = make_context(role == "high", str(cert), str(key), remote_cert)
+    settings = LinkSettings(role=role, host="127.0.0.1", port=port,
+                            server_context=context if role == "high" else None,
+                            client_context=context if role == "low" else None,
+                            remote_cert=remote_cert, identity=role,
+                            reconnect_min_s=0.05, reconnect_max_s=0.5, **extra)
+    reset_log = resets if resets is not None else []
+    return Link(settings, inbox, on_link_reset=reset_log.append)
+
+
+@pytest.fixture
+def pair(certs):
+    port = free_port()
+    inboxes = {"high": Inbox(), "low": Inbox()}
+    links = {role: make_link(certs, role, port, inboxes[role]) for role in ("high", "low")}
+    for link in links.values():
+        link.start()
+    assert links["low"].wait_connected(10)
+    assert links["high"].wait_connected(10)
+    yield links, inboxes, port
+    for link in links.values():
+        link.stop()
+
+
+def test_frames_both_ways_and_acknowledged(pair):
+    links, inboxes, _ = pair
+    acked = threading.Event()
+    links["low"].send(FrameType.FILE, b"\x02\x00\x00\x00\x87\x4f\x00\x00" + b"t2", on_acked=acked.set)
+    links["high"].send(FrameType.CONTROL, b'{"msg":"st2"}')
+    assert inboxes["high"].wait_for(1)
+    assert inboxes["low"].wait_for(1)
+    assert acked.wait(5)
+    assert inboxes["high"].frames[0][0] is FrameType.FILE
+    assert inboxes["low"].frames[0] == (FrameType.CONTROL, b'{"msg":"st2"}')
+
+
+def test_resume_after_drop_loses_and_repeats_nothing(pair):
+    links, inboxes, _ = pair
+    for index in range(300):
+        links["high"].send(FrameType.RECONCILE, index.to_bytes(4, "little") * 256)
+        if index == 150:
+            links["low"].drop_connection("test drop")
+    assert inboxes["low"].wait_for(300, timeout=20)
+    time.sleep(0.3)
+    received = [int.from_bytes(payload[:4], "little") for _, payload in inboxes["low"].frames]
+    assert received == list(range(300))
+    assert links["low"].stats.connections >= 2
+    assert links["high"].queued_frames == 0
+
+
+def test_peer_restart_starts_new_session(certs, pair):
+    links, inboxes, port = pair
+    discarded = threading.Event()
+    links["low"].stop()
+    links["high"].send(FrameType.CONTROL, b'{"msg":"old"}', on_discarded=discarded.set)
+    resets: list[str] = []
+    restarted = make_link(certs, "low", port, Inbox(), resets=resets)
+    restarted.start()
+    try:
+        assert restarted.wait_connected(10)
+        assert discarded.wait(5)
+        assert resets == ["first connection to the peer"]
+        assert links["high"].stats.resets == 2
+    finally:
+        restarted.stop()
+
+
+def test_wrong_certificate_is_rejected(certs, caplog):
+    port = free_port()
+    high = make_link(certs, "high", port, Inbox())
+    intruder = make_link(certs, "low", port, Inbox(), local="intruder")
+    caplog.set_level(logging.ERROR, logger="S15qkd.channel.link")
+    high.start()
+    intruder.start()
+    try:
+        time.sleep(1.0)
+        assert high.state is LinkState.DISCONNECTED
+        assert intruder.state is not LinkState.CONNECTED
+        assert "TLS handshake" in high.stats.last_error
+        assert "certificate" in high.stats.last_error.lower()
+    finally:
+        intruder.stop()
+        high.stop()
+
+
+def test_client_rejects_server_with_other_certificate(certs):
+    port = free_port()
+    # The listening node presents the intruder's certificate to a client that pins "high".
+    high = make_link(certs, "high", port, Inbox(), local="intruder")
+    low = make_link(certs, "low", port, Inbox())
+    high.start()
+    low.start()
+    try:
+        time.sleep(1.0)
+        assert low.state is not LinkState.CONNECTED
+        assert "certificate verify failed" in low.stats.last_error
+    finally:
+        low.stop()
+        high.stop()
+
+
+def raw_tls_client(certs, port):
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_cert_chain(str(certs["low"][0]), str(certs["low"][1]))
+    context.load_verify_locations(str(certs["high"][0]))
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    return context.wrap_socket(sock)
+
+
+@pytest.mark.parametrize("frame, reason", [
+    (b"XX" + bytes(14), "invalid frame magic"),
+    (HEADER.pack(MAGIC, VERSION, 1, 0, 1 << 30), "oversized frame"),
+    (HEADER.pack(MAGIC, VERSION, 99, 0, 0), "unknown frame type 99"),
+    (HEADER.pack(MAGIC, 7, 1, 0, 0), "unsupported channel protocol version 7"),
+])
+def test_malformed_frame_closes_connection(certs, frame, reason):
+    port = free_port()
+    high = make_link(certs, "high", port, Inbox())
+    high.start()
+    try:
+        with raw_tls_client(certs, port) as client:
+            client.sendall(frame)
+            client.settimeout(5)
+            data = b""
+            while True:  # the node sends its HELLO, then closes the connection
+                chunk = client.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        assert data.startswith(MAGIC)
+        assert reason in high.stats.last_error
+        assert high.state is LinkState.DISCONNECTED
+    finally:
+        high.stop()
+
+
+@pytest.fixture
+def proxied_pair(certs):
+    """High and low link connected through a LinkProxy."""
+    port = free_port()
+    proxy = LinkProxy(port)
+    inboxes = {"high": Inbox(), "low": Inbox()}
+    high = make_link(certs, "high", port, inboxes["high"])
+    low = make_link(certs, "low", proxy.port, inboxes["low"])
+    high.start()
+    low.start()
+    yield high, low, inboxes, proxy
+    low.stop()
+    high.stop()
+    proxy.close()
+
+
+def test_corrupted_byte_reconnects_and_resumes(proxied_pair):
+    high, low, inboxes, proxy = proxied_pair
+    assert low.wait_connected(10)
+    for index in range(40):
+        low.send(FrameType.RECONCILE, index.to_bytes(4, "little") * 1000)
+        if index == 10:
+            proxy.corrupt_after(2000)
+    assert inboxes["high"].wait_for(40, timeout=20)
+    received = [int.from_bytes(p[:4], "little") for _, p in inboxes["high"].frames]
+    assert received == list(range(40))
+    assert proxy.connections >= 2
+    assert "lost" in high.stats.last_error or "closed" in high.stats.last_error
+
+
+def test_cut_channel_resumes(proxied_pair):
+    high, low, inboxes, proxy = proxied_pair
+    assert low.wait_connected(10)
+    proxy.cut()
+    for index in range(20):
+        high.send(FrameType.CONTROL, str(index).encode())
+    time.sleep(1.5)
+    assert low.state is not LinkState.CONNECTED
+    proxy.restore()
+    assert inboxes["low"].wait_for(20, timeout=15)
+    assert [int(p) for _, p in inboxes["low"].frames] == list(range(20))
+
+
+def test_parse_header_checks():
+    frame = Frame(FrameType.CONTROL, 5, b"abc").encode()
+    assert parse_header(frame[:16], 100) == (FrameType.CONTROL, 5, 3)
+    with pytest.raises(FrameError, match="invalid sequence number 0 for a CONTROL frame"):
+        parse_header(Frame(FrameType.CONTROL, 0, b"").encode()[:16], 100)
+
+
+def test_certs_command_writes_pair(tmp_path):
+    from S15qkd.cli.main import main
+
+    assert main(["certs", "alice", "--folder", str(tmp_path)]) == 0
+    assert (tmp_path / "alice.key").stat().st_mode & 0o777 == 0o600
+    context = make_context(True, str(tmp_path / "alice.crt"), str(tmp_path / "alice.key"),
+                           str(tmp_path / "alice.crt"))
+    assert context.minimum_version is ssl.TLSVersion.TLSv1_3
+    assert main(["certs", "alice", "--folder", str(tmp_path)]) == 1
