@@ -1,0 +1,728 @@
+//! The low-count side chopper: type-2 files (compressed times and basis bits) and type-3
+//! files (measurement results), with the adaptive time-difference width.
+
+use std::fs;
+
+use log::{info, warn};
+use qkd_formats::bits::BitWriter;
+use qkd_formats::epoch::make_tag;
+use qkd_formats::type2::{Protocol, Type2Encoder, Type2Header};
+use qkd_formats::type3::Type3Header;
+
+use crate::common::{
+    extended_epoch, suspicious_change, ChopError, ChopStats, Clock, EpochSummary, Order,
+    OrderFilter, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
+};
+use crate::output::Destination;
+
+/// Options of [`Chopper`], named after the reference's command-line options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChopperConfig {
+    /// Protocol index 0..=6 (`-p`): what goes into type-2 and type-3 files per pattern.
+    pub protocol: u8,
+    /// Initial width `T` of the time-difference field, 4..=32 (`-q`).
+    pub time_order: u32,
+    /// Filter constant of the time-order servo (`-Q`); 0 keeps `T` fixed.
+    pub servo_filter: u32,
+    /// Maximum allowed gap between consecutive events in microseconds (`-m`); 0 is none.
+    pub max_gap_us: u64,
+    /// Extended epochs from the wall clock (`-U`) instead of local 17-bit epochs (`-L`).
+    pub extended: bool,
+    /// Six detector columns in the verbosity-4 log line (`-6`; only for protocol 0).
+    pub six_detectors: bool,
+    /// Log verbosity (`-V`): which line [`EpochSummary::log_line`] carries.
+    pub verbosity: i32,
+}
+
+impl Default for ChopperConfig {
+    fn default() -> Self {
+        ChopperConfig {
+            protocol: 1,
+            time_order: 17,
+            servo_filter: 0,
+            max_gap_us: 0,
+            extended: false,
+            six_detectors: false,
+            verbosity: 0,
+        }
+    }
+}
+
+/// Stage object of the low-count side: feed raw event words, get finished epochs.
+pub struct Chopper {
+    config: ChopperConfig,
+    protocol: &'static Protocol,
+    six_detectors: bool,
+    t2_out: Destination,
+    t3_out: Destination,
+    clock: Box<dyn Clock>,
+    order: OrderFilter,
+    started: bool,
+    current: u32,
+    suspicious: u32,
+    previous_offset: u32,
+    /// Set by [`Chopper::flush`]: later events of the same epoch are dropped.
+    flushed: bool,
+    /// Header epoch of the open epoch.
+    header_epoch: u32,
+    /// Time order of the open epoch, frozen when it was opened.
+    packet_time_order: u32,
+    /// Current time order and the servo state `L` (time order in 1/256 bit).
+    time_order: u32,
+    servo_state: i64,
+    type2: Type2Encoder,
+    type3: BitWriter,
+    /// Events per pattern; bin 0 is never cleared, as in the reference's 6-detector total.
+    histogram: [u64; 16],
+    /// Events per pattern in the open epoch only.
+    epoch_histogram: [u32; 16],
+    stats: ChopStats,
+    failed: bool,
+}
+
+impl Chopper {
+    /// Creates a chopper writing type-2 files to `type2` and type-3 files to `type3`.
+    pub fn new(
+        config: ChopperConfig,
+        type2: Destination,
+        type3: Destination,
+    ) -> Result<Self, ChopError> {
+        let protocol = Protocol::get(i64::from(config.protocol)).map_err(|_| {
+            ChopError::Config(format!(
+                "protocol {} is not 0 to 6 (0 service, 1 BBM92)",
+                config.protocol
+            ))
+        })?;
+        if !(4..=32).contains(&config.time_order) {
+            return Err(ChopError::Config(format!(
+                "time order {} is not 4 to 32 bits",
+                config.time_order
+            )));
+        }
+        let six_detectors = if config.protocol == 0 {
+            config.six_detectors
+        } else {
+            protocol.detectors == 6
+        };
+        Ok(Chopper {
+            config,
+            protocol,
+            six_detectors,
+            t2_out: type2,
+            t3_out: type3,
+            clock: Box::new(SystemClock),
+            order: OrderFilter {
+                last: 0,
+                max_gap: config.max_gap_us.saturating_mul(TICKS_PER_MICROSECOND),
+            },
+            started: false,
+            current: 0,
+            suspicious: 0,
+            previous_offset: 0,
+            flushed: false,
+            header_epoch: 0,
+            packet_time_order: config.time_order,
+            time_order: config.time_order,
+            servo_state: i64::from(config.time_order) * 256,
+            type2: Type2Encoder::new(config.time_order, protocol.type2_bits),
+            type3: BitWriter::new(),
+            histogram: [0; 16],
+            epoch_histogram: [0; 16],
+            stats: ChopStats::default(),
+            failed: false,
+        })
+    }
+
+    /// Replaces the wall clock used for extended epochs.
+    pub fn set_clock(&mut self, clock: Box<dyn Clock>) {
+        self.clock = clock;
+    }
+
+    /// Event counts since creation.
+    pub fn stats(&self) -> ChopStats {
+        self.stats
+    }
+
+    /// Width `T` the next epoch will be opened with.
+    pub fn time_order(&self) -> u32 {
+        self.time_order
+    }
+
+    /// Number of accepted events in the epoch in progress.
+    pub fn pending_events(&self) -> u32 {
+        self.type2.len()
+    }
+
+    /// Processes event words; returns the epochs finished and written during this call.
+    ///
+    /// After an error the chopper stops: epochs finished before the failing event are on
+    /// disk, and every later call returns [`ChopError::Stopped`].
+    pub fn feed(&mut self, words: &[u64]) -> Result<Vec<EpochSummary>, ChopError> {
+        self.feed_iter(words.iter().copied())
+    }
+
+    /// Like [`Chopper::feed`] for events in the legacy byte serialisation (high word
+    /// first); `bytes` must hold whole 8-byte records.
+    pub fn feed_legacy_bytes(&mut self, bytes: &[u8]) -> Result<Vec<EpochSummary>, ChopError> {
+        if bytes.len() % 8 != 0 {
+            return Err(qkd_formats::FormatError::Truncated {
+                what: "raw event stream",
+                record_bytes: 8,
+                len: bytes.len(),
+            }
+            .into());
+        }
+        self.feed_iter(bytes.chunks_exact(8).map(|c| {
+            let high = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let low = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
+            (u64::from(high) << 32) | u64::from(low)
+        }))
+    }
+
+    fn feed_iter(
+        &mut self,
+        words: impl Iterator<Item = u64>,
+    ) -> Result<Vec<EpochSummary>, ChopError> {
+        if self.failed {
+            return Err(ChopError::Stopped);
+        }
+        let mut finished = Vec::new();
+        for word in words {
+            if let Err(e) = self.process(word, &mut finished) {
+                self.failed = true;
+                return Err(e);
+            }
+        }
+        Ok(finished)
+    }
+
+    #[inline]
+    fn process(&mut self, word: u64, finished: &mut Vec<EpochSummary>) -> Result<(), ChopError> {
+        self.stats.events_in += 1;
+        let time = word >> 15;
+        let epoch = (word >> 47) as u32;
+        let offset = time as u32;
+        let pattern = (word & 0xF) as usize;
+
+        match self.order.check(time) {
+            Order::Accept => {}
+            Order::Backward => {
+                self.stats.dropped_backward += 1;
+                return Ok(());
+            }
+            Order::Gap => {
+                self.stats.dropped_gap += 1;
+                return Ok(());
+            }
+        }
+
+        if epoch != self.current || !self.started {
+            if self.started {
+                if let Some(kind) = suspicious_change(self.current, epoch) {
+                    self.suspicious += 1;
+                    self.stats.dropped_epoch_jump += 1;
+                    if self.suspicious > MAX_SUSPICIOUS_EVENTS {
+                        return Err(ChopError::EpochJump {
+                            old: self.current,
+                            new: epoch,
+                            kind,
+                        });
+                    }
+                    return Ok(());
+                }
+            }
+            self.suspicious = 0;
+            self.started = true;
+            if let Some(summary) = self.close_epoch()? {
+                finished.push(summary);
+            }
+            self.open_epoch(epoch);
+        }
+        if self.flushed {
+            self.stats.dropped_after_flush += 1;
+            return Ok(());
+        }
+
+        if offset <= self.previous_offset {
+            self.stats.dropped_not_after_previous += 1;
+            return Ok(());
+        }
+        let mut diff = offset - self.previous_offset;
+        self.previous_offset = offset;
+        // Differences 0 and 1 are reserved codes; the reference sends 1 as 3 and keeps
+        // counting from the true offset, so decoded times run 2 ticks late from here on.
+        if diff < 2 {
+            diff += 2;
+        }
+        self.type2
+            .push(diff, u32::from(self.protocol.type2_values[pattern]));
+        self.type3.put(
+            u32::from(self.protocol.type3_values[pattern]),
+            self.protocol.type3_bits,
+        );
+        self.histogram[pattern] += 1;
+        self.epoch_histogram[pattern] += 1;
+        self.stats.accepted += 1;
+        Ok(())
+    }
+
+    fn open_epoch(&mut self, epoch17: u32) {
+        self.current = epoch17;
+        self.header_epoch = if self.config.extended {
+            extended_epoch(epoch17, self.clock.unix_seconds())
+        } else {
+            epoch17
+        };
+        self.packet_time_order = self.time_order;
+        self.type2.reset(self.time_order, self.protocol.type2_bits);
+        self.type3 = BitWriter::new();
+        self.previous_offset = 0;
+        self.flushed = false;
+        for bin in &mut self.histogram[1..] {
+            *bin = 0;
+        }
+        self.epoch_histogram = [0; 16];
+    }
+
+    /// Writes the epoch in progress now (the reference never does; it waits for the first
+    /// event of the next epoch). Returns its summary, or `None` when it has no events.
+    pub fn flush(&mut self) -> Result<Option<EpochSummary>, ChopError> {
+        if self.failed {
+            return Err(ChopError::Stopped);
+        }
+        let summary = self.close_epoch();
+        if summary.is_err() {
+            self.failed = true;
+        }
+        // The epoch's files are final: later events of it are dropped, not written again.
+        self.flushed = true;
+        summary
+    }
+
+    fn close_epoch(&mut self) -> Result<Option<EpochSummary>, ChopError> {
+        let events = self.type2.len();
+        if events == 0 {
+            return Ok(None);
+        }
+        let extended = self.config.extended;
+        let t2_header = Type2Header {
+            extended,
+            epoch: self.header_epoch,
+            length: events,
+            time_order: self.packet_time_order,
+            base_bits: self.protocol.type2_bits,
+            protocol: i32::from(self.config.protocol),
+        };
+        let mut t2_bytes = t2_header.to_bytes().to_vec();
+        qkd_formats::bits::extend_le_bytes(&mut t2_bytes, self.type2.finish());
+        let t3_header = Type3Header {
+            extended,
+            epoch: self.header_epoch,
+            length: events,
+            bits_per_entry: self.protocol.type3_bits,
+        };
+        let mut t3_bytes = t3_header.to_bytes().to_vec();
+        qkd_formats::bits::extend_le_bytes(
+            &mut t3_bytes,
+            &std::mem::take(&mut self.type3).finish(),
+        );
+        debug_assert_eq!(t2_header.tag(), make_tag(2, extended));
+
+        let t2_path = self.t2_out.write(self.header_epoch, &t2_bytes)?;
+        if let Err(e) = self.t3_out.write(self.header_epoch, &t3_bytes) {
+            // Keep the pair complete: a type-2 file without its type-3 file is useless.
+            if let Some(path) = t2_path {
+                let _ = fs::remove_file(path);
+            }
+            return Err(e.into());
+        }
+        self.stats.epochs_written += 1;
+        self.type2
+            .reset(self.packet_time_order, self.protocol.type2_bits);
+
+        let summary = EpochSummary {
+            epoch: self.header_epoch,
+            events,
+            time_order: Some(self.packet_time_order),
+            patterns: self.epoch_histogram,
+            log_line: self.log_line(events),
+        };
+        let dropped = self.stats.dropped_backward
+            + self.stats.dropped_gap
+            + self.stats.dropped_epoch_jump
+            + self.stats.dropped_not_after_previous;
+        info!(
+            "epoch {:08x}: {events} events written, time order {}, {dropped} events dropped since start",
+            self.header_epoch, self.packet_time_order
+        );
+        if self.stats.dropped_gap > 0 && self.stats.dropped_gap == dropped {
+            warn!(
+                "epoch {:08x}: {} events dropped since start for gaps above {} us",
+                self.header_epoch, self.stats.dropped_gap, self.config.max_gap_us
+            );
+        }
+        self.update_servo(events);
+        Ok(Some(summary))
+    }
+
+    fn log_line(&self, events: u32) -> Option<String> {
+        let e = self.header_epoch;
+        let h = &self.histogram;
+        match self.config.verbosity {
+            v if v < 0 => None,
+            0 => Some(format!("{e:08x}\n")),
+            1 => Some(format!("{e:08x}\t{events}\n")),
+            2 => Some(format!("epoch: {e:08x}\t entries: {events}\n")),
+            3 => Some(format!(
+                "epoch: {e:08x}, entries: {events}, type2bits: {}\n",
+                self.packet_time_order
+            )),
+            4 if self.six_detectors => {
+                // The total includes bin 0 counted since start, as the reference prints it.
+                let total: u64 = h.iter().sum();
+                Some(format!(
+                    "{e:08x}\t{total}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                    h[1], h[2], h[4], h[8], h[3], h[6]
+                ))
+            }
+            4 => {
+                let mut sums = [0u64; 5];
+                for (pattern, &count) in h.iter().enumerate().skip(1) {
+                    sums[0] += count;
+                    for (bit, sum) in sums[1..].iter_mut().enumerate() {
+                        if pattern & (1 << bit) != 0 {
+                            *sum += count;
+                        }
+                    }
+                }
+                Some(format!(
+                    "{e:08x}\t{}\t{}\t{}\t{}\t{}\n",
+                    sums[0], sums[1], sums[2], sums[3], sums[4]
+                ))
+            }
+            _ => None,
+        }
+    }
+
+    /// Adapts `T` to the rate: about log2(2^32 / n) + 2.2 bits, low-pass filtered.
+    fn update_servo(&mut self, events: u32) {
+        // The reference stores the 64-bit quotient in a u32, so n = 1 gives 0 (then 512).
+        let average = ((1u64 << 32) / u64::from(events)) as u32;
+        let average = average.max(512);
+        let optimum = ((f64::from(average as f32)).ln() / 2f64.ln() + 2.2117) * 16.0;
+        let optimum = optimum as i64;
+        if self.config.servo_filter > 0 {
+            // Integer division truncating toward zero, as in C.
+            self.servo_state +=
+                (optimum * 16 - self.servo_state) / i64::from(self.config.servo_filter);
+            self.time_order = (self.servo_state >> 8) as u32;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(high: u32, low: u32) -> u64 {
+        (u64::from(high) << 32) | u64::from(low)
+    }
+
+    /// The worked example of the format description, events 1 to 6.
+    fn example() -> Vec<u64> {
+        vec![
+            event(0x0021_0000, 0x0800_0301),
+            event(0x0021_0000, 0x0800_8304),
+            event(0x0021_0000, 0x0800_8302),
+            event(0x0021_0001, 0x8000_0308),
+            event(0x0021_0001, 0x8008_0322),
+            event(0x0021_8000, 0x0002_8301),
+        ]
+    }
+
+    fn words(bytes: &[u8]) -> Vec<u32> {
+        bytes
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn run(config: ChopperConfig, input: &[u64]) -> (tempfile::TempDir, Vec<EpochSummary>) {
+        let dir = tempfile::tempdir().unwrap();
+        fs::create_dir(dir.path().join("t2")).unwrap();
+        fs::create_dir(dir.path().join("t3")).unwrap();
+        let mut chopper = Chopper::new(
+            config,
+            Destination::directory(dir.path().join("t2")).unwrap(),
+            Destination::directory(dir.path().join("t3")).unwrap(),
+        )
+        .unwrap();
+        let summaries = chopper.feed(input).unwrap();
+        (dir, summaries)
+    }
+
+    #[test]
+    fn worked_example_protocol_1() {
+        let config = ChopperConfig {
+            verbosity: 4,
+            ..Default::default()
+        };
+        let (dir, summaries) = run(config, &example());
+        assert_eq!(summaries.len(), 1);
+        assert_eq!(
+            summaries[0].log_line.as_deref(),
+            Some("00000042\t4\t1\t1\t1\t1\n")
+        );
+        let t2 = fs::read(dir.path().join("t2/00000042")).unwrap();
+        assert_eq!(
+            words(&t2),
+            vec![
+                2,
+                0x42,
+                4,
+                17,
+                1,
+                1,
+                0x0800_0000,
+                0x6000_0000,
+                0x177f_fc00,
+                0x2100_0080
+            ]
+        );
+        let t3 = fs::read(dir.path().join("t3/00000042")).unwrap();
+        assert_eq!(words(&t3), vec![3, 0x42, 4, 1, 0x6000_0000]);
+        assert!(!dir.path().join("t2/00000043").exists());
+    }
+
+    #[test]
+    fn worked_example_protocol_0() {
+        let config = ChopperConfig {
+            protocol: 0,
+            verbosity: 4,
+            ..Default::default()
+        };
+        let (dir, _) = run(config, &example());
+        let t2 = fs::read(dir.path().join("t2/00000042")).unwrap();
+        assert_eq!(
+            words(&t2[24..]),
+            vec![
+                0x0800_0800,
+                0x0d00_0000,
+                0x005d_fff0,
+                0x0010_2000,
+                0x0800_0000
+            ]
+        );
+        let t3 = fs::read(dir.path().join("t3/00000042")).unwrap();
+        assert_eq!(words(&t3), vec![3, 0x42, 4, 4, 0x1482_0000]);
+    }
+
+    #[test]
+    fn log_line_templates() {
+        let cases = [
+            (0, "00000042\n"),
+            (1, "00000042\t4\n"),
+            (2, "epoch: 00000042\t entries: 4\n"),
+            (3, "epoch: 00000042, entries: 4, type2bits: 17\n"),
+        ];
+        for (verbosity, line) in cases {
+            let config = ChopperConfig {
+                verbosity,
+                ..Default::default()
+            };
+            let (_dir, s) = run(config, &example());
+            assert_eq!(s[0].log_line.as_deref(), Some(line));
+        }
+        for verbosity in [-1, 5] {
+            let config = ChopperConfig {
+                verbosity,
+                ..Default::default()
+            };
+            assert_eq!(run(config, &example()).1[0].log_line, None);
+        }
+    }
+
+    #[test]
+    fn six_detector_total_keeps_pattern_0() {
+        let config = ChopperConfig {
+            protocol: 0,
+            six_detectors: true,
+            verbosity: 4,
+            ..Default::default()
+        };
+        let mk = |e: u64, off: u64, p: u64| (((e << 32) | off) << 15) | p;
+        let input = [
+            mk(1, 10, 0),
+            mk(1, 20, 3),
+            mk(2, 10, 0),
+            mk(2, 30, 6),
+            mk(3, 1, 1),
+        ];
+        let (_dir, s) = run(config, &input);
+        assert_eq!(
+            s[0].log_line.as_deref(),
+            Some("00000001\t2\t0\t0\t0\t0\t1\t0\n")
+        );
+        assert_eq!(
+            s[1].log_line.as_deref(),
+            Some("00000002\t3\t0\t0\t0\t0\t0\t1\n")
+        );
+    }
+
+    #[test]
+    fn servo_trajectory_for_one_event_per_epoch() {
+        let config = ChopperConfig {
+            servo_filter: 5,
+            verbosity: 3,
+            ..Default::default()
+        };
+        let input: Vec<u64> = (1..=8u64).map(|e| ((e << 32) | 100) << 15).collect();
+        let (_dir, s) = run(config, &input);
+        let orders: Vec<u32> = s.iter().map(|x| x.time_order.unwrap()).collect();
+        // Header T of epoch k is the servo output after epoch k-1.
+        assert_eq!(orders, vec![17, 15, 14, 14, 13, 13, 12]);
+    }
+
+    #[test]
+    fn servo_trajectory_for_thousand_events_per_epoch() {
+        let config = ChopperConfig {
+            servo_filter: 5,
+            ..Default::default()
+        };
+        let mut input = Vec::new();
+        for e in 1..=8u64 {
+            for i in 0..1000u64 {
+                input.push(((e << 32) | (2 + i * 4_000_000)) << 15);
+            }
+        }
+        let (_dir, s) = run(config, &input);
+        let orders: Vec<u32> = s.iter().map(|x| x.time_order.unwrap()).collect();
+        assert_eq!(orders, vec![17, 18, 19, 20, 21, 21, 22]);
+    }
+
+    #[test]
+    fn duplicates_and_offset_zero_are_dropped() {
+        let mk = |off: u64, p: u64| (((5u64 << 32) | off) << 15) | p;
+        let input = [
+            mk(0, 1),
+            mk(7, 1),
+            mk(7, 2),
+            mk(6, 4),
+            mk(8, 8),
+            (6u64 << 47),
+        ];
+        let (dir, s) = run(ChopperConfig::default(), &input);
+        assert_eq!(s[0].events, 2);
+        let t2 = fs::read(dir.path().join("t2/00000005")).unwrap();
+        let file = qkd_formats::type2::Type2File::parse(&t2).unwrap();
+        let ev = file.decode().unwrap();
+        // 8 - 7 = 1 is sent as 3, so the second event decodes 2 ticks late.
+        assert_eq!(ev.differences, vec![7, 3]);
+    }
+
+    #[test]
+    fn sixth_epoch_jump_is_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut chopper = Chopper::new(
+            ChopperConfig::default(),
+            Destination::directory(dir.path()).unwrap(),
+            Destination::Discard,
+        )
+        .unwrap();
+        let mk = |e: u64, off: u64| ((e << 32) | off) << 15;
+        let mut input = vec![mk(10, 5), mk(10, 9)];
+        input.extend((1..=5).map(|i| mk(12, i * 10)));
+        assert!(chopper.feed(&input).unwrap().is_empty());
+        let err = chopper.feed(&[mk(12, 100)]).unwrap_err();
+        assert!(
+            err.to_string().contains("epoch 0000000a to epoch 0000000c"),
+            "{err}"
+        );
+        assert!(matches!(
+            chopper.feed(&[mk(11, 1)]),
+            Err(ChopError::Stopped)
+        ));
+        assert_eq!(chopper.stats().dropped_epoch_jump, 6);
+    }
+
+    #[test]
+    fn max_gap_locks_up_stream() {
+        let config = ChopperConfig {
+            max_gap_us: 1,
+            ..Default::default()
+        };
+        let mk = |off: u64| ((3u64 << 32) | off) << 15;
+        let mut chopper = Chopper::new(config, Destination::Discard, Destination::Discard).unwrap();
+        chopper
+            .feed(&[mk(10), mk(8000), mk(9000), mk(17001)])
+            .unwrap();
+        assert_eq!(chopper.stats().dropped_gap, 1);
+        assert_eq!(chopper.pending_events(), 3);
+        chopper.feed(&[mk(20000), mk(20001)]).unwrap();
+        assert_eq!(chopper.stats().dropped_gap, 3);
+    }
+
+    #[test]
+    fn extended_epochs_use_injected_clock() {
+        let config = ChopperConfig {
+            extended: true,
+            verbosity: 0,
+            ..Default::default()
+        };
+        let now = 1_767_225_600u64;
+        let host = ((now * 1_953_125) >> 20) as u32;
+        let e = u64::from(host & 0x1_FFFF);
+        let dir = tempfile::tempdir().unwrap();
+        let mut chopper = Chopper::new(
+            config,
+            Destination::directory(dir.path()).unwrap(),
+            Destination::Discard,
+        )
+        .unwrap();
+        chopper.set_clock(Box::new(now));
+        let s = chopper
+            .feed(&[((e << 32) | 9) << 15, (((e + 1) << 32) | 9) << 15])
+            .unwrap();
+        assert_eq!(s[0].log_line, Some(format!("{host:08x}\n")));
+        let bytes = fs::read(dir.path().join(format!("{host:08x}"))).unwrap();
+        assert_eq!(words(&bytes[..8]), vec![0x102, host]);
+    }
+
+    #[test]
+    fn flush_writes_open_epoch_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut chopper = Chopper::new(
+            ChopperConfig::default(),
+            Destination::directory(dir.path()).unwrap(),
+            Destination::Discard,
+        )
+        .unwrap();
+        chopper.feed(&[((7u64 << 32) | 9) << 15]).unwrap();
+        let s = chopper.flush().unwrap().unwrap();
+        assert_eq!((s.epoch, s.events), (7, 1));
+        assert!(chopper.flush().unwrap().is_none());
+        assert!(dir.path().join("00000007").exists());
+        chopper.feed(&[((7u64 << 32) | 19) << 15]).unwrap();
+        assert_eq!(chopper.stats().dropped_after_flush, 1);
+        assert!(chopper.flush().unwrap().is_none());
+    }
+
+    #[test]
+    fn unwritable_folder_leaves_no_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let t2 = dir.path().join("t2");
+        let t3 = dir.path().join("t3");
+        fs::create_dir(&t2).unwrap();
+        fs::create_dir(&t3).unwrap();
+        let mut chopper = Chopper::new(
+            ChopperConfig::default(),
+            Destination::directory(&t2).unwrap(),
+            Destination::directory(&t3).unwrap(),
+        )
+        .unwrap();
+        fs::remove_dir(&t3).unwrap();
+        let err = chopper.feed(&example()).unwrap_err();
+        assert!(err.to_string().contains("t3"), "{err}");
+        assert_eq!(fs::read_dir(&t2).unwrap().count(), 0);
+    }
+}

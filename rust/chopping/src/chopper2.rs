@@ -1,0 +1,504 @@
+//! The high-count side chopper: type-1 files holding each epoch's raw events verbatim.
+
+use log::{info, warn};
+use qkd_formats::type1::{Type1Header, HEADER_BYTES};
+
+use crate::common::{
+    extended_epoch, suspicious_change, ChopError, ChopStats, Clock, EpochSummary, Order,
+    OrderFilter, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
+};
+use crate::output::Destination;
+
+/// Options of [`Chopper2`], named after the reference's command-line options.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Chopper2Config {
+    /// Maximum allowed gap between consecutive events in microseconds (`-m`); 0 is none.
+    pub max_gap_us: u64,
+    /// Extended epochs from the wall clock (`-U`) instead of local 17-bit epochs (`-L`).
+    pub extended: bool,
+    /// Four-detector sums in the verbosity-3 log line (`-4`) instead of seven columns.
+    pub four_detectors: bool,
+    /// Log verbosity (`-V`): which line [`EpochSummary::log_line`] carries.
+    pub verbosity: i32,
+    /// Record the reference's per-event diagnostics (dropped events, epoch jumps) for
+    /// [`Chopper2::take_messages`]; the command-line tool prints them on stderr.
+    pub reference_messages: bool,
+}
+
+/// Stage object of the high-count side: feed raw event words, get finished epochs.
+pub struct Chopper2 {
+    config: Chopper2Config,
+    out: Destination,
+    clock: Box<dyn Clock>,
+    order: OrderFilter,
+    current: u32,
+    suspicious: u32,
+    header_epoch: u32,
+    /// The open epoch's file: header space, then legacy-serialised events.
+    buffer: Vec<u8>,
+    events: u32,
+    /// Set by [`Chopper2::flush`]: later events of the same epoch are dropped.
+    flushed: bool,
+    histogram: [u32; 16],
+    stats: ChopStats,
+    /// Drop counts at the last written epoch, to report drops per epoch.
+    stats_at_last_epoch: ChopStats,
+    messages: Vec<String>,
+    failed: bool,
+}
+
+impl Chopper2 {
+    /// Creates a chopper writing type-1 files to `out`.
+    pub fn new(config: Chopper2Config, out: Destination) -> Result<Self, ChopError> {
+        let mut chopper = Chopper2 {
+            config,
+            out,
+            clock: Box::new(SystemClock),
+            order: OrderFilter {
+                last: 0,
+                max_gap: config.max_gap_us.saturating_mul(TICKS_PER_MICROSECOND),
+            },
+            current: 0,
+            suspicious: 0,
+            header_epoch: 0,
+            buffer: vec![0; HEADER_BYTES],
+            events: 0,
+            flushed: false,
+            histogram: [0; 16],
+            stats: ChopStats::default(),
+            stats_at_last_epoch: ChopStats::default(),
+            messages: Vec::new(),
+            failed: false,
+        };
+        chopper.header_epoch = chopper.header_for(0);
+        Ok(chopper)
+    }
+
+    /// Replaces the wall clock used for extended epochs. Before the first event it also
+    /// recomputes the epoch that the reference prepares at start-up (epoch 0).
+    pub fn set_clock(&mut self, clock: Box<dyn Clock>) {
+        self.clock = clock;
+        if self.stats.events_in == 0 {
+            self.header_epoch = self.header_for(0);
+        }
+    }
+
+    fn header_for(&mut self, epoch17: u32) -> u32 {
+        if self.config.extended {
+            extended_epoch(epoch17, self.clock.unix_seconds())
+        } else {
+            epoch17
+        }
+    }
+
+    /// Event counts since creation.
+    pub fn stats(&self) -> ChopStats {
+        self.stats
+    }
+
+    /// Number of accepted events in the epoch in progress.
+    pub fn pending_events(&self) -> u32 {
+        self.events
+    }
+
+    /// Returns and clears the reference diagnostics recorded so far (each with its own
+    /// line ending, some without one, exactly as the reference prints them).
+    pub fn take_messages(&mut self) -> Vec<String> {
+        std::mem::take(&mut self.messages)
+    }
+
+    /// Processes event words; returns the epochs finished and written during this call.
+    ///
+    /// After an error the chopper stops: epochs finished before the failing event are on
+    /// disk, and every later call returns [`ChopError::Stopped`].
+    pub fn feed(&mut self, words: &[u64]) -> Result<Vec<EpochSummary>, ChopError> {
+        self.feed_iter(words.iter().map(|&w| (w, legacy_bytes(w))))
+    }
+
+    /// Like [`Chopper2::feed`] for events in the legacy byte serialisation (high word
+    /// first); `bytes` must hold whole 8-byte records, which are copied verbatim.
+    pub fn feed_legacy_bytes(&mut self, bytes: &[u8]) -> Result<Vec<EpochSummary>, ChopError> {
+        if bytes.len() % 8 != 0 {
+            return Err(qkd_formats::FormatError::Truncated {
+                what: "raw event stream",
+                record_bytes: 8,
+                len: bytes.len(),
+            }
+            .into());
+        }
+        self.feed_iter(bytes.chunks_exact(8).map(|c| {
+            let record: [u8; 8] = c.try_into().expect("8-byte chunk");
+            let high = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
+            let low = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
+            ((u64::from(high) << 32) | u64::from(low), record)
+        }))
+    }
+
+    fn feed_iter(
+        &mut self,
+        records: impl Iterator<Item = (u64, [u8; 8])>,
+    ) -> Result<Vec<EpochSummary>, ChopError> {
+        if self.failed {
+            return Err(ChopError::Stopped);
+        }
+        let mut finished = Vec::new();
+        for (word, record) in records {
+            if let Err(e) = self.process(word, record, &mut finished) {
+                self.failed = true;
+                return Err(e);
+            }
+        }
+        Ok(finished)
+    }
+
+    #[inline]
+    fn process(
+        &mut self,
+        word: u64,
+        record: [u8; 8],
+        finished: &mut Vec<EpochSummary>,
+    ) -> Result<(), ChopError> {
+        self.stats.events_in += 1;
+        let time = word >> 15;
+        let epoch = (word >> 47) as u32;
+        let last = self.order.last;
+
+        match self.order.check(time) {
+            Order::Accept => {}
+            Order::Backward => {
+                self.stats.dropped_backward += 1;
+                if self.config.reference_messages {
+                    self.messages.push(format!(
+                        "got negative difference: new: {time:x} old: {last:x}\n"
+                    ));
+                }
+                return Ok(());
+            }
+            Order::Gap => {
+                self.stats.dropped_gap += 1;
+                if self.config.reference_messages {
+                    self.messages.push(format!(
+                        "got pos difference: new: {time:016x} old: {last:016x}\n"
+                    ));
+                }
+                return Ok(());
+            }
+        }
+
+        if epoch != self.current {
+            // While the current epoch value is 0 (start-up, or after the 49-bit time
+            // wrapped) every change is accepted, as in the reference.
+            if self.current != 0 {
+                if let Some(kind) = suspicious_change(self.current, epoch) {
+                    return self.suspicious_event(epoch, kind);
+                }
+            }
+            self.suspicious = 0;
+            if let Some(summary) = self.close_epoch()? {
+                finished.push(summary);
+            }
+            self.current = epoch;
+            self.header_epoch = self.header_for(epoch);
+            self.histogram = [0; 16];
+            self.flushed = false;
+        }
+        if self.flushed {
+            self.stats.dropped_after_flush += 1;
+            return Ok(());
+        }
+
+        self.buffer.extend_from_slice(&record);
+        self.histogram[(word & 0xF) as usize] += 1;
+        self.events += 1;
+        self.stats.accepted += 1;
+        Ok(())
+    }
+
+    fn suspicious_event(&mut self, epoch: u32, kind: &'static str) -> Result<(), ChopError> {
+        self.suspicious += 1;
+        self.stats.dropped_epoch_jump += 1;
+        let (short, tag) = if kind == "backward" {
+            ("neg", "negdt")
+        } else {
+            ("pos", "posdt")
+        };
+        if self.config.reference_messages {
+            self.messages.push(format!(
+                "got {short} tepoc: old: {:08x} new: {epoch:08x}",
+                self.current
+            ));
+        }
+        if self.suspicious > MAX_SUSPICIOUS_EVENTS {
+            if self.config.reference_messages {
+                self.messages.push(format!(
+                    "({tag}): tepoch: {epoch:08x}, old: {:08x}\n",
+                    self.current
+                ));
+            }
+            return Err(ChopError::EpochJump {
+                old: self.current,
+                new: epoch,
+                kind,
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the epoch in progress now (the reference never does; it waits for the first
+    /// event of the next epoch). Returns its summary, or `None` when it has no events.
+    pub fn flush(&mut self) -> Result<Option<EpochSummary>, ChopError> {
+        if self.failed {
+            return Err(ChopError::Stopped);
+        }
+        let summary = self.close_epoch();
+        if summary.is_err() {
+            self.failed = true;
+        }
+        self.flushed = true;
+        summary
+    }
+
+    fn close_epoch(&mut self) -> Result<Option<EpochSummary>, ChopError> {
+        let events = self.events;
+        if events == 0 {
+            return Ok(None);
+        }
+        let header = Type1Header {
+            extended: self.config.extended,
+            epoch: self.header_epoch,
+            length: events,
+        };
+        self.buffer[..HEADER_BYTES].copy_from_slice(&header.to_bytes());
+        self.buffer.extend_from_slice(&[0u8; 8]);
+        let written = self.out.write(self.header_epoch, &self.buffer);
+        self.buffer.truncate(HEADER_BYTES);
+        self.events = 0;
+        written?;
+        self.stats.epochs_written += 1;
+
+        let summary = EpochSummary {
+            epoch: self.header_epoch,
+            events,
+            time_order: None,
+            patterns: self.histogram,
+            log_line: self.log_line(events),
+        };
+        info!("epoch {:08x}: {events} events written", self.header_epoch);
+        let backward = self.stats.dropped_backward - self.stats_at_last_epoch.dropped_backward;
+        let gap = self.stats.dropped_gap - self.stats_at_last_epoch.dropped_gap;
+        let jump = self.stats.dropped_epoch_jump - self.stats_at_last_epoch.dropped_epoch_jump;
+        if backward + gap + jump > 0 {
+            warn!(
+                "epoch {:08x}: dropped {backward} events earlier than a previous one, {gap} after a gap above {} us, {jump} in a skipped epoch",
+                self.header_epoch, self.config.max_gap_us
+            );
+        }
+        self.stats_at_last_epoch = self.stats;
+        Ok(Some(summary))
+    }
+
+    fn log_line(&self, events: u32) -> Option<String> {
+        let e = self.header_epoch;
+        let h = &self.histogram;
+        match self.config.verbosity {
+            v if v < 0 => None,
+            0 => Some(format!("{e:08x}\n")),
+            1 => Some(format!("{e:08x}\t{events}\n")),
+            2 => Some(format!("epoch: {e:08x} \t entries: {events}\n")),
+            3 if self.config.four_detectors => {
+                let mut sums = [0u32; 5];
+                for (pattern, &count) in h.iter().enumerate().skip(1) {
+                    sums[0] += count;
+                    for (bit, sum) in sums[1..].iter_mut().enumerate() {
+                        if pattern & (1 << bit) != 0 {
+                            *sum += count;
+                        }
+                    }
+                }
+                Some(format!(
+                    "{e:08x}\t{}\t{}\t{}\t{}\t{}\n",
+                    sums[0], sums[1], sums[2], sums[3], sums[4]
+                ))
+            }
+            3 => Some(format!(
+                "{e:08x}\t{events}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                h[1], h[2], h[4], h[8], h[3], h[6]
+            )),
+            v => Some(format!("Undefined verbosity level {v}\n")),
+        }
+    }
+}
+
+#[inline]
+fn legacy_bytes(word: u64) -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[..4].copy_from_slice(&((word >> 32) as u32).to_le_bytes());
+    out[4..].copy_from_slice(&(word as u32).to_le_bytes());
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn event(high: u32, low: u32) -> u64 {
+        (u64::from(high) << 32) | u64::from(low)
+    }
+
+    fn example() -> Vec<u64> {
+        vec![
+            event(0x0021_0000, 0x0800_0301),
+            event(0x0021_0000, 0x0800_8304),
+            event(0x0021_0000, 0x0800_8302),
+            event(0x0021_0001, 0x8000_0308),
+            event(0x0021_0001, 0x8008_0322),
+            event(0x0021_8000, 0x0002_8301),
+        ]
+    }
+
+    fn words(bytes: &[u8]) -> Vec<u32> {
+        bytes
+            .chunks(4)
+            .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    fn chopper2(config: Chopper2Config, dir: &std::path::Path) -> Chopper2 {
+        Chopper2::new(config, Destination::directory(dir).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn worked_example() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Chopper2Config {
+            verbosity: 3,
+            four_detectors: true,
+            ..Default::default()
+        };
+        let s = chopper2(config, dir.path()).feed(&example()).unwrap();
+        assert_eq!(s[0].log_line.as_deref(), Some("00000042\t5\t1\t2\t1\t1\n"));
+        let bytes = fs::read(dir.path().join("00000042")).unwrap();
+        let mut expected = vec![1, 0x42, 5, 49, 4];
+        for w in &example()[..5] {
+            expected.push((w >> 32) as u32);
+            expected.push(*w as u32);
+        }
+        expected.extend([0, 0]);
+        assert_eq!(words(&bytes), expected);
+    }
+
+    #[test]
+    fn log_line_templates() {
+        let cases = [
+            (0, "00000042\n"),
+            (1, "00000042\t5\n"),
+            (2, "epoch: 00000042 \t entries: 5\n"),
+            (3, "00000042\t5\t1\t2\t1\t1\t0\t0\n"),
+            (4, "Undefined verbosity level 4\n"),
+        ];
+        for (verbosity, line) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let config = Chopper2Config {
+                verbosity,
+                ..Default::default()
+            };
+            let s = chopper2(config, dir.path()).feed(&example()).unwrap();
+            assert_eq!(s[0].log_line.as_deref(), Some(line));
+        }
+    }
+
+    #[test]
+    fn backward_events_are_reported_and_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Chopper2Config {
+            reference_messages: true,
+            ..Default::default()
+        };
+        let mut c = chopper2(config, dir.path());
+        let mk = |t: u64| t << 15;
+        c.feed(&[mk(0x1_0000_0100), mk(0x1_0000_0050), mk(0x1_0000_0100)])
+            .unwrap();
+        assert_eq!(
+            c.take_messages(),
+            vec!["got negative difference: new: 100000050 old: 100000100\n"]
+        );
+        assert_eq!(c.pending_events(), 2);
+    }
+
+    #[test]
+    fn epoch_zero_accepts_any_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = chopper2(Chopper2Config::default(), dir.path());
+        let mk = |e: u64, off: u64| ((e << 32) | off) << 15;
+        // Events of epoch 0 belong to the initial epoch; the jump to 9 is accepted.
+        let s = c.feed(&[mk(0, 5), mk(0, 6), mk(9, 1), mk(10, 1)]).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].epoch, s[0].events), (0, 2));
+        assert_eq!((s[1].epoch, s[1].events), (9, 1));
+    }
+
+    #[test]
+    fn sixth_epoch_jump_is_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Chopper2Config {
+            reference_messages: true,
+            ..Default::default()
+        };
+        let mut c = chopper2(config, dir.path());
+        let mk = |e: u64, off: u64| ((e << 32) | off) << 15;
+        let mut input = vec![mk(10, 5)];
+        input.extend((1..=6).map(|i| mk(12, i)));
+        let err = c.feed(&input).unwrap_err();
+        assert!(matches!(
+            err,
+            ChopError::EpochJump {
+                old: 10,
+                new: 12,
+                ..
+            }
+        ));
+        let messages = c.take_messages();
+        assert_eq!(messages.len(), 7);
+        assert_eq!(messages[0], "got pos tepoc: old: 0000000a new: 0000000c");
+        assert_eq!(messages[6], "(posdt): tepoch: 0000000c, old: 0000000a\n");
+    }
+
+    #[test]
+    fn extended_epoch_at_start_uses_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = Chopper2Config {
+            extended: true,
+            ..Default::default()
+        };
+        let now = 1_767_225_600u64;
+        let host = ((now * 1_953_125) >> 20) as u32;
+        let mut c = chopper2(config, dir.path());
+        c.set_clock(Box::new(now));
+        let e = u64::from(host & 0x1_FFFF);
+        let s = c
+            .feed(&[((e << 32) | 5) << 15, (((e + 1) << 32) | 5) << 15])
+            .unwrap();
+        assert_eq!(s[0].epoch, host);
+        let bytes = fs::read(dir.path().join(format!("{host:08x}"))).unwrap();
+        assert_eq!(words(&bytes[..8]), vec![0x101, host]);
+    }
+
+    #[test]
+    fn flush_then_more_events_of_same_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = chopper2(Chopper2Config::default(), dir.path());
+        let mk = |off: u64| ((3u64 << 32) | off) << 15;
+        c.feed(&[mk(1), mk(2)]).unwrap();
+        assert_eq!(c.flush().unwrap().unwrap().events, 2);
+        assert!(c.flush().unwrap().is_none());
+        // The epoch's file is final: a late event of it is dropped, not written again.
+        assert!(c
+            .feed(&[mk(3), (4u64 << 32) << 15 | 1 << 15])
+            .unwrap()
+            .is_empty());
+        assert_eq!(c.stats().dropped_after_flush, 1);
+        let file = qkd_formats::type1::read(&dir.path().join("00000003")).unwrap();
+        assert_eq!(file.events, vec![mk(1), mk(2)]);
+    }
+}
