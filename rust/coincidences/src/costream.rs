@@ -1,0 +1,690 @@
+//! Coincidence matching, clock tracking and sifting on the high-count side (costream).
+//!
+//! [`Costream`] merges the type-1 events of this node with the type-2 events of the peer,
+//! epoch by epoch. It reproduces the reference costream exactly: the greedy pairing, the
+//! windows, the clock-tracking servo and the type-4 width servo, so that its type-4 and
+//! raw-key (type-3) files are byte-identical to the reference for the same input.
+//!
+//! Units: times and windows in ticks of 1/8 ns; the time offset `Δ = t_L - t_H`.
+//!
+//! Pairing: both streams are walked in time order. With `diff = t1 - t2 + Δ`, the
+//! type-1 stream advances while `diff < -U`, the type-2 stream while `diff > A`; any other
+//! pair is examined once and both of its events are consumed. An examined pair counts as
+//! an accidental when `diff > A - 2W`, as a coincidence when `-W < diff < W`, and feeds the
+//! clock servo when `diff < U`.
+//!
+//! The engine is fed whole epoch files ([`Costream::push_type1`], [`Costream::push_type2`])
+//! and runs until it needs a file it does not have ([`Costream::advance`]). Closing type-2
+//! epoch `e` needs type-1 events past the end of `e`, so the type-1 stream runs about
+//! one file ahead. No buffer has a fixed size: any epoch size works.
+
+use std::collections::VecDeque;
+
+use qkd_formats::bits::BitWriter;
+use qkd_formats::type1::Type1File;
+use qkd_formats::type2::Type2File;
+use qkd_formats::type4::Type4Encoder;
+
+use crate::error::{CoincidenceError, Stream};
+use crate::protocol::{CostreamProtocol, Sift};
+use crate::splicer::bit_file;
+
+/// Which epochs get output files when no event was kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZeroPolicy {
+    /// No files for an epoch without kept events (`-T 0`).
+    NoFiles = 0,
+    /// Only a type-4 file holding just the end entry (`-T 1`, the reference default).
+    Type4Only = 1,
+    /// A type-4 file and a type-3 file with a bare header (`-T 2`, used by the server).
+    BothFiles = 2,
+}
+
+/// Settings of one costream run; the defaults are the reference's.
+#[derive(Debug, Clone)]
+pub struct CostreamConfig {
+    /// First epoch of both streams (`-e`).
+    pub start_epoch: u32,
+    /// Number of type-2 epochs to process; 0 runs until the input stops (`-q`).
+    pub epoch_count: u32,
+    /// Initial time offset `Δ0 = t_L - t_H` in ticks (`-t`, default 17).
+    pub time_offset: i64,
+    /// Coincidence half-window `W` in ticks (`-w`, default 8).
+    pub coincidence_window: i64,
+    /// Tracking half-window `U` in ticks (`-u`, default 40).
+    pub tracking_window: i64,
+    /// Accidentals reference distance `A` in ticks (`-a`, default 160).
+    pub accidental_distance: i64,
+    /// Clock servo: `q > 0` averages over q events, `q < 0` has time constant `-q` µs,
+    /// 0 is off (`-Q`).
+    pub track_filter: i64,
+    /// Protocol 0..=6 (`-p`, default 1).
+    pub protocol: i64,
+    /// Type-4 width servo constant; 0 keeps the width at 8 (`-R`).
+    pub width_filter: i32,
+    /// Output policy for epochs without kept events (`-T`, default 1).
+    pub zero_policy: ZeroPolicy,
+    /// Skew in ticks added to type-1 events of detectors 1..=4 alone (`-S`).
+    pub skews: [i64; 4],
+    /// Whether test events are written to type-5 files (`-B`/`-b`, required for
+    /// protocols 3 and 4).
+    pub type5_output: bool,
+}
+
+impl Default for CostreamConfig {
+    fn default() -> Self {
+        CostreamConfig {
+            start_epoch: 0,
+            epoch_count: 0,
+            time_offset: 17,
+            coincidence_window: 8,
+            tracking_window: 40,
+            accidental_distance: 160,
+            track_filter: 0,
+            protocol: 1,
+            width_filter: 0,
+            zero_policy: ZeroPolicy::Type4Only,
+            skews: [0; 4],
+            type5_output: false,
+        }
+    }
+}
+
+/// What [`Costream::advance`] waits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Need {
+    /// The type-1 file of this epoch.
+    Type1(u32),
+    /// The type-2 file of this epoch.
+    Type2(u32),
+    /// Nothing: the requested number of epochs is done.
+    Done,
+}
+
+/// One step of the type-4 width servo, as the reference writes it to its debug log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WidthServoStep {
+    /// Filtered width in 1/256 bit.
+    pub long_width: i32,
+    /// Optimal width for this epoch in 1/16 bit.
+    pub optimal_width: i32,
+    /// Mean index distance between kept events, at least 8.
+    pub average_distance: u32,
+}
+
+/// Results of one closed type-2 epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClosedEpoch {
+    /// Epoch of the type-2 file.
+    pub epoch: u32,
+    /// Type-2 events of the epoch.
+    pub type2_events: u32,
+    /// Kept events (type-4 entries: key plus test events).
+    pub kept: u32,
+    /// Test events among the kept ones.
+    pub tests: u32,
+    /// Type-4 width used for this epoch.
+    pub type4_width: u32,
+    /// Type-4 width for the next epoch, after the width servo.
+    pub next_type4_width: u32,
+    /// Tracked clock drift `ft` in ticks; the offset in use is `Δ0 - ft`.
+    pub tracked_drift: i64,
+    /// Examined pairs in the accidentals window `(A - 2W, A]`.
+    pub accidentals: u32,
+    /// Examined pairs in the coincidence window `(-W, W)`.
+    pub coincidences: u32,
+    /// Header length of the most recently loaded type-1 file.
+    pub type1_events: u32,
+    /// The width servo step, when it ran.
+    pub width_servo: Option<WidthServoStep>,
+    /// Type-4 file for the peer, unless the zero policy skips it.
+    pub type4: Option<Vec<u8>>,
+    /// Raw-key (type-3) file, unless the zero policy skips it.
+    pub type3: Option<Vec<u8>>,
+    /// Test-event (type-5) file, when configured and type-3 is written.
+    pub type5: Option<Vec<u8>>,
+}
+
+impl ClosedEpoch {
+    /// Key events written to the raw key.
+    pub fn key_events(&self) -> u32 {
+        self.kept - self.tests
+    }
+
+    /// Formats the reference's main log line for verbosity `-V`; None for levels that
+    /// print nothing (below 0 or above 5).
+    pub fn log_line(&self, verbosity: i32) -> Option<String> {
+        let e = self.epoch;
+        let line = match verbosity {
+            0 => format!("{e:08x}\n"),
+            1 => format!("{e:08x}\t{}\n", self.kept),
+            2 => format!("epoch: {e:08x}\t survived raw entries: {}\n", self.kept),
+            3 => format!(
+                "epoch: {e:08x}, stream2 evnts: {}, stream4 evnts: {}, new bitwidth4: {}\n",
+                self.type2_events, self.kept, self.next_type4_width
+            ),
+            4 => format!(
+                "epoch: {e:08x}, 2-evnts: {}, 4-evnts: {}, new bw4: {}, ft: {}, acc: {}, true: {}, 1-events: {}\n",
+                self.type2_events,
+                self.kept,
+                self.next_type4_width,
+                self.tracked_drift,
+                self.accidentals as i32,
+                self.coincidences as i32,
+                self.type1_events
+            ),
+            5 => format!(
+                "{e:08x}\t{}\t{}\t{}\t{}\t{}\t{}\t{}\n",
+                self.type2_events,
+                self.kept,
+                self.next_type4_width,
+                self.tracked_drift,
+                self.accidentals as i32,
+                self.coincidences as i32,
+                self.type1_events as i32
+            ),
+            _ => return None,
+        };
+        Some(line)
+    }
+}
+
+/// Events of one epoch file, times already in the merged time base.
+#[derive(Debug, Default)]
+struct EpochEvents {
+    epoch: u32,
+    /// Header length (type-1) or number of events (type-2).
+    length: u32,
+    times: Vec<u64>,
+    patterns: Vec<u8>,
+}
+
+/// Per-epoch outputs and counters of the type-2 epoch being matched.
+#[derive(Debug)]
+struct OpenEpoch {
+    epoch: u32,
+    type2_events: u32,
+    coincidences: u32,
+    accidentals: u32,
+    tests: u32,
+    type4: Type4Encoder,
+    type3: BitWriter,
+    type5: BitWriter,
+}
+
+/// The clock-tracking servo. `accumulator` holds the offset correction in 1/4096 tick.
+#[derive(Debug, Clone)]
+struct ClockServo {
+    filter: i64,
+    /// Event mode: gain per pair; time mode: divisor of the time-weighted update.
+    gain: i64,
+    /// Time mode: pairs further apart than this many ticks do not update.
+    max_gap: i64,
+    accumulator: i64,
+    last_time: u64,
+}
+
+impl ClockServo {
+    fn new(filter: i64) -> ClockServo {
+        let (gain, max_gap) = if filter > 0 {
+            (4096 / filter, 0)
+        } else {
+            let ticks = filter.saturating_neg().saturating_mul(8000);
+            // Time constant in ticks over 4096, and a gap cap of 100 ms.
+            (ticks / 4096, ticks.min(800_000_000))
+        };
+        ClockServo {
+            filter,
+            gain,
+            max_gap,
+            accumulator: 0,
+            last_time: 0,
+        }
+    }
+
+    /// Updates with a tracking pair at type-1 time `t1`; returns the drift in ticks.
+    #[inline]
+    fn update(&mut self, diff: i64, t1: u64) -> i64 {
+        if self.filter > 0 {
+            self.accumulator = self.accumulator.wrapping_add(diff.wrapping_mul(self.gain));
+        } else {
+            let gap = t1.wrapping_sub(self.last_time) as i64;
+            if self.last_time != 0 && gap < self.max_gap && self.gain != 0 {
+                let step = diff.wrapping_mul(gap).wrapping_shl(1) / self.gain;
+                self.accumulator = self.accumulator.wrapping_add(step);
+            }
+            self.last_time = t1;
+        }
+        self.accumulator / 4096
+    }
+}
+
+/// The costream engine. See the module documentation.
+#[derive(Debug)]
+pub struct Costream {
+    config: CostreamConfig,
+    protocol: CostreamProtocol,
+
+    // Type-1 stream: queued files, the file being read, and the current event.
+    queue1: VecDeque<EpochEvents>,
+    current1: EpochEvents,
+    position1: usize,
+    next_epoch1: u32,
+    type1_events: u32,
+    t1: u64,
+    p1: u8,
+    need1: bool,
+
+    // Type-2 stream.
+    queue2: VecDeque<EpochEvents>,
+    current2: EpochEvents,
+    position2: usize,
+    next_epoch2: u32,
+    t2: u64,
+    p2: u8,
+    need2: bool,
+    extended: Option<bool>,
+
+    // Offsets in ticks: the one in use and the tracked drift `ft`.
+    offset: i64,
+    drift: i64,
+    servo: ClockServo,
+
+    // Type-4 width servo: filtered width in 1/256 bit and the width of the next epoch.
+    long_width: i32,
+    type4_width: u32,
+
+    open: Option<OpenEpoch>,
+    epochs_done: u32,
+    done: bool,
+}
+
+/// Type-4 width before the servo has run.
+const INITIAL_TYPE4_WIDTH: u32 = 8;
+
+impl Costream {
+    /// Checks the settings and starts a run at `config.start_epoch`.
+    pub fn new(config: CostreamConfig) -> Result<Costream, CoincidenceError> {
+        let protocol = CostreamProtocol::new(config.protocol)?;
+        let negative = [
+            ("coincidence window", config.coincidence_window),
+            ("tracking window", config.tracking_window),
+            ("accidentals distance", config.accidental_distance),
+            ("type-4 width filter", i64::from(config.width_filter)),
+        ];
+        if let Some((option, value)) = negative.iter().find(|(_, v)| *v < 0) {
+            return Err(CoincidenceError::InvalidOption {
+                option,
+                detail: format!("{value} is negative; use 0 or more"),
+            });
+        }
+        if protocol.type5_bits > 0 && !config.type5_output {
+            return Err(CoincidenceError::InvalidOption {
+                option: "type-5 output",
+                detail: format!(
+                    "protocol {} produces test events; give a type-5 output",
+                    protocol.index
+                ),
+            });
+        }
+        // Both streams start one epoch before the first one, so the first events of
+        // either stream are never dropped as out of order.
+        let start_time = u64::from(config.start_epoch.wrapping_sub(1)) << 32;
+        Ok(Costream {
+            servo: ClockServo::new(config.track_filter),
+            offset: config.time_offset,
+            drift: 0,
+            queue1: VecDeque::new(),
+            current1: EpochEvents::default(),
+            position1: 0,
+            next_epoch1: config.start_epoch,
+            type1_events: 0,
+            t1: start_time,
+            p1: 0,
+            need1: true,
+            queue2: VecDeque::new(),
+            current2: EpochEvents::default(),
+            position2: 0,
+            next_epoch2: config.start_epoch,
+            t2: start_time,
+            p2: 0,
+            need2: true,
+            extended: None,
+            long_width: (INITIAL_TYPE4_WIDTH as i32) << 8,
+            type4_width: INITIAL_TYPE4_WIDTH,
+            open: None,
+            epochs_done: 0,
+            done: false,
+            protocol,
+            config,
+        })
+    }
+
+    /// The settings of this run.
+    pub fn config(&self) -> &CostreamConfig {
+        &self.config
+    }
+
+    /// Epoch of the next type-1 file to push.
+    pub fn next_type1_epoch(&self) -> u32 {
+        self.next_epoch1.wrapping_add(self.queue1.len() as u32)
+    }
+
+    /// Epoch of the next type-2 file to push.
+    pub fn next_type2_epoch(&self) -> u32 {
+        self.next_epoch2.wrapping_add(self.queue2.len() as u32)
+    }
+
+    /// Offset `t_L - t_H` in ticks in use now: the initial offset minus the tracked drift.
+    pub fn current_offset(&self) -> i64 {
+        self.offset
+    }
+
+    /// Tracked drift `ft` in ticks.
+    pub fn tracked_drift(&self) -> i64 {
+        self.drift
+    }
+
+    /// Queues the next type-1 file (of epoch [`Costream::next_type1_epoch`]).
+    ///
+    /// A header length of 0 is read as "count the events up to the terminator"; the
+    /// reference rejects such files.
+    pub fn push_type1(&mut self, bytes: &[u8]) -> Result<(), CoincidenceError> {
+        let expected = self.next_type1_epoch();
+        let file = Type1File::parse(bytes).map_err(|source| CoincidenceError::Format {
+            stream: Stream::Type1,
+            epoch: expected,
+            source,
+        })?;
+        if file.header.epoch != expected {
+            return Err(CoincidenceError::WrongEpoch {
+                stream: Stream::Type1,
+                expected,
+                found: file.header.epoch,
+            });
+        }
+        // Bits 15..31 of the epoch come from the file label, bits 0..14 from each event,
+        // relative to the first event of the file.
+        let first_epoch17 = file.events.first().map_or(0, |&w| (w >> 47) as u32);
+        let high = expected & 0xFFFF_8000;
+        let base = u64::from(high.wrapping_sub(first_epoch17 & 0x1_8000)) << 32;
+        let mut skew = [0u64; 16];
+        for (i, s) in self.config.skews.iter().enumerate() {
+            skew[1 << i] = *s as u64;
+        }
+        let mut events = EpochEvents {
+            epoch: expected,
+            length: file.events.len() as u32,
+            times: Vec::with_capacity(file.events.len()),
+            patterns: Vec::with_capacity(file.events.len()),
+        };
+        for &word in &file.events {
+            let pattern = (word & 0xF) as u8;
+            events.times.push(
+                (word >> 15)
+                    .wrapping_add(base)
+                    .wrapping_add(skew[usize::from(pattern)]),
+            );
+            events.patterns.push(pattern);
+        }
+        self.queue1.push_back(events);
+        Ok(())
+    }
+
+    /// Queues the next type-2 file (of epoch [`Costream::next_type2_epoch`]).
+    ///
+    /// Its base bits must match the protocol. A header length of 0 is read as "decode up
+    /// to the end entry"; the reference fails on such files.
+    pub fn push_type2(&mut self, bytes: &[u8]) -> Result<(), CoincidenceError> {
+        let expected = self.next_type2_epoch();
+        let format_error = |source| CoincidenceError::Format {
+            stream: Stream::Type2,
+            epoch: expected,
+            source,
+        };
+        let file = Type2File::parse(bytes).map_err(format_error)?;
+        let header = file.header;
+        if header.epoch != expected {
+            return Err(CoincidenceError::WrongEpoch {
+                stream: Stream::Type2,
+                expected,
+                found: header.epoch,
+            });
+        }
+        if header.base_bits != self.protocol.type2_bits {
+            return Err(CoincidenceError::BaseBits {
+                stream: Stream::Type2,
+                epoch: expected,
+                protocol: self.protocol.index,
+                expected: self.protocol.type2_bits,
+                found: header.base_bits,
+            });
+        }
+        let decoded = file.decode().map_err(format_error)?;
+        // The first file of the run decides between plain and extended output tags.
+        if self.extended.is_none() && self.queue2.is_empty() {
+            self.extended = Some(header.extended);
+        }
+        self.queue2.push_back(EpochEvents {
+            epoch: expected,
+            length: decoded.times.len() as u32,
+            times: decoded.times,
+            patterns: decoded.values,
+        });
+        Ok(())
+    }
+
+    /// Matches the queued events until a file is missing or the run is done; every epoch
+    /// closed on the way is appended to `closed`.
+    pub fn advance(&mut self, closed: &mut Vec<ClosedEpoch>) -> Result<Need, CoincidenceError> {
+        if self.done {
+            return Ok(Need::Done);
+        }
+        let window = self.config.coincidence_window;
+        let tracking = self.config.tracking_window;
+        let accidental = self.config.accidental_distance;
+        let accidental_floor = accidental - 2 * window;
+        let tracking_on = self.config.track_filter != 0;
+        loop {
+            let diff = (self.t1.wrapping_sub(self.t2) as i64).wrapping_add(self.offset);
+            if self.need1 || diff < -tracking {
+                if self.position1 == self.current1.times.len() {
+                    let Some(next) = self.queue1.pop_front() else {
+                        return Ok(Need::Type1(self.next_epoch1));
+                    };
+                    self.type1_events = next.length;
+                    self.next_epoch1 = next.epoch.wrapping_add(1);
+                    self.current1 = next;
+                    self.position1 = 0;
+                    continue;
+                }
+                let time = self.current1.times[self.position1];
+                let pattern = self.current1.patterns[self.position1];
+                self.position1 += 1;
+                // Out-of-order events (after skew) are dropped.
+                if time <= self.t1 {
+                    continue;
+                }
+                self.t1 = time;
+                self.p1 = pattern;
+                self.need1 = false;
+                continue;
+            }
+            if self.need2 || diff > accidental {
+                if self.position2 == self.current2.times.len() {
+                    if let Some(open) = self.open.take() {
+                        closed.push(self.close_epoch(open));
+                        self.epochs_done += 1;
+                    }
+                    if self.config.epoch_count > 0 && self.epochs_done >= self.config.epoch_count {
+                        self.done = true;
+                        return Ok(Need::Done);
+                    }
+                    let Some(next) = self.queue2.pop_front() else {
+                        return Ok(Need::Type2(self.next_epoch2));
+                    };
+                    self.open_epoch(&next)?;
+                    self.next_epoch2 = next.epoch.wrapping_add(1);
+                    self.current2 = next;
+                    self.position2 = 0;
+                    continue;
+                }
+                self.t2 = self.current2.times[self.position2];
+                self.p2 = self.current2.patterns[self.position2];
+                self.position2 += 1;
+                self.need2 = false;
+                continue;
+            }
+            // Here -U <= diff <= A: examine the pair and consume both events.
+            let open = self
+                .open
+                .as_mut()
+                .expect("a type-2 event implies an open epoch");
+            if diff > accidental_floor {
+                open.accidentals += 1;
+            }
+            if -window < diff && diff < window {
+                open.coincidences += 1;
+                let index = (self.position2 - 1) as u32;
+                match self.protocol.sift(self.p1, self.p2) {
+                    Sift::Discard => {}
+                    Sift::Key { value, data } => {
+                        open.type3.put(u32::from(value), self.protocol.type3_bits);
+                        push_type4(open, index, data)?;
+                    }
+                    Sift::Test { value, data } => {
+                        open.type5.put(u32::from(value), self.protocol.type5_bits);
+                        open.tests += 1;
+                        push_type4(open, index, data)?;
+                    }
+                }
+            }
+            if tracking_on && diff < tracking {
+                self.drift = self.servo.update(diff, self.t1);
+                self.offset = self.config.time_offset.wrapping_sub(self.drift);
+            }
+            self.need1 = true;
+            self.need2 = true;
+        }
+    }
+
+    fn open_epoch(&mut self, events: &EpochEvents) -> Result<(), CoincidenceError> {
+        let type4 =
+            Type4Encoder::new(self.type4_width, self.protocol.type4_bits).map_err(|source| {
+                CoincidenceError::Format {
+                    stream: Stream::Type4,
+                    epoch: events.epoch,
+                    source,
+                }
+            })?;
+        log::debug!(
+            "costream opens epoch {:08x}: {} type-2 events, type-4 width {}",
+            events.epoch,
+            events.length,
+            self.type4_width
+        );
+        self.open = Some(OpenEpoch {
+            epoch: events.epoch,
+            type2_events: events.length,
+            coincidences: 0,
+            accidentals: 0,
+            tests: 0,
+            type4,
+            type3: BitWriter::new(),
+            type5: BitWriter::new(),
+        });
+        Ok(())
+    }
+
+    fn close_epoch(&mut self, open: OpenEpoch) -> ClosedEpoch {
+        let extended = self.extended.unwrap_or(false);
+        let kept = open.type4.len();
+        let policy = self.config.zero_policy;
+        let type4_width = self.type4_width;
+        let mut width_servo = None;
+        let mut type4 = None;
+        if kept > 0 || policy != ZeroPolicy::NoFiles {
+            type4 = Some(open.type4.finish(open.epoch, extended));
+            if kept > 0 {
+                width_servo = self.update_type4_width(open.type2_events, kept);
+            }
+        }
+        let mut type3 = None;
+        let mut type5 = None;
+        if kept > 0 || policy == ZeroPolicy::BothFiles {
+            let key = kept - open.tests;
+            type3 = Some(bit_file(
+                open.epoch,
+                extended,
+                key,
+                self.protocol.type3_bits,
+                open.type3,
+            ));
+            if self.config.type5_output {
+                type5 = Some(bit_file(
+                    open.epoch,
+                    extended,
+                    open.tests,
+                    self.protocol.type5_bits,
+                    open.type5,
+                ));
+            }
+        }
+        let closed = ClosedEpoch {
+            epoch: open.epoch,
+            type2_events: open.type2_events,
+            kept,
+            tests: open.tests,
+            type4_width,
+            next_type4_width: self.type4_width,
+            tracked_drift: self.drift,
+            accidentals: open.accidentals,
+            coincidences: open.coincidences,
+            type1_events: self.type1_events,
+            width_servo,
+            type4,
+            type3,
+            type5,
+        };
+        log::info!(
+            "costream closed epoch {:08x}: {} type-2 events, {} coincidences, {} accidentals, {} kept, drift {} ticks",
+            closed.epoch,
+            closed.type2_events,
+            closed.coincidences,
+            closed.accidentals,
+            closed.kept,
+            closed.tracked_drift
+        );
+        closed
+    }
+
+    /// Adapts the type-4 width to the mean index distance of kept events, as the
+    /// reference does: single-precision log, C truncation, width clamped to 3..=20.
+    fn update_type4_width(&mut self, type2_events: u32, kept: u32) -> Option<WidthServoStep> {
+        let average_distance = (type2_events / kept).max(8);
+        let bits = f64::from(average_distance as f32).ln() / 2f64.ln();
+        let optimal_width = ((bits + 2.2117) * 16.0) as i32;
+        let filter = self.config.width_filter;
+        if filter <= 0 {
+            return None;
+        }
+        self.long_width += (optimal_width * 16 - self.long_width) / filter;
+        self.type4_width = (self.long_width >> 8).clamp(3, 20) as u32;
+        Some(WidthServoStep {
+            long_width: self.long_width,
+            optimal_width,
+            average_distance,
+        })
+    }
+}
+
+#[inline]
+fn push_type4(open: &mut OpenEpoch, index: u32, data: u8) -> Result<(), CoincidenceError> {
+    open.type4
+        .push(index, data)
+        .map_err(|source| CoincidenceError::Format {
+            stream: Stream::Type4,
+            epoch: open.epoch,
+            source,
+        })
+}

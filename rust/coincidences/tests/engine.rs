@@ -1,0 +1,349 @@
+//! Costream and splicer on synthetic links: matching, sifting and every bad-input path.
+
+use std::fs;
+
+use proptest::prelude::*;
+use qkd_coincidences::synthetic::{LinkEpoch, SyntheticLink};
+use qkd_coincidences::{
+    splice, ClosedEpoch, CoincidenceError, Costream, CostreamConfig, CostreamFolders, Need,
+    SplicerProtocol, Stream, ZeroPolicy,
+};
+
+const START: u32 = 0x100;
+
+fn link(offset: i64) -> SyntheticLink {
+    SyntheticLink {
+        pairs: 3000,
+        background_high: 20_000,
+        background_low: 2000,
+        offset,
+        protocol: 1,
+        seed: 7,
+    }
+}
+
+fn config(offset: i64, epochs: u32) -> CostreamConfig {
+    CostreamConfig {
+        start_epoch: START,
+        epoch_count: epochs,
+        time_offset: offset,
+        coincidence_window: 6,
+        tracking_window: 30,
+        track_filter: -200_000,
+        width_filter: 5,
+        zero_policy: ZeroPolicy::BothFiles,
+        ..CostreamConfig::default()
+    }
+}
+
+fn epochs(link: &SyntheticLink, count: u32) -> Vec<LinkEpoch> {
+    (0..count).map(|k| link.epoch(START + k).unwrap()).collect()
+}
+
+/// Runs costream in memory over `files`, closing all but the last type-2 epoch.
+fn run(config: CostreamConfig, files: &[LinkEpoch]) -> Result<Vec<ClosedEpoch>, CoincidenceError> {
+    let mut costream = Costream::new(config)?;
+    for f in files {
+        costream.push_type1(&f.type1)?;
+        costream.push_type2(&f.type2)?;
+    }
+    let mut closed = Vec::new();
+    costream.advance(&mut closed)?;
+    Ok(closed)
+}
+
+#[test]
+fn raw_keys_agree_on_both_sides() {
+    let link = link(34_568);
+    let files = epochs(&link, 4);
+    let closed = run(config(34_568, 3), &files).unwrap();
+    assert_eq!(closed.len(), 3);
+    let protocol = SplicerProtocol::new(1).unwrap();
+    for (epoch, f) in closed.iter().zip(&files) {
+        assert!(
+            epoch.coincidences as usize >= link.pairs * 99 / 100,
+            "epoch {:08x}: {} coincidences of {} pairs",
+            epoch.epoch,
+            epoch.coincidences,
+            link.pairs
+        );
+        // About half the pairs are measured in equal bases.
+        assert!(epoch.kept > epoch.coincidences / 3, "{epoch:?}");
+        let type4 = epoch.type4.as_ref().unwrap();
+        let spliced = splice(epoch.epoch, &f.type3, type4, &protocol, false).unwrap();
+        assert_eq!(spliced.key_events, epoch.kept);
+        let high = epoch.type3.as_ref().unwrap();
+        assert_eq!(spliced.type3[..16], high[..16], "headers differ");
+        // Background events in the window pair up by chance and carry random bits.
+        let errors: u32 = spliced.type3[16..]
+            .iter()
+            .zip(&high[16..])
+            .map(|(a, b)| (a ^ b).count_ones())
+            .sum();
+        assert!(errors <= 3, "{errors} bit errors in {} bits", epoch.kept);
+    }
+}
+
+#[test]
+fn wrong_offset_finds_no_coincidences() {
+    let files = epochs(&link(34_568), 3);
+    let closed = run(config(34_568 + 5000, 2), &files).unwrap();
+    assert_eq!(closed.len(), 2);
+    for epoch in &closed {
+        assert!(epoch.coincidences < 20, "{epoch:?}");
+    }
+}
+
+#[test]
+fn epochs_that_do_not_overlap_close_empty() {
+    // The type-1 events are a whole epoch later than the type-2 events.
+    let files = epochs(&link(0), 3);
+    let mut costream = Costream::new(config(1 << 32, 2)).unwrap();
+    for f in &files {
+        costream.push_type2(&f.type2).unwrap();
+    }
+    let mut closed = Vec::new();
+    let mut need = Need::Type1(START);
+    for f in &files {
+        need = costream.advance(&mut closed).unwrap();
+        if need == Need::Done {
+            break;
+        }
+        costream.push_type1(&f.type1).unwrap();
+    }
+    assert_eq!(need, Need::Done);
+    assert_eq!(closed.len(), 2);
+    assert!(closed.iter().all(|e| e.coincidences == 0 && e.kept == 0));
+    // Policy 2: a type-4 file with only the end entry and a bare type-3 header.
+    assert_eq!(closed[0].type4.as_ref().unwrap().len(), 24);
+    assert_eq!(closed[0].type3.as_ref().unwrap().len(), 16);
+}
+
+#[test]
+fn zero_policy_controls_empty_outputs() {
+    let files = epochs(&link(0), 2);
+    for (policy, type4, type3) in [
+        (ZeroPolicy::NoFiles, false, false),
+        (ZeroPolicy::Type4Only, true, false),
+        (ZeroPolicy::BothFiles, true, true),
+    ] {
+        let mut cfg = config(100_000, 1);
+        cfg.zero_policy = policy;
+        let closed = run(cfg, &files).unwrap();
+        assert_eq!(closed[0].kept, 0);
+        assert_eq!(closed[0].type4.is_some(), type4, "{policy:?}");
+        assert_eq!(closed[0].type3.is_some(), type3, "{policy:?}");
+    }
+}
+
+#[test]
+fn empty_type2_epoch_is_processed() {
+    let mut files = epochs(&link(0), 2);
+    files[0].type2 = qkd_formats::type2::encode(START, false, 17, 1, &[], &[]).unwrap();
+    let closed = run(config(0, 1), &files).unwrap();
+    assert_eq!(closed[0].type2_events, 0);
+    assert_eq!(closed[0].coincidences, 0);
+    let expected = format!("00000100\t0\t0\t8\t0\t0\t0\t{}\n", files[1].type1_events);
+    assert_eq!(closed[0].log_line(5).unwrap(), expected);
+}
+
+#[test]
+fn zero_header_lengths_give_same_result() {
+    let files = epochs(&link(0), 3);
+    let expected = run(config(0, 2), &files).unwrap();
+    let mut zeroed = files.clone();
+    for f in &mut zeroed {
+        f.type1[8..12].fill(0);
+        f.type2[8..12].fill(0);
+    }
+    let closed = run(config(0, 2), &zeroed).unwrap();
+    for (a, b) in closed.iter().zip(&expected) {
+        assert_eq!(a.type4, b.type4);
+        assert_eq!(a.type3, b.type3);
+        assert_eq!(a.coincidences, b.coincidences);
+    }
+}
+
+#[test]
+fn truncated_type1_is_rejected() {
+    let mut files = epochs(&link(0), 2);
+    let cut = files[0].type1.len() - 12;
+    files[0].type1.truncate(cut);
+    let err = run(config(0, 1), &files).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoincidenceError::Format {
+                stream: Stream::Type1,
+                epoch: START,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.exit_status(), 213);
+}
+
+#[test]
+fn truncated_type2_is_rejected() {
+    let mut files = epochs(&link(0), 2);
+    let cut = files[0].type2.len() / 2;
+    files[0].type2.truncate(cut);
+    let err = run(config(0, 1), &files).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoincidenceError::Format {
+                stream: Stream::Type2,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("truncated"), "{err}");
+}
+
+#[test]
+fn wrong_epoch_label_is_rejected() {
+    let files = epochs(&link(0), 2);
+    let mut costream = Costream::new(config(0, 1)).unwrap();
+    let err = costream.push_type2(&files[1].type2).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("labelled epoch 00000101 where epoch 00000100"),
+        "{err}"
+    );
+}
+
+#[test]
+fn protocol_mismatch_is_rejected() {
+    let service = SyntheticLink {
+        protocol: 0,
+        ..link(0)
+    };
+    let files = epochs(&service, 1);
+    let mut costream = Costream::new(config(0, 1)).unwrap();
+    let err = costream.push_type2(&files[0].type2).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoincidenceError::BaseBits {
+                found: 4,
+                expected: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(err.exit_status(), 193);
+}
+
+#[test]
+fn missing_file_is_reported_as_need() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = epochs(&link(0), 2);
+    let folders = CostreamFolders {
+        type1: dir.path().join("t1"),
+        type2: dir.path().join("t2"),
+        type3: dir.path().join("t3"),
+        type4: dir.path().join("t4"),
+        type5: None,
+        delete_type1: true,
+        delete_type2: true,
+    };
+    for d in [
+        &folders.type1,
+        &folders.type2,
+        &folders.type3,
+        &folders.type4,
+    ] {
+        fs::create_dir(d).unwrap();
+    }
+    for f in &files {
+        fs::write(folders.type1.join(format!("{:08x}", f.epoch)), &f.type1).unwrap();
+    }
+    fs::write(folders.type2.join("00000100"), &files[0].type2).unwrap();
+    let mut costream = Costream::new(config(0, 2)).unwrap();
+    let (closed, need) = folders.step(&mut costream).unwrap();
+    assert_eq!(need, Need::Type2(START + 1));
+    assert_eq!(closed.len(), 1);
+    assert!(folders.type4.join("00000100").is_file());
+    assert!(folders.type3.join("00000100").is_file());
+    // Inputs read are deleted; the type-1 file of the next epoch was read ahead.
+    assert!(!folders.type2.join("00000100").exists());
+    assert!(!folders.type1.join("00000100").exists());
+}
+
+#[test]
+fn protocol_with_tests_needs_type5_output() {
+    let mut cfg = config(0, 1);
+    cfg.protocol = 4;
+    let err = Costream::new(cfg).unwrap_err();
+    assert!(err.to_string().contains("give a type-5 output"), "{err}");
+}
+
+#[test]
+fn splicer_rejects_index_beyond_type3() {
+    let files = epochs(&link(0), 2);
+    let closed = run(config(0, 1), &files).unwrap();
+    let type4 = closed[0].type4.as_ref().unwrap();
+    let short = qkd_formats::type3::encode(START, false, 1, &[0; 10]).unwrap();
+    let protocol = SplicerProtocol::new(1).unwrap();
+    let err = splice(START, &short, type4, &protocol, false).unwrap_err();
+    assert!(
+        matches!(err, CoincidenceError::IndexOutOfRange { length: 10, .. }),
+        "{err}"
+    );
+}
+
+#[test]
+fn splicer_rejects_truncated_type4() {
+    let files = epochs(&link(0), 2);
+    let closed = run(config(0, 1), &files).unwrap();
+    let type4 = closed[0].type4.as_ref().unwrap();
+    let protocol = SplicerProtocol::new(1).unwrap();
+    let err = splice(
+        START,
+        &files[0].type3,
+        &type4[..type4.len() - 8],
+        &protocol,
+        false,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CoincidenceError::Format {
+                stream: Stream::Type4,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn splicer_writes_empty_key_for_empty_type4() {
+    let files = epochs(&link(0), 1);
+    let empty = qkd_formats::type4::encode(START, false, 8, 0, &[]).unwrap();
+    let protocol = SplicerProtocol::new(1).unwrap();
+    let spliced = splice(START, &files[0].type3, &empty, &protocol, false).unwrap();
+    assert_eq!(spliced.key_events, 0);
+    assert_eq!(spliced.type3.len(), 16);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(8))]
+    #[test]
+    fn shifting_both_offsets_keeps_outputs(shift in -100_000i64..100_000) {
+        // Low-count background would not move with the shift, so leave it out.
+        let quiet = |offset| SyntheticLink { background_low: 0, ..link(offset) };
+        let base = epochs(&quiet(1000), 2);
+        let shifted = epochs(&quiet(1000 + shift), 2);
+        let a = run(config(1000, 1), &base).unwrap();
+        let b = run(config(1000 + shift, 1), &shifted).unwrap();
+        prop_assert_eq!(&a[0].type4, &b[0].type4);
+        prop_assert_eq!(&a[0].type3, &b[0].type3);
+        prop_assert_eq!(a[0].coincidences, b[0].coincidences);
+    }
+}
