@@ -142,6 +142,10 @@ SCHEMA: dict[str, Option] = {
     "source.offset_ticks": Option(34568, _int_range(-(2**40), 2**40),
                                   "an integer number of ticks of 1/8 ns",
                                   "simulated clock offset of the low-count side"),
+    "source.start_time": Option(0.0, _number_range(0.0, 1e11), "a Unix time in seconds",
+                                "simulator in real time: when both nodes' simulated clocks "
+                                "started; a node started later skips ahead to the same epoch "
+                                "(0: when the source opens)"),
     "source.epochs": Option(0, _int_range(0, 2**31), "a non-negative integer",
                             "stop the source after this many epochs (0: run until stopped)"),
     **{f"local_detector_skew_correction.det{detector}corr":

@@ -338,7 +338,7 @@ class Link:
 
     async def _run_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                               address: str) -> None:
-        writer_task = None
+        writer_task = read_task = None
         try:
             self._check_pinned(writer, address)
             await self._exchange_hello(reader, writer, address)
@@ -363,9 +363,13 @@ class Link:
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
             self._record_error(f"connection to {address} lost: {_describe(error)}")
         finally:
-            for task in (writer_task,):
-                if task is not None and not task.done():
+            for task in (writer_task, read_task):
+                if task is None:
+                    continue
+                if not task.done():
                     task.cancel()
+                elif not task.cancelled():
+                    task.exception()  # retrieved here, so asyncio does not log it again
             if self._current_writer is writer:
                 self._current_writer = None
                 self._set_state(LinkState.DISCONNECTED)
