@@ -11,7 +11,7 @@ help:  ## list the targets
 
 install:  ## build qkd_core (release) and install it with S15qkd and the test tools
 	$(PYTHON) -m pip install --quiet 'maturin>=1.7,<2' 'pytest>=7' 'hypothesis>=6' 'numpy>=1.23'
-	$(PYTHON) -m pip install --quiet --no-build-isolation '.[test]'
+	$(PYTHON) -m pip install --quiet --no-build-isolation '.[test,web]'
 
 run: install  ## simulate a two-node link on this machine and check both keystores
 	qkdserver simulate
