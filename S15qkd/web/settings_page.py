@@ -50,8 +50,10 @@ def field_kind(value: Any) -> str | None:
         return "int"
     if isinstance(value, float):
         return "float"
-    if isinstance(value, str) or value is None:
+    if isinstance(value, str):
         return "str"
+    if value is None:
+        return "optional"
     return None
 
 
@@ -105,6 +107,9 @@ def convert_value(kind: str, value: Any) -> Any:
         return int(value)
     if kind == "str":
         return "" if value is None else str(value)
+    if kind == "optional":
+        # An unset value (None) stays unset unless the operator typed something.
+        return None if value in (None, "") else str(value)
     return value
 
 
