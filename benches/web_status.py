@@ -8,17 +8,22 @@ status code adds on top of the HTTP round trip.
 
 The node is the in-memory stand-in with 100 blocks of history (the most the graphs
 show) and detector data. ``--busy-threads N`` adds N Python threads that spin, as a
-stand-in for engine threads competing for the GIL.
+stand-in for engine threads competing for the GIL. ``--simulate`` instead serves the
+high-count node of the simulated two-node link, which runs as fast as it can (not
+paced at the wall clock) during the measurement.
 
-Run: python benches/web_status.py [--requests 300] [--busy-threads 2]
+Run: python benches/web_status.py [--requests 300] [--busy-threads 2 | --simulate]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import requests
 
@@ -117,12 +122,56 @@ def run(node, server: WebServer, count: int) -> bool:
     return within_limit
 
 
+@contextlib.contextmanager
+def simulated_link(epochs: int):
+    """Run both nodes of the simulated link in this process; yield the high-count node in key generation."""
+    from S15qkd.node import Node
+    from S15qkd.simulate import node_configs
+    from S15qkd.status import EngineState
+
+    with tempfile.TemporaryDirectory(prefix="qkd-web-bench-") as workdir:
+        args = argparse.Namespace(
+            events_high=None, events_low=None, epochs=epochs, pair_rate=2e5, qber=0.03, seed=3,
+            real_time=False, block_bits=20000, workdir=workdir, timeout=600.0, quiet=True,
+        )
+        high_config, low_config = node_configs(Path(workdir), args)
+        high, low = Node(high_config), Node(low_config)
+        high.start()
+        low.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not high.status().connected:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the simulated nodes did not connect within 60 s")
+                time.sleep(0.2)
+            high.start_keygen()
+            while high.status().engine_state is not EngineState.KEY_GENERATION:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"key generation not reached within 60 s: {high.engine.reason}")
+                time.sleep(0.2)
+            yield high
+            print(f"blocks finished during the run: {high.status().error_correction.blocks}; "
+                  f"engine state at the end: {high.status().engine_state.value}")
+        finally:
+            high.close()
+            low.close()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=300, help="requests per case (default 300)")
     parser.add_argument("--busy-threads", type=int, default=0,
                         help="Python threads that spin during the measurement (default 0)")
+    parser.add_argument("--simulate", action="store_true",
+                        help="serve the high-count node of the simulated link instead of the stand-in")
+    parser.add_argument("--epochs", type=int, default=2000,
+                        help="epochs the simulated link may run for with --simulate (default 2000)")
     args = parser.parse_args()
+
+    if args.simulate:
+        with simulated_link(args.epochs) as node:
+            with WebServer(node, TOKEN, host="127.0.0.1", port=0) as server:
+                return 0 if run(node, server, args.requests) else 1
 
     node = filled_node()
     stop = threading.Event()
