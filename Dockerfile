@@ -23,14 +23,15 @@ LABEL org.opencontainers.image.title="QKDServer" \
       org.opencontainers.image.licenses="GPL-2.0-or-later"
 ENV PATH=/opt/qkdserver/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    QKD_CONFIG=/etc/qkdserver/qkd_engine_config.yaml \
-    QKD_SECRETS=/root/keys/authd
+    QKD_CONFIG=/etc/qkdserver/qkd_engine_config.yaml
 COPY --from=install /opt/qkdserver /opt/qkdserver
 COPY entrypoint.sh /root/entrypoint.sh
 
-# Configuration, secrets, final keys and logs live outside the container, so a new
-# container (after `make restart` or an image update) keeps them.
-VOLUME ["/etc/qkdserver", "/root/keys/authd", "/epoch_files", "/var/log/qkdserver"]
+# Configuration, secrets, final keys and the node's working folder (data_root: epoch
+# files, channel state, watchdog log) live outside the container, so a new container
+# (after `make restart` or an image update) keeps them. The paths are the defaults of
+# the node's configuration and the reference deployment's.
+VOLUME ["/etc/qkdserver", "/root/keys/authd", "/epoch_files", "/tmp/cryptostuff"]
 # 8000: web page and HTTP API; 4853: classical channel to the peer node.
 EXPOSE 8000 4853
 ENTRYPOINT ["/root/entrypoint.sh"]

@@ -50,9 +50,12 @@ CONFIG_DIR ?= $(CURDIR)/config
 CONFIG_FILE ?= qkd_engine_config.yaml
 SECRETS_DIR ?= $(CURDIR)/secrets
 KEYS_VOLUME ?= epochs
-LOGS_VOLUME ?= qkdlogs
+DATA_VOLUME ?= qkddata
 DEVICE ?= /dev/ttyACM0
-WATCHDOG_LOG ?= /var/log/qkdserver/watchdog.log
+# Options of `qkdserver node`: --start begins key generation whenever the peer connects.
+NODE_ARGS ?= --start
+# Empty: <data_root>/watchdog.log, with data_root read from the node's configuration.
+WATCHDOG_LOG ?=
 STOP_TIMEOUT ?= 30
 # DEV=1 mounts S15qkd/ and entrypoint.sh from this checkout over the installed ones, so a
 # Python change needs no rebuild. The Rust extension stays the one built into the image.
@@ -64,8 +67,8 @@ DOCKER_RUN_OPTIONS = --name $(CONTAINER) --rm -dit --init --entrypoint=/root/ent
 	--volume $(CONFIG_DIR):/etc/qkdserver \
 	--volume $(SECRETS_DIR):/root/keys/authd \
 	--volume $(KEYS_VOLUME):/epoch_files \
-	--volume $(LOGS_VOLUME):/var/log/qkdserver \
-	--env TZ=$(TZ) --env QKD_CONFIG=/etc/qkdserver/$(CONFIG_FILE) \
+	--volume $(DATA_VOLUME):/tmp/cryptostuff \
+	--env TZ=$(TZ) --env QKD_CONFIG=/etc/qkdserver/$(CONFIG_FILE) --env 'QKD_NODE_ARGS=$(NODE_ARGS)' \
 	$(if $(filter 1,$(DEV)),--volume $(CURDIR)/S15qkd:/root/code/QKDServer/S15qkd:ro \
 		--volume $(CURDIR)/entrypoint.sh:/root/entrypoint.sh:ro) \
 	$(if $(wildcard $(DEVICE)),--device=$(DEVICE) --device-cgroup-rule='a *:* rwm') \
@@ -124,8 +127,13 @@ exec:  ## open a shell inside the running container
 watchdog:  ## follow the watchdog log of the running node
 	$(require_docker)
 	$(require_container)
-	@$(DOCKER) exec $(CONTAINER) test -e $(WATCHDOG_LOG) || echo "no watchdog log at $(WATCHDOG_LOG) yet; waiting for the node to write it"
-	$(DOCKER) exec $(CONTAINER) tail -n 100 -F $(WATCHDOG_LOG)
+	@log='$(WATCHDOG_LOG)'; \
+	if [ -z "$$log" ]; then \
+		log=$$($(DOCKER) exec $(CONTAINER) python -c 'import os; from S15qkd.config import load_config; print(load_config(os.environ["QKD_CONFIG"])["data_root"])' 2>/dev/null)/watchdog.log || exit 1; \
+	fi; \
+	$(DOCKER) exec $(CONTAINER) test -e "$$log" || echo "no watchdog log at $$log yet; waiting for the node to write it"; \
+	echo "$(DOCKER) exec $(CONTAINER) tail -n 100 -F $$log"; \
+	$(DOCKER) exec $(CONTAINER) tail -n 100 -F "$$log"
 
 logs:  ## follow the node's console log (docker logs)
 	$(require_docker)

@@ -1,25 +1,21 @@
 #!/bin/bash
 # Start a QKDServer node inside the container.
 #
-# With no arguments: run `qkdserver node` on the configuration file $QKD_CONFIG, with the
-# web page and HTTP API on $QKD_WEB_HOST:$QKD_WEB_PORT (0.0.0.0:8000), over HTTPS when
-# both $QKD_WEB_CERT and $QKD_WEB_KEY exist. With arguments: run them instead (for
-# example `qkdserver simulate`, or `bash` for a shell), after the same set-up.
+# With no arguments: run `qkdserver node` on the configuration file $QKD_CONFIG. With
+# arguments: run them instead (for example `qkdserver simulate`, or `bash` for a shell),
+# after the same set-up.
 #
 # Environment (defaults in brackets):
 #   TZ              time zone of logs and file times, e.g. Europe/Berlin [UTC]
 #   QKD_CONFIG      site configuration file, YAML or JSON [/etc/qkdserver/qkd_engine_config.yaml]
-#   QKD_SECRETS     folder of the channel certificates, keys and web token [/root/keys/authd]
-#   QKD_WEB_CERT    PEM certificate for HTTPS [$QKD_SECRETS/certs/cert.crt]
-#   QKD_WEB_KEY     PEM private key of that certificate [$QKD_SECRETS/certs/cert.key]
-#   QKD_WEB_HOST, QKD_WEB_PORT   address of the web page [0.0.0.0, 8000]
-#   QKD_NODE_ARGS   extra options for `qkdserver node`, split on white space
+#   QKD_NODE_ARGS   extra options for `qkdserver node`, split on white space, e.g. --start
+#   QKD_VERBOSITY   log level option of qkdserver: -v for info, -vv for debug [-v]
 #   QKD_SOURCE      folder whose S15qkd package replaces the installed one, for
 #                   development with a mounted source tree [/root/code/QKDServer]
 #
 # The node runs as this script's process (exec), so the SIGTERM of `docker stop` reaches
-# it directly: it stops its workers, finishes or discards the key being written (keys
-# are written to a temporary file and renamed, so no partial key file remains) and exits.
+# it directly. The node then stops its workers and exits. Final keys are written under a
+# temporary name and renamed, so no partial key file remains.
 set -euo pipefail
 
 log() { echo "entrypoint: $*" >&2; }
@@ -52,23 +48,17 @@ use_mounted_source() {
 
 run_node() {
     local config="${QKD_CONFIG:-/etc/qkdserver/qkd_engine_config.yaml}"
-    local secrets="${QKD_SECRETS:-/root/keys/authd}"
-    local cert="${QKD_WEB_CERT:-$secrets/certs/cert.crt}"
-    local key="${QKD_WEB_KEY:-$secrets/certs/cert.key}"
-    local args=(node --config "$config"
-                --web-host "${QKD_WEB_HOST:-0.0.0.0}" --web-port "${QKD_WEB_PORT:-8000}"
-                --secrets "$secrets")
+    local verbosity="${QKD_VERBOSITY--v}"
+    local args=()
+    if [[ -n "$verbosity" ]]; then
+        args+=("$verbosity")
+    fi
+    args+=(node --config "$config")
 
     if [[ ! -f "$config" ]]; then
-        log "configuration file $config not found: mount the folder that holds it," \
+        log "configuration file $config not found: mount the folder that contains it," \
             "e.g. docker run -v \$PWD/config:/etc/qkdserver ..., or set QKD_CONFIG"
         exit 2
-    fi
-    if [[ -f "$cert" && -f "$key" ]]; then
-        args+=(--web-cert "$cert" --web-key "$key")
-        log "web page on https://${QKD_WEB_HOST:-0.0.0.0}:${QKD_WEB_PORT:-8000} (certificate $cert)"
-    else
-        log "web page on http://${QKD_WEB_HOST:-0.0.0.0}:${QKD_WEB_PORT:-8000} (no certificate at $cert)"
     fi
     # Word splitting of QKD_NODE_ARGS is intended because it may contain several options.
     # shellcheck disable=SC2206
