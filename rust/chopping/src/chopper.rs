@@ -24,7 +24,7 @@ pub struct ChopperConfig {
     pub time_order: u32,
     /// Filter constant of the time-order servo (`-Q`); 0 keeps `T` fixed.
     pub servo_filter: u32,
-    /// Maximum allowed gap between consecutive events in microseconds (`-m`); 0 is none.
+    /// Maximum allowed gap between consecutive events in microseconds (`-m`); 0 disables the check.
     pub max_gap_us: u64,
     /// Extended epochs from the wall clock (`-U`) instead of local 17-bit epochs (`-L`).
     pub extended: bool,
@@ -249,7 +249,7 @@ impl Chopper {
         }
         let mut diff = offset - self.previous_offset;
         self.previous_offset = offset;
-        // Differences 0 and 1 are reserved codes; the reference sends 1 as 3 and keeps
+        // Differences 0 and 1 are reserved codes. The reference sends 1 as 3 but keeps
         // counting from the true offset, so decoded times run 2 ticks late from here on.
         if diff < 2 {
             diff += 2;
@@ -428,7 +428,7 @@ mod tests {
         (u64::from(high) << 32) | u64::from(low)
     }
 
-    /// The worked example of the format description, events 1 to 6.
+    /// Returns events 1 to 6 of the worked example of the format description.
     fn example() -> Vec<u64> {
         vec![
             event(0x0021_0000, 0x0800_0301),

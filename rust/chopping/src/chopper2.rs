@@ -12,7 +12,7 @@ use crate::output::Destination;
 /// Options of [`Chopper2`], named after the reference's command-line options.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Chopper2Config {
-    /// Maximum allowed gap between consecutive events in microseconds (`-m`); 0 is none.
+    /// Maximum allowed gap between consecutive events in microseconds (`-m`); 0 disables the check.
     pub max_gap_us: u64,
     /// Extended epochs from the wall clock (`-U`) instead of local 17-bit epochs (`-L`).
     pub extended: bool,

@@ -1,4 +1,4 @@
-//! Where a chopper writes its epoch files.
+//! Destinations of the epoch files a chopper writes.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;

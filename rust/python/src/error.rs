@@ -23,11 +23,19 @@ create_exception!(
     "A timestamp device that is missing, inaccessible, unplugged, silent or sends garbage."
 );
 
+create_exception!(
+    qkd_core,
+    ChopError,
+    QkdError,
+    "The chopping stage stopped: events jumped across epochs, or it failed earlier."
+);
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("QkdError", py.get_type::<QkdError>())?;
     m.add("FormatError", py.get_type::<FormatError>())?;
     m.add("DeviceError", py.get_type::<DeviceError>())?;
+    m.add("ChopError", py.get_type::<ChopError>())?;
     Ok(())
 }
 

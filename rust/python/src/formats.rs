@@ -3,11 +3,14 @@
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::types::{PyBytes, PyDict};
 use qkd_formats::raw::{self, Serialisation};
 use qkd_formats::skew::DetectorSkew;
-use qkd_formats::{tdc1, timestamp7};
+use qkd_formats::type1::{self, Type1Header};
+use qkd_formats::{tdc1, timestamp7, type2, type3};
+use std::path::PathBuf;
 
+use crate::chopping::typed_array;
 use crate::error::format_error;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -21,6 +24,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(read_tdc1, m)?)?;
     m.add_function(wrap_pyfunction!(encode_tdc1, m)?)?;
     m.add_function(wrap_pyfunction!(apply_detector_skew, m)?)?;
+    register_epoch_files(m)?;
     Ok(())
 }
 
@@ -318,4 +322,214 @@ fn apply_detector_skew<'py>(
             .collect()
     });
     Ok(corrected.into_pyarray(py))
+}
+
+// Epoch files of types 1, 2 and 3. Headers are returned as dicts with the keys "tag",
+// "extended", "epoch", "length" and the type's own fields.
+
+/// Registers the epoch-file functions.
+pub fn register_epoch_files(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(read_type1, m)?)?;
+    m.add_function(wrap_pyfunction!(read_type1_words, m)?)?;
+    m.add_function(wrap_pyfunction!(write_type1, m)?)?;
+    m.add_function(wrap_pyfunction!(read_type2, m)?)?;
+    m.add_function(wrap_pyfunction!(write_type2, m)?)?;
+    m.add_function(wrap_pyfunction!(read_type3, m)?)?;
+    m.add_function(wrap_pyfunction!(write_type3, m)?)?;
+    m.add_function(wrap_pyfunction!(type2_listing, m)?)?;
+    Ok(())
+}
+
+fn header_dict<'py>(
+    py: Python<'py>,
+    tag: i32,
+    extended: bool,
+    epoch: u32,
+    length: u32,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("tag", tag)?;
+    d.set_item("extended", extended)?;
+    d.set_item("epoch", epoch)?;
+    d.set_item("length", length)?;
+    Ok(d)
+}
+
+fn type1_header<'py>(py: Python<'py>, h: &Type1Header) -> PyResult<Bound<'py, PyDict>> {
+    let d = header_dict(py, h.tag(), h.extended, h.epoch, h.length)?;
+    d.set_item("bits_per_entry", type1::BITS_PER_ENTRY)?;
+    d.set_item("base_bits", type1::BASE_BITS)?;
+    Ok(d)
+}
+
+/// Read a type-1 file into (header dict, times as uint64 ticks of 1/8 ns including the
+/// header epoch's upper bits, detector patterns as uint8).
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn read_type1<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(
+    Bound<'py, PyDict>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u8>>,
+)> {
+    let (header, times, patterns) = py
+        .detach(|| {
+            let file = type1::read(&path)?;
+            Ok::<_, qkd_formats::FormatError>((file.header, file.times(), file.patterns()))
+        })
+        .map_err(format_error)?;
+    Ok((
+        type1_header(py, &header)?,
+        times.into_pyarray(py),
+        patterns.into_pyarray(py),
+    ))
+}
+
+/// Read a type-1 file into (header dict, raw event words as uint64, flags included).
+#[pyfunction]
+fn read_type1_words<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyArray1<u64>>)> {
+    let file = py.detach(|| type1::read(&path)).map_err(format_error)?;
+    Ok((
+        type1_header(py, &file.header)?,
+        file.events.into_pyarray(py),
+    ))
+}
+
+/// Write raw event words (uint64) as a type-1 file, atomically.
+#[pyfunction]
+#[pyo3(signature = (path, epoch, words, extended = false))]
+fn write_type1(
+    py: Python<'_>,
+    path: PathBuf,
+    epoch: u32,
+    words: &Bound<'_, PyAny>,
+    extended: bool,
+) -> PyResult<()> {
+    let words = typed_array::<u64>(words, "words", "uint64")?;
+    let words = words.as_slice()?;
+    py.detach(|| type1::write(&path, epoch, extended, words))
+        .map_err(format_error)
+}
+
+/// Read and decode a type-2 file into (header dict, times as uint64 ticks of 1/8 ns,
+/// values as uint8). Header keys add "time_order", "base_bits" and "protocol".
+#[pyfunction]
+#[allow(clippy::type_complexity)]
+fn read_type2<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(
+    Bound<'py, PyDict>,
+    Bound<'py, PyArray1<u64>>,
+    Bound<'py, PyArray1<u8>>,
+)> {
+    let (h, events) = py
+        .detach(|| type2::read_events(&path))
+        .map_err(format_error)?;
+    let d = header_dict(py, h.tag(), h.extended, h.epoch, h.length)?;
+    d.set_item("time_order", h.time_order)?;
+    d.set_item("base_bits", h.base_bits)?;
+    d.set_item("protocol", h.protocol)?;
+    Ok((
+        d,
+        events.times.into_pyarray(py),
+        events.values.into_pyarray(py),
+    ))
+}
+
+/// Write events of one epoch as a type-2 file, atomically. `times` (uint64 ticks) must
+/// lie in `epoch` and increase by at least 2; `values` (uint8) must fit the protocol's
+/// type-2 width.
+#[pyfunction]
+#[pyo3(signature = (path, epoch, times, values, time_order = 17, protocol = 1, extended = false))]
+#[allow(clippy::too_many_arguments)]
+fn write_type2(
+    py: Python<'_>,
+    path: PathBuf,
+    epoch: u32,
+    times: &Bound<'_, PyAny>,
+    values: &Bound<'_, PyAny>,
+    time_order: u32,
+    protocol: u8,
+    extended: bool,
+) -> PyResult<()> {
+    let times = typed_array::<u64>(times, "times", "uint64")?;
+    let values = typed_array::<u8>(values, "values", "uint8")?;
+    let (times, values) = (times.as_slice()?, values.as_slice()?);
+    py.detach(|| {
+        let bytes = type2::encode(epoch, extended, time_order, protocol, times, values)?;
+        qkd_formats::epoch::write_atomic(&path, &bytes)
+    })
+    .map_err(format_error)
+}
+
+/// Read a type-3 file into (header dict with "bits_per_entry", values as uint8).
+#[pyfunction]
+fn read_type3<'py>(
+    py: Python<'py>,
+    path: PathBuf,
+) -> PyResult<(Bound<'py, PyDict>, Bound<'py, PyArray1<u8>>)> {
+    let file = py.detach(|| type3::read(&path)).map_err(format_error)?;
+    let h = &file.header;
+    let d = header_dict(py, h.tag(), h.extended, h.epoch, h.length)?;
+    d.set_item("bits_per_entry", h.bits_per_entry)?;
+    Ok((d, file.values.into_pyarray(py)))
+}
+
+/// Write values (uint8, each below 2**bits_per_entry) as a type-3 file, atomically.
+#[pyfunction]
+#[pyo3(signature = (path, epoch, values, bits_per_entry, extended = false))]
+fn write_type3(
+    py: Python<'_>,
+    path: PathBuf,
+    epoch: u32,
+    values: &Bound<'_, PyAny>,
+    bits_per_entry: u32,
+    extended: bool,
+) -> PyResult<()> {
+    let values = typed_array::<u8>(values, "values", "uint8")?;
+    let values = values.as_slice()?;
+    py.detach(|| {
+        let bytes = type3::encode(epoch, extended, bits_per_entry, values)?;
+        qkd_formats::epoch::write_atomic(&path, &bytes)
+    })
+    .map_err(format_error)
+}
+
+/// Return the event listing of the qcrypto `decompress` tool for a type-2 file: the
+/// lines `retval from getstream: 0, realsize:<bytes>`, `entries: <n>, bitwidth: <T>`,
+/// `original buffer: (nil),pointer2: (nil)`, then per event
+/// `k=<i>: diff=<hex>, result: <offset mod 2**32 as 8 hex digits>, pattern :<hex>`.
+#[pyfunction]
+fn type2_listing(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    py.detach(|| {
+        let bytes = qkd_formats::epoch::read_file(&path)?;
+        let file = type2::Type2File::parse(&bytes)?;
+        let events = file.decode()?;
+        let mut out = format!(
+            "retval from getstream: 0, realsize:{}\nentries: {}, bitwidth: {}\noriginal buffer: (nil),pointer2: (nil)\n",
+            bytes.len(),
+            file.header.length,
+            file.header.time_order
+        );
+        for (k, ((diff, time), value)) in events
+            .differences
+            .iter()
+            .zip(&events.times)
+            .zip(&events.values)
+            .enumerate()
+        {
+            out.push_str(&format!(
+                "k={k}: diff={diff:x}, result: {:08x}, pattern :{value:x}\n",
+                *time as u32
+            ));
+        }
+        Ok::<_, qkd_formats::FormatError>(out)
+    })
+    .map_err(format_error)
 }
