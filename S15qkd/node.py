@@ -62,7 +62,7 @@ S = EngineState
 LIVE_KEYS = frozenset({"identity", "QBER_limit", "QBER_threshold", "default_QBER", "servo_blocks",
                        "service_epochs", "minimal_block_size"})
 
-#: How often a start request is repeated when the peer does not answer.
+#: How often a start request is sent when the peer does not reply.
 START_ATTEMPTS = 5
 
 
@@ -315,10 +315,10 @@ class Node:
         if self._closed:
             return
         if attempts >= START_ATTEMPTS:
-            self._stop_local(f"peer did not answer {attempts} start requests within "
+            self._stop_local(f"peer did not reply to {attempts} start requests within "
                              f"{self.config['reply_timeout_s']} s each")
             return
-        log.warning("no answer to the start request within %.1f s; repeating it (attempt %d)",
+        log.warning("no reply to the start request within %.1f s; sending it again (attempt %d)",
                     self.config["reply_timeout_s"], attempts + 1)
         try:
             self.start_keygen()
@@ -484,8 +484,12 @@ def _dump_config(values: dict, path: Path) -> str:
     return json.dumps(values, indent=2, sort_keys=True) + "\n"
 
 
-def run_node_until_signal(config: Config, start: bool = False) -> int:
-    """Run one node until SIGINT or SIGTERM; return the process exit status."""
+def run_node_until_signal(config: Config, start: bool = False, web_port: Optional[int] = None,
+                          web_host: str = "0.0.0.0") -> int:
+    """Run one node (and its web page on web_port, unless None) until SIGINT or SIGTERM.
+
+    Returns the process exit status.
+    """
     stop = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: stop.set())
@@ -496,8 +500,16 @@ def run_node_until_signal(config: Config, start: bool = False) -> int:
         print(f"qkdserver node: {error}")
         return 2
     node.start()
+    web = None
     try:
+        if web_port is not None:
+            from .web.server import serve
+
+            web = serve(node, secrets_dir=node.data_root, host=web_host, port=web_port)
+            log.info("web page on %s", web.url)
         stop.wait()
     finally:
+        if web is not None:
+            web.stop()
         node.close()
     return 0

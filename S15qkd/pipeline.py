@@ -124,6 +124,7 @@ class Pipeline:
         for chopped in epochs:
             self.node.stats.last_local_epoch = chopped.epoch
             self.node.stats.detector_counts = chopped.detector_counts
+            self.node.progress("chopped", epoch=chopped.epoch, events=chopped.events)
             self.handle_chopped(chopped)
         if kind == "finish":
             self.source_finished.set()

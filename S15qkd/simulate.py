@@ -66,11 +66,14 @@ class Progress:
         self.last_qber: Optional[float] = None
         self.raw_bits = 0
         self.states: dict[str, str] = {}
+        self.events = {"high": 0, "low": 0}
 
     def __call__(self, kind: str, node: str, **fields) -> None:
         with self.lock:
             self.last_event = time.monotonic()
-            if kind == "source_finished":
+            if kind == "chopped":
+                self.events[node] += fields["events"]
+            elif kind == "source_finished":
                 self.sources_finished.add(node)
             elif kind == "epoch" and node == "high":
                 self.raw_bits += fields["raw_bits"]

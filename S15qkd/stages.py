@@ -185,20 +185,11 @@ def raw_key_bits(type3: Optional[bytes]) -> np.ndarray:
 
 
 def skew_correct(times: np.ndarray, patterns: np.ndarray, skews: list[int]) -> np.ndarray:
-    """Add each detector's delay (ticks of 1/8 ns) to the times of its events.
-
-    Detector d is bit d-1 of the pattern; an event with several bits set takes the delay
-    of its lowest detector. Returns new times (uint64, wrapping like the 49-bit clock
-    would not: delays are small against the 2^49 range).
-    """
+    """Add each detector's delay (ticks of 1/8 ns) to the times of its events, as
+    readevents does: only single-detector events move, modulo 2^49."""
     if not any(skews):
         return times
-    delays = np.zeros(256, dtype=np.int64)
-    for value in range(1, 256):
-        lowest = (value & -value).bit_length() - 1
-        if lowest < 4:
-            delays[value] = skews[lowest]
-    return (times.astype(np.int64) + delays[patterns]).astype(np.uint64)
+    return qkd_core.apply_detector_skew(times, patterns, list(skews))
 
 
 # ---- event sources --------------------------------------------------------------------------

@@ -26,6 +26,10 @@ def add_commands(subparsers) -> None:
     node.add_argument("--start", action="store_true",
                       help="start key generation whenever the peer connects (the high-count "
                            "side sends the start request)")
+    node.add_argument("--web-port", type=int, default=None, metavar="PORT",
+                      help="also serve the web page and HTTP API on this port (8000 in the "
+                           "reference deployment); the control token is <data_root>/web_token")
+    node.add_argument("--web-host", default="0.0.0.0", help="address of the web page (default 0.0.0.0)")
     node.set_defaults(handler=run_node)
 
     simulate = subparsers.add_parser(
@@ -61,7 +65,8 @@ def run_node(args: argparse.Namespace) -> int:
     except ConfigError as error:
         print(f"qkdserver node: {error}", file=sys.stderr)
         return 2
-    return run_node_until_signal(config, start=args.start)
+    return run_node_until_signal(config, start=args.start, web_port=args.web_port,
+                                 web_host=args.web_host)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
