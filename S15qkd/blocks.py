@@ -14,7 +14,10 @@ Release of a final key, once both reconciliation sessions report a verified key:
    discards its staged file otherwise; a failed stage also stops key generation.
 
 Peer messages of reconciliation travel in RECONCILE frames: one line of JSON (run id,
-block id = first epoch, kind) and the reconciliation message bytes after it.
+block id = first epoch, kind) and the reconciliation message bytes after it. Kind
+``start`` (low to high) names the block's epochs and raw key length, so the high-count
+side can join with its own raw key; ``msg`` carries a message of the reconciliation
+protocol (``qkd_core.Reconciler``); ``abort`` ends a block that one side cannot run.
 """
 
 from __future__ import annotations
@@ -63,7 +66,6 @@ class Block:
     block_id: int                 # first epoch
     epochs: list[int]
     raw_bits: int
-    session: object
     started: float
     final: Optional[FinalKey] = None
     own_ok: Optional[bool] = None
@@ -82,6 +84,9 @@ class BlockManager:
         self.blocks: dict[int, Block] = {}
         self.collected: list[tuple[int, np.ndarray]] = []   # raw key epochs for the next block
         self.service: list[tuple[int, int]] = []            # (errors, bits) per disclosed epoch
+        self.awaiting: set[int] = set()                     # disclosed, result not back yet
+        self.held: list[tuple[int, np.ndarray]] = []        # raw key waiting for a decision
+        self._reconciler: "stages.Reconciler | None" = None
 
     # ---- dispatch -----------------------------------------------------------------------
 
@@ -107,6 +112,15 @@ class BlockManager:
         if state is S.KEY_GENERATION and self.config["error_correction"]:
             self.collect(epoch, bits)
         elif state in (S.SERVICE_MODE, S.KEY_GENERATION):
+            # Disclose at most one window of epochs at a time and hold the rest until
+            # the window's QBER is known: with a fast source, every epoch would
+            # otherwise be disclosed before the first result comes back.
+            self.held.append((epoch, bits))
+            self.disclose_held()
+
+    def disclose_held(self) -> None:
+        while self.held and len(self.awaiting) < self.config["service_epochs"]:
+            epoch, bits = self.held.pop(0)
             self.disclose(epoch, bits)
 
     def disclose(self, epoch: int, bits: np.ndarray) -> None:
@@ -117,6 +131,7 @@ class BlockManager:
         except KeyStoreError as error:
             log.warning("service epoch %08x skipped: %s", epoch, error)
             return
+        self.awaiting.add(epoch)
         self.node.send_control({"msg": "service_bits", "epoch": epoch, "count": int(len(bits)),
                                 "bits": encode_bits(bits)})
 
@@ -141,26 +156,32 @@ class BlockManager:
 
     def on_service_result(self, message: dict) -> None:
         """Low-count side: update the service QBER and decide on key generation."""
-        errors, bits = int(message["errors"]), int(message["bits"])
-        if bits == 0:
-            return
-        self.service.append((errors, bits))
+        epoch, errors, bits = int(message["epoch"]), int(message["errors"]), int(message["bits"])
+        self.awaiting.discard(epoch)
+        if bits > 0:
+            self.service.append((errors, bits))
         needed = self.config["service_epochs"]
-        del self.service[:-needed]
+        if self.awaiting or len(self.service) < needed:
+            self.disclose_held()
+            return
         total_errors = sum(e for e, _ in self.service)
         total_bits = sum(b for _, b in self.service)
+        self.service.clear()
         qber = total_errors / total_bits
         self.node.stats.service_qber = qber
-        self.node.progress("service", epoch=int(message["epoch"]), qber=qber, bits=bits)
-        if len(self.service) < needed or self.node.engine.state is not S.SERVICE_MODE:
-            return
+        self.node.progress("service", epoch=epoch, qber=qber, bits=total_bits)
         threshold = self.config["QBER_threshold"]
-        if qber <= threshold:
-            reason = f"service QBER {qber:.4f} at or below QBER_threshold {threshold}"
-            self.node.set_mode(S.KEY_GENERATION, reason)
-        else:
+        if self.node.engine.state is S.SERVICE_MODE and qber <= threshold:
+            self.node.set_mode(S.KEY_GENERATION, f"service QBER {qber:.4f} at or below "
+                                                 f"QBER_threshold {threshold}")
+            held, self.held = self.held, []
+            for held_epoch, held_bits in held:
+                self.on_raw_key(held_epoch, held_bits)
+            return
+        if qber > threshold:
             self.node.engine.note(f"service QBER {qber:.4f} above QBER_threshold {threshold}; "
                                   "no key generation")
+        self.disclose_held()
 
     # ---- blocks -------------------------------------------------------------------------
 
@@ -177,46 +198,38 @@ class BlockManager:
             self.collected.clear()
             self.start_block(epochs, key)
 
+    @property
+    def reconciler(self) -> "stages.Reconciler":
+        if self._reconciler is None:
+            self._reconciler = stages.Reconciler(self.initiator, self.config)
+        return self._reconciler
+
     def start_block(self, epochs: list[int], key: np.ndarray) -> None:
+        """Low-count side: open a block over these epochs with the own raw key."""
         block_id = epochs[0]
         try:
             self.node.keystore.consume_epochs(block_id, len(epochs))
         except KeyStoreError as error:
             log.error("block %08x not started: %s", block_id, error)
             return
-        servo = self.pipeline.servo
-        session = stages.Reconciliation(initiator=True, key=key, qber_estimate=servo.servoed,
-                                        config=self.config)
-        block = Block(block_id, epochs, int(len(key)), session, time.time())
-        self.blocks[block_id] = block
+        self.blocks[block_id] = Block(block_id, epochs, int(len(key)), time.time())
         log.info("block %08x started: %d epochs, %d raw bits", block_id, len(epochs), len(key))
-        header = {"run": self.pipeline.run, "block": block_id, "kind": "start", "epochs": epochs,
-                  "bits": int(len(key))}
-        self.node.send_reconcile(encode_reconcile(header))
-        self.send_messages(block, session.start())
+        self.send(block_id, "start", epochs=epochs, bits=int(len(key)))
+        self.handle_step(self.reconciler.start_block(block_id, key))
 
     def on_reconcile(self, header: dict, body: bytes) -> None:
-        block_id = header["block"]
-        if header.get("kind") == "start":
+        block_id, kind = header["block"], header.get("kind")
+        if kind == "start":
             self.accept_block(block_id, header)
-            return
-        block = self.blocks.get(block_id)
-        if block is None:
-            log.warning("reconciliation message for unknown block %08x dropped", block_id)
-            return
-        if header.get("kind") == "abort":
-            self.finish_failed(block, f"peer aborted: {header.get('reason', 'no reason given')}",
-                               tell_peer=False)
-            return
-        try:
-            replies = block.session.receive(body)
-        except Exception as error:
-            self.finish_failed(block, f"reconciliation failed: {error}", tell_peer=True)
-            return
-        self.send_messages(block, replies)
+        elif kind == "abort":
+            log.error("block %08x aborted by the peer: %s", block_id, header.get("reason", ""))
+            if block_id in self.blocks:
+                self.handle_step(self.reconciler.abort_block(block_id, header.get("reason", "")))
+        else:
+            self.handle_step(self.reconciler.handle_message(block_id, body))
 
     def accept_block(self, block_id: int, header: dict) -> None:
-        """High-count side: join a block the peer started, with the own raw key of its epochs."""
+        """High-count side: join a block the peer opened, with the own raw key of its epochs."""
         epochs = [int(e) for e in header.get("epochs", [])]
         parts = [self.pipeline.take_raw_key(e) for e in epochs]
         reason = ""
@@ -230,35 +243,39 @@ class BlockManager:
         if not reason:
             key = np.concatenate(parts)
             if len(key) != header.get("bits"):
-                reason = f"raw key lengths differ: {len(key)} bits here, {header.get('bits')} at the peer"
+                reason = (f"raw key lengths differ: {len(key)} bits here, "
+                          f"{header.get('bits')} at the peer")
         if reason:
             log.error("block %08x rejected: %s", block_id, reason)
-            self.node.send_reconcile(encode_reconcile({"run": self.pipeline.run, "block": block_id,
-                                                       "kind": "abort", "reason": reason}))
+            self.send(block_id, "abort", reason=reason)
             return
-        session = stages.Reconciliation(initiator=False, key=key, qber_estimate=None,
-                                        config=self.config)
-        self.blocks[block_id] = Block(block_id, epochs, int(len(key)), session, time.time())
+        self.blocks[block_id] = Block(block_id, epochs, int(len(key)), time.time())
+        self.handle_step(self.reconciler.start_block(block_id, key))
 
-    def send_messages(self, block: Block, messages) -> None:
-        for message in messages:
-            self.node.send_reconcile(encode_reconcile(
-                {"run": self.pipeline.run, "block": block.block_id, "kind": "msg"}, message))
-        session = block.session
-        if session.finished and block.final is None and block.own_ok is None:
-            self.finish(block)
+    def send(self, block_id: int, kind: str, body: bytes = b"", **fields) -> None:
+        header = {"run": self.pipeline.run, "block": block_id, "kind": kind, **fields}
+        self.node.send_reconcile(encode_reconcile(header, body))
 
-    def finish(self, block: Block) -> None:
-        result = block.session.result
-        if result.final_bits is None:
-            self.finish_failed(block, result.reason, tell_peer=False)
+    def handle_step(self, step: "stages.ReconcileStep") -> None:
+        for message in step.messages:
+            self.send(step.block_id, "msg", message)
+        if step.outcome is not None:
+            self.finish(step.outcome)
+
+    def finish(self, outcome: "stages.BlockResult") -> None:
+        block = self.blocks.get(outcome.block_id)
+        if block is None:
+            log.warning("outcome of unknown block %08x dropped", outcome.block_id)
+            return
+        if outcome.final_bits is None:
+            self.finish_failed(block, outcome)
             return
         final = FinalKey(block.block_id, block.epochs[-1] - block.epochs[0] + 1,
-                         int(len(result.final_bits)), pack_key_bits(result.final_bits))
+                         int(len(outcome.final_bits)), pack_key_bits(outcome.final_bits))
         block.final = final
         seconds = final.epochs * stages.EPOCH_SECONDS
-        block.record = BlockRecord(block.block_id, final.epochs, block.raw_bits, result.qber,
-                                   result.leaked_bits, result.efficiency, final.bits,
+        block.record = BlockRecord(block.block_id, final.epochs, block.raw_bits, outcome.qber,
+                                   outcome.leaked_bits, outcome.efficiency, final.bits,
                                    final.bits / seconds, time.time())
         try:
             self.node.keystore.stage(final)
@@ -268,8 +285,8 @@ class BlockManager:
             block.own_ok = False
             reason = str(error)
             log.error("block %08x: %s", block.block_id, reason)
-        self.node.send_control({"msg": "key_staged", "run": self.pipeline.run,
-                                "block": block.block_id, "ok": block.own_ok, "reason": reason})
+        self.node.send_control({"msg": "key_staged", "block": block.block_id,
+                                "ok": block.own_ok, "reason": reason})
         self.settle(block)
         if reason:
             self.node.fatal(f"final key {block.block_id:08x} not stored: {reason}")
@@ -298,17 +315,12 @@ class BlockManager:
             log.error("block %08x discarded on both sides: a final key could not be stored",
                       block.block_id)
 
-    def finish_failed(self, block: Block, reason: str, tell_peer: bool) -> None:
+    def finish_failed(self, block: Block, outcome: "stages.BlockResult") -> None:
         self.blocks.pop(block.block_id, None)
-        log.error("block %08x discarded: %s", block.block_id, reason)
-        if tell_peer:
-            self.node.send_reconcile(encode_reconcile({"run": self.pipeline.run,
-                                                       "block": block.block_id, "kind": "abort",
-                                                       "reason": reason}))
-        self.node.progress("block_failed", block=block.block_id, reason=reason)
-        qber = getattr(block.session.result, "qber", None) if block.session.finished else None
-        if qber is not None:
-            self.after_block(qber)
+        log.error("block %08x discarded: %s", block.block_id, outcome.reason)
+        self.node.progress("block_failed", block=block.block_id, reason=outcome.reason)
+        if outcome.qber is not None:
+            self.after_block(outcome.qber)
 
     def after_block(self, qber: float) -> None:
         if not self.initiator:

@@ -40,6 +40,7 @@ import numpy as np
 from . import stages
 from .blocks import BlockManager
 from .controller import QberServo
+from .keystore import write_atomic
 from .status import EngineState
 from .watchdog import StageWorker
 
@@ -90,8 +91,17 @@ class Pipeline:
             self.node.watchdog.stop_worker(worker)
         # Epoch files of a stopped run are never used again; type-2 and type-4 files
         # still waiting for the peer's acknowledgement are removed by their callbacks.
-        shutil.rmtree(self.folders["t1"], ignore_errors=True)
-        shutil.rmtree(self.folders["t3"], ignore_errors=True)
+        for kind in ("t1", "t3"):
+            shutil.rmtree(self.folders[kind], ignore_errors=True)
+        if self.role == "high":
+            shutil.rmtree(self.folders["t2"], ignore_errors=True)
+
+    def remove_files(self, epoch: int) -> None:
+        for folder in self.folders.values():
+            try:
+                (folder / f"{epoch:08x}").unlink()
+            except FileNotFoundError:
+                pass
 
     def take_file(self, kind: str, epoch: int) -> bytes:
         """Read and delete the epoch file a chopper wrote."""
@@ -152,8 +162,8 @@ class HighPipeline(Pipeline):
 
     def __init__(self, node: "Node", run: int):
         super().__init__(node, run)
-        self.t1: dict[int, bytes] = {}
-        self.t2: dict[int, bytes] = {}
+        self.t1: set[int] = set()   # epochs with a type-1 file in folders["t1"]
+        self.t2: set[int] = set()   # epochs with a type-2 file in folders["t2"]
         self.raw_keys: dict[int, np.ndarray] = {}
         self.raw_keys_lock = threading.Lock()
         self.costream: Optional[stages.Costream] = None
@@ -171,14 +181,16 @@ class HighPipeline(Pipeline):
         self.node.engine.move(S.PEAK_FINDING, "waiting for overlapping epochs of both sides")
 
     def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
-        self.costream_worker.put(("t1", chopped.epoch, self.take_file("t1", chopped.epoch)))
+        self.costream_worker.put(("t1", chopped.epoch))
 
     def on_file(self, file_type: int, epoch: int, content: bytes) -> None:
         if file_type != 2:
             raise ValueError(f"high-count side received a type-{file_type} file for epoch "
                              f"{epoch:08x}; it expects type 2")
+        # Written before the acknowledgement goes out, so the offset search finds it.
+        write_atomic(self.folders["t2"] / f"{epoch:08x}", content, mode=0o644)
         self.node.stats.last_received_epoch = epoch
-        self.costream_worker.put(("t2", epoch, content))
+        self.costream_worker.put(("t2", epoch))
 
     def on_control(self, message: dict) -> None:
         if message["msg"] == "service_bits":
@@ -187,8 +199,8 @@ class HighPipeline(Pipeline):
     # ---- costream worker ----------------------------------------------------------------
 
     def match(self, item) -> None:
-        kind, epoch, content = item
-        (self.t1 if kind == "t1" else self.t2)[epoch] = content
+        kind, epoch = item
+        (self.t1 if kind == "t1" else self.t2).add(epoch)
         if self.costream is None:
             self.find_peak()
         if self.costream is not None:
@@ -196,14 +208,22 @@ class HighPipeline(Pipeline):
 
     def find_peak(self) -> None:
         needed = self.config["pfind_epochs"]
-        common = sorted(self.t1.keys() & self.t2.keys())
+        common = sorted(self.t1 & self.t2)
         # The first common epoch is usually cut short by the later start of one side,
         # so the search starts at the second one, as the reference does.
         if len(common) < needed + 1:
             return
         epochs = common[1:needed + 1]
-        finder = stages.OffsetFinder(self.config["FFT_buffer_order"])
-        result = finder.find([self.t1[e] for e in epochs], [self.t2[e] for e in epochs])
+        if epochs != list(range(epochs[0], epochs[0] + needed)):
+            # The search needs consecutive epochs; drop the older ones and wait.
+            for store in (self.t1, self.t2):
+                store.discard(common[0])
+            self.remove_files(common[0])
+            return
+        finder = stages.OffsetFinder(self.config["FFT_buffer_order"],
+                                     self.config["qcrypto.pfind.fine_resolution"],
+                                     self.config["qcrypto.pfind.coarse_resolution"])
+        result = finder.find(self.folders["t1"], self.folders["t2"], epochs[0], needed)
         stats = self.node.stats
         stats.initial_offset_ticks = result.offset_ticks
         stats.snr_coarse, stats.snr_fine = result.snr_coarse, result.snr_fine
@@ -217,7 +237,8 @@ class HighPipeline(Pipeline):
                                         self.config["track_filter_time_constant"])
         for store in (self.t1, self.t2):
             for old in [e for e in store if e < start]:
-                del store[old]
+                store.discard(old)
+                self.remove_files(old)
         self.node.send_control({"msg": "peak_found", "offset_ticks": result.offset_ticks,
                                 "start_epoch": start, "snr_fine": result.snr_fine,
                                 "snr_coarse": result.snr_coarse})
@@ -230,11 +251,15 @@ class HighPipeline(Pipeline):
         pushed = True
         while pushed:
             pushed = False
-            if costream.next_type1_epoch in self.t1:
-                costream.push_type1(self.t1.pop(costream.next_type1_epoch))
+            epoch = costream.next_type1_epoch
+            if epoch in self.t1:
+                self.t1.discard(epoch)
+                costream.push_type1(self.take_file("t1", epoch))
                 pushed = True
-            if costream.next_type2_epoch in self.t2:
-                costream.push_type2(self.t2.pop(costream.next_type2_epoch))
+            epoch = costream.next_type2_epoch
+            if epoch in self.t2:
+                self.t2.discard(epoch)
+                costream.push_type2(self.take_file("t2", epoch))
                 pushed = True
         # NOTE: an epoch that one chopper never wrote (no events at all) stalls costream
         # here; a link that loses every event for a whole epoch needs a restart.
@@ -284,8 +309,8 @@ class LowPipeline(Pipeline):
 
     def __init__(self, node: "Node", run: int):
         super().__init__(node, run)
-        self.t3: dict[int, bytes] = {}
-        self.t4: dict[int, bytes] = {}
+        self.t3: set[int] = set()          # epochs with a type-3 file in folders["t3"]
+        self.t4: dict[int, bytes] = {}     # type-4 files from the peer, by epoch
         self.splicer: Optional[stages.Splicer] = None
         self.servo = QberServo(self.config["QBER_limit"], self.config["servo_blocks"],
                                self.config["default_QBER"])
@@ -302,7 +327,7 @@ class LowPipeline(Pipeline):
         self.source_worker.put("start")
 
     def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
-        self.splicer_worker.put(("t3", chopped.epoch, self.take_file("t3", chopped.epoch)))
+        self.splicer_worker.put(("t3", chopped.epoch, None))
         self.node.send_file(2, chopped.epoch, self.folders["t2"] / f"{chopped.epoch:08x}")
 
     def on_file(self, file_type: int, epoch: int, content: bytes) -> None:
@@ -330,16 +355,18 @@ class LowPipeline(Pipeline):
     def splice(self, item) -> None:
         kind, epoch, content = item
         if kind == "t3":
-            self.t3[epoch] = content
+            self.t3.add(epoch)
             # type-3 epochs that the peer never matched are dropped once later ones exist.
             for old in [e for e in self.t3 if e < epoch - RAW_KEY_RETENTION_EPOCHS]:
-                del self.t3[old]
+                self.t3.discard(old)
+                self.remove_files(old)
         else:
             self.t4[epoch] = content
-        for ready in sorted(self.t3.keys() & self.t4.keys()):
+        for ready in sorted(self.t3 & self.t4.keys()):
             if self.splicer is None:
                 self.splicer = stages.Splicer()
-            bits = self.splicer.process(ready, self.t3.pop(ready), self.t4.pop(ready))
+            self.t3.discard(ready)
+            bits = self.splicer.process(ready, self.take_file("t3", ready), self.t4.pop(ready))
             self.node.progress("epoch", role="low", epoch=ready, raw_bits=int(len(bits)))
             self.ec_worker.put(("raw_key", ready, bits))
 

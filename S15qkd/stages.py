@@ -113,13 +113,13 @@ class Chopper:
 class OffsetFinder:
     """Time offset (pfind) between the high side's type-1 and the peer's type-2 epochs."""
 
-    def __init__(self, buffer_order: int):
-        self.buffer_order = buffer_order
+    def __init__(self, buffer_order: int, fine_resolution_ns: int, coarse_resolution_ns: int):
+        self._finder = _require("OffsetFinder")(buffer_order, fine_resolution_ns, coarse_resolution_ns)
 
-    def find(self, t1_files: list[bytes], t2_files: list[bytes]) -> OffsetResult:
-        find_offset = _require("find_time_offset")
-        result = find_offset(t1_files, t2_files, buffer_order=self.buffer_order)
-        return OffsetResult(int(result.offset_ticks), float(result.snr_coarse), float(result.snr_fine))
+    def find(self, t1_folder, t2_folder, start_epoch: int, epochs: int) -> OffsetResult:
+        """Search epochs start_epoch .. start_epoch + epochs - 1 of the two folders."""
+        result = self._finder.find_in_folders(str(t1_folder), str(t2_folder), start_epoch, epochs)
+        return OffsetResult(int(result.offset_ticks), float(result.coarse_snr), float(result.fine_snr))
 
 
 class Costream:
@@ -305,8 +305,9 @@ def open_source(config, role: str) -> EventSource:
 
 @dataclass
 class BlockResult:
-    """Outcome of one block on one side. ``final_bits`` is None when the block failed."""
+    """Outcome of one block on one side. ``final_bits`` is None when the block was discarded."""
 
+    block_id: int
     final_bits: Optional[np.ndarray]
     qber: Optional[float]
     leaked_bits: int
@@ -314,37 +315,57 @@ class BlockResult:
     reason: str = ""
 
 
-class Reconciliation:
-    """One block on one side: error correction, verification, privacy amplification.
+@dataclass
+class ReconcileStep:
+    """Messages for the peer, in order, and the outcome of a block that ended."""
 
-    The session owns no socket: :meth:`start` (initiator) and :meth:`receive` return
-    the messages for the peer, and once :attr:`finished` is true :attr:`result` holds
-    the verified final key or the reason the block failed.
+    block_id: Optional[int]
+    messages: list[bytes]
+    outcome: Optional[BlockResult]
+
+
+def binary_entropy(p: float) -> float:
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return float(-p * np.log2(p) - (1 - p) * np.log2(1 - p))
+
+
+class Reconciler:
+    """This side's reconciliation engine (error correction, verification, privacy
+    amplification) for every block of a run.
+
+    It owns no socket: each call returns the messages for the peer. The low-count side
+    is the initiator (it opens blocks); the high-count side responds.
     """
 
-    def __init__(self, initiator: bool, key: np.ndarray, qber_estimate: Optional[float], config):
-        session_class = _require("ReconcileSession")
-        self._session = session_class(
-            "initiator" if initiator else "responder", key,
-            qber_estimate=qber_estimate, qber_limit=config["QBER_limit"] + 0.01,
-            privacy_amplification=config["privacy_amplification"])
-        self.result: Optional[BlockResult] = None
+    def __init__(self, initiator: bool, config):
+        engine_class = _require("Reconciler")
+        self._engine = engine_class("initiator" if initiator else "responder",
+                                    qber_limit=config["QBER_limit"] + 0.01)
 
-    def start(self) -> list[bytes]:
-        return self._collect(self._session.start())
+    def start_block(self, block_id: int, bits: np.ndarray) -> ReconcileStep:
+        return self._convert(block_id, self._engine.start_block(block_id, bits))
 
-    def receive(self, message: bytes) -> list[bytes]:
-        return self._collect(self._session.receive(message))
+    def handle_message(self, block_id: int, message: bytes) -> ReconcileStep:
+        return self._convert(block_id, self._engine.handle_message(message))
 
-    @property
-    def finished(self) -> bool:
-        return self.result is not None
+    def abort_block(self, block_id: int, reason: str) -> ReconcileStep:
+        return self._convert(block_id, self._engine.abort_block(block_id, reason))
 
-    def _collect(self, messages) -> list[bytes]:
-        if self._session.finished:
-            outcome = self._session.outcome()
-            final = outcome.final_key
-            self.result = BlockResult(None if final is None else np.asarray(final, dtype=np.uint8),
-                                      outcome.qber, int(outcome.leaked_bits),
-                                      float(outcome.efficiency), outcome.reason or "")
-        return [bytes(message) for message in messages]
+    @staticmethod
+    def _convert(block_id: int, step) -> ReconcileStep:
+        messages, outcome = step
+        result = None
+        if outcome is not None:
+            stats = outcome["stats"]
+            key_bits = max(int(stats["key_bits"]), 1)
+            qber = int(stats["errors"]) / key_bits if stats["key_bits"] else None
+            leak_ec = int(stats["leak_ec"])
+            leaked = leak_ec + int(stats["sample_bits"]) + int(stats["tag_bits"])
+            entropy = binary_entropy(qber or 0.0)
+            efficiency = leak_ec / (key_bits * entropy) if entropy > 0 else 0.0
+            final = outcome.get("key")
+            result = BlockResult(int(outcome["block_id"]),
+                                 None if final is None else np.asarray(final, dtype=np.uint8),
+                                 qber, leaked, efficiency, outcome.get("reason") or "")
+        return ReconcileStep(block_id, [bytes(m) for m in messages], result)
