@@ -28,7 +28,8 @@ from S15qkd.node import Node
 from S15qkd.simulate import Progress, node_configs, run_simulation, wait_until_idle
 from S15qkd.status import EngineState
 
-REQUIRED_STAGES = ("Chopper", "Chopper2", "Costream", "Splicer", "LinkSimulator")
+REQUIRED_STAGES = ("Chopper", "Chopper2", "OffsetFinder", "Costream", "Splicer", "Reconciler",
+                   "LinkSimulator")
 missing = [name for name in REQUIRED_STAGES if not hasattr(qkd_core, name)]
 pytestmark = pytest.mark.skipif(bool(missing), reason=f"qkd_core lacks {missing}")
 
