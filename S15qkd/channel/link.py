@@ -366,10 +366,11 @@ class Link:
             for task in (writer_task, read_task):
                 if task is None:
                     continue
+                # The error that ended the connection is logged above; retrieving it
+                # stops asyncio from logging it again as never retrieved.
+                task.add_done_callback(_retrieve_exception)
                 if not task.done():
                     task.cancel()
-                elif not task.cancelled():
-                    task.exception()  # retrieved here, so asyncio does not log it again
             if self._current_writer is writer:
                 self._current_writer = None
                 self._set_state(LinkState.DISCONNECTED)
@@ -530,6 +531,11 @@ class Link:
                 self.stats.frames_sent += 1
                 self.stats.bytes_sent += len(chunk)
             await writer.drain()
+
+
+def _retrieve_exception(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _run_callback(callback: Optional[Callable[[], None]], what: str) -> None:
