@@ -112,3 +112,18 @@ def test_reference_local_counts_use_own_node():
 def test_reference_local_counts_empty():
     counts = reference_status_data(StatusSnapshot(time=0.0))["status_info"]["local_counts"]
     assert counts == {"total": 0, "v": 0, "-": 0, "h": 0, "+": 0}
+
+
+def test_rate_limited_warning_counts_dropped(caplog):
+    from S15qkd.web.routes import RateLimitedWarning
+
+    warn = RateLimitedWarning(interval_s=60.0)
+    with caplog.at_level("WARNING", logger="S15qkd.web.routes"):
+        for attempt in range(5):
+            warn("rejected attempt %d", attempt)
+    assert [record.getMessage() for record in caplog.records] == ["rejected attempt 0"]
+
+    warn._last -= 61.0  # as if the interval had passed
+    with caplog.at_level("WARNING", logger="S15qkd.web.routes"):
+        warn("rejected attempt %d", 5)
+    assert caplog.records[-1].getMessage() == "rejected attempt 5 (4 similar warnings dropped since the last one)"

@@ -9,6 +9,8 @@ require the node's web token. docs/http-api.md lists every route with examples.
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, redirect, request
@@ -34,6 +36,32 @@ REFERENCE_WORKERS = ("transferd", "readevents", "chopper", "chopper2", "costream
 
 # Keys of the reference's "local_counts" map, in detector order 1 to 4.
 REFERENCE_DETECTOR_KEYS = ("v", "-", "h", "+")
+
+
+class RateLimitedWarning:
+    """Logs a warning at most once per interval and counts the ones it drops.
+
+    Rejected credentials are logged this way, so a client that retries in a loop
+    cannot flood the node's log.
+    """
+
+    def __init__(self, interval_s: float = 10.0):
+        self._interval_s = interval_s
+        self._lock = threading.Lock()
+        self._last = -interval_s
+        self._dropped = 0
+
+    def __call__(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last < self._interval_s:
+                self._dropped += 1
+                return
+            dropped, self._dropped, self._last = self._dropped, 0, now
+        if dropped:
+            message += " (%d similar warnings dropped since the last one)"
+            args += (dropped,)
+        log.warning(message, *args)
 
 
 def epoch_name(epoch: int | None) -> str:
@@ -99,12 +127,15 @@ def reference_status_data(snapshot: StatusSnapshot) -> dict[str, Any]:
 def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, protect_status: bool = False) -> None:
     """Add the status, control, configuration and login routes to the Flask server."""
 
-    def refusal() -> Response | None:
+    warn_rejected = RateLimitedWarning()
+
+    def authentication_failure() -> Response | None:
         """Return the 401/403 response for a request without valid credentials, else None."""
         verdict = checker.credentials(request.headers.get("Authorization"), request.cookies.get(SESSION_COOKIE))
         if verdict == "valid":
             return None
-        log.warning("rejected %s %s from %s: %s web token", request.method, request.path, request.remote_addr, verdict)
+        warn_rejected("rejected %s %s from %s: %s web token", request.method, request.path, request.remote_addr,
+                      verdict)
         if verdict == "missing":
             response = Response("web token required: send 'Authorization: Bearer <token>'\n", status=401)
             response.headers["WWW-Authenticate"] = 'Bearer realm="qkdserver"'
@@ -112,10 +143,10 @@ def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, pro
         return Response("invalid web token\n", status=403)
 
     def status_guard() -> Response | None:
-        return refusal() if protect_status else None
+        return authentication_failure() if protect_status else None
 
     def control(name: str, action: Callable[[], None]) -> Response:
-        denied = refusal()
+        denied = authentication_failure()
         if denied is not None:
             return denied
         log.info("%s requested by %s", name, request.remote_addr)
@@ -179,7 +210,7 @@ def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, pro
 
     @server.route("/api/config", methods=["GET", "HEAD", "PUT"])
     def api_config():
-        denied = refusal()
+        denied = authentication_failure()
         if denied is not None:
             return denied
         if request.method != "PUT":
@@ -213,7 +244,7 @@ def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, pro
         if request.method == "GET":
             return Response(LOGIN_FORM.format(message=""), mimetype="text/html")
         if not checker.matches_token(request.form.get("token")):
-            log.warning("failed login from %s", request.remote_addr)
+            warn_rejected("failed login from %s", request.remote_addr)
             return Response(LOGIN_FORM.format(message="<p class='error'>Invalid token.</p>"), status=403,
                             mimetype="text/html")
         log.info("browser login from %s", request.remote_addr)
