@@ -7,6 +7,8 @@
 
 pub mod error;
 pub mod simulator;
+pub mod tdc1_device;
+pub mod tdc1_emulator;
 
 pub use error::SourceError;
 pub use simulator::{
