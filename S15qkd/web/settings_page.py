@@ -41,6 +41,29 @@ LABELS = {
 
 GENERAL_SECTION = "General"
 
+# Sections of the page for top-level keys, like the reference's cards; nested keys are
+# grouped by their first component, and other top-level keys go to GENERAL_SECTION.
+SECTIONS = {
+    "Network connection": (
+        "identity", "target_hostname", "port_authd", "listen_address", "local_connection_id",
+        "remote_connection_id", "local_cert", "local_key", "remote_cert", "reconnect_min_s",
+        "reconnect_max_s", "reply_timeout_s", "max_frame_bytes",
+    ),
+    "Peak finding and tracking": (
+        "FFT_buffer_order", "pfind_epochs", "remote_coincidence_window", "tracking_window",
+        "track_filter_time_constant", "frequency_search", "max_event_diff", "service_epochs",
+    ),
+    "Error correction": (
+        "error_correction", "privacy_amplification", "minimal_block_size", "QBER_limit",
+        "QBER_threshold", "default_QBER", "servo_blocks",
+    ),
+    "Folders": ("data_root", "final_key_folder"),
+}
+SECTION_OF_KEY = {key: section for section, keys in SECTIONS.items() for key in keys}
+
+# Card titles for nested sections; the others show the key itself.
+SECTION_TITLES = {"source": "Event source", "local_detector_skew_correction": "Detector skew corrections"}
+
 
 def field_kind(value: Any) -> str | None:
     """Return the input kind for a configuration value, or None for values the form skips."""
@@ -80,12 +103,16 @@ def layout(node: NodeControl, authorized: bool) -> html.Div:
         kind = field_kind(value)
         if kind is None:
             continue
-        section = path.split(".")[0] if "." in path else GENERAL_SECTION
+        if "." in path:
+            section = path.split(".")[0]
+        else:
+            section = SECTION_OF_KEY.get(path, GENERAL_SECTION)
         sections[section].append(html.Div(className="setting", children=[
             html.Label(LABELS.get(path, path.partition(".")[2] or path), title=path),
             setting_input(path, value, kind),
         ]))
-    ordered = [GENERAL_SECTION] + sorted(s for s in sections if s != GENERAL_SECTION)
+    named = list(SECTIONS) + [GENERAL_SECTION]
+    ordered = named + sorted(s for s in sections if s not in named)
     return html.Div(className="settings-page", children=[
         html.Div(className="controls", children=[
             html.Button("Check", id="check-settings", className="button"),
@@ -93,7 +120,7 @@ def layout(node: NodeControl, authorized: bool) -> html.Div:
             html.Div(id="settings-message", className="message"),
         ]),
         html.Div(className="cards", children=[
-            card(name, html.Div(className="settings-grid", children=sections[name]))
+            card(SECTION_TITLES.get(name, name), html.Div(className="settings-grid", children=sections[name]))
             for name in ordered if sections.get(name)
         ]),
     ])
