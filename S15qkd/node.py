@@ -89,8 +89,10 @@ class Node:
     """A running node; ``start()`` connects it, ``close()`` stops everything."""
 
     def __init__(self, config: Config, *, progress: Optional[Callable[..., None]] = None,
-                 auto_start: bool = False):
+                 auto_start: bool = False, source_factory: Optional[Callable] = None):
         self.config = config
+        #: Builds the event source of a run from the role; None: from the configuration.
+        self.source_factory = source_factory
         self.role = config["role"]
         self.auto_start = auto_start
         self._progress = progress

@@ -115,7 +115,9 @@ class Pipeline:
     def read_events(self, _item) -> None:
         """Pump the event source into the chopper queue until it ends or the run stops."""
         if self.source is None:
-            self.source = stages.open_source(self.config, self.role)
+            factory = self.node.source_factory
+            self.source = (factory(self.role) if factory is not None
+                           else stages.open_source(self.config, self.role))
         skews = self.config.skew_corrections()
         while not self.stopping.is_set():
             batch = self.source.next_batch(self.stopping)

@@ -67,6 +67,8 @@ class Progress:
         self.raw_bits = 0
         self.states: dict[str, str] = {}
         self.events = {"high": 0, "low": 0}
+        self.matched_at: list[float] = []   # wall time of each epoch costream closed
+        self.finished_at: dict[str, float] = {}  # wall time each node's source ended
 
     def __call__(self, kind: str, node: str, **fields) -> None:
         with self.lock:
@@ -75,7 +77,9 @@ class Progress:
                 self.events[node] += fields["events"]
             elif kind == "source_finished":
                 self.sources_finished.add(node)
+                self.finished_at[node] = self.last_event
             elif kind == "epoch" and node == "high":
+                self.matched_at.append(self.last_event)
                 self.raw_bits += fields["raw_bits"]
                 if self.first_epoch is None:
                     self.first_epoch = fields["epoch"]
@@ -150,6 +154,24 @@ def node_configs(workdir: Path, args: argparse.Namespace) -> tuple[Config, Confi
     return configs[0], configs[1]
 
 
+def shared_simulator_factory(config: Config):
+    """Return a source factory that serves both nodes from one simulator per run."""
+    from .stages import SharedSimulator, simulator_arguments
+
+    simulators: dict[int, SharedSimulator] = {}
+
+    def factory(role: str):
+        # A new run of the high-count side gets a new simulator and the low-count side
+        # joins the newest one. Should the low-count side ask first, each side gets its
+        # own simulator, which yields the same events because both use the same seed.
+        if role == "high" or not simulators:
+            simulators.clear()
+            simulators[0] = SharedSimulator(config["source.epochs"], **simulator_arguments(config))
+        return simulators[0].source(role, config["source.real_time"])
+
+    return factory
+
+
 def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     if bool(args.events_high) != bool(args.events_low):
         print("qkdserver simulate: give both --events-high and --events-low, or neither", file=sys.stderr)
@@ -162,8 +184,9 @@ def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             print(f"qkdserver simulate: {error}", file=sys.stderr)
             return 2
         progress = Progress(out, args.quiet)
-        high = Node(high_config, progress=progress, auto_start=True)
-        low = Node(low_config, progress=progress)
+        factory = shared_simulator_factory(high_config) if not args.events_high else None
+        high = Node(high_config, progress=progress, auto_start=True, source_factory=factory)
+        low = Node(low_config, progress=progress, source_factory=factory)
         high.start()
         low.start()
         started = time.monotonic()

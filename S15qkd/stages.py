@@ -262,6 +262,45 @@ class SimulatedSource(EventSource):
         return low_times, low_patterns
 
 
+class SharedSimulator:
+    """One LinkSimulator whose two sides feed the two nodes of ``qkdserver simulate``.
+
+    Simulating the link once instead of once per node halves the simulator's cost.
+    A side that reads ahead generates batches for both; the other side's halves wait in
+    its queue until that node reads them.
+    """
+
+    def __init__(self, epochs: int, **simulator_arguments):
+        import threading
+        from collections import deque
+
+        self._simulator = _require("LinkSimulator")(**simulator_arguments)
+        self._limit_ticks = epochs * EPOCH_TICKS if epochs else None
+        self._lock = threading.Lock()
+        self._queues = {"high": deque(), "low": deque()}
+
+    def source(self, role: str, real_time: bool) -> EventSource:
+        shared = self
+
+        class Side(EventSource):
+            def _read(self):
+                return shared.take(role)
+
+        return Side(real_time)
+
+    def take(self, role: str):
+        with self._lock:
+            queue = self._queues[role]
+            if not queue:
+                if self._limit_ticks is not None and self._simulator.elapsed_ticks >= self._limit_ticks:
+                    return None
+                high_times, high_patterns, low_times, low_patterns = self._simulator.next_batch(
+                    SimulatedSource.BATCH_SECONDS)
+                self._queues["high"].append((high_times, high_patterns))
+                self._queues["low"].append((low_times, low_patterns))
+            return queue.popleft()
+
+
 class FileSource(EventSource):
     """Recorded raw events (readevents legacy 64-bit words), read in chunks."""
 
@@ -283,6 +322,13 @@ class FileSource(EventSource):
         return qkd_core.decode_raw_events(data, "legacy")
 
 
+def simulator_arguments(config) -> dict:
+    """The LinkSimulator arguments of the configuration's ``source.*`` keys."""
+    return dict(seed=config["source.seed"], pair_rate=config["source.pair_rate"],
+                qber=config["source.qber"], offset_ticks=config["source.offset_ticks"],
+                transmission=(1.0, 1.0 - config["source.loss_low"]))
+
+
 def open_source(config, role: str) -> EventSource:
     """Build the event source that the configuration names for this node's role."""
     kind = config["source.kind"]
@@ -292,12 +338,9 @@ def open_source(config, role: str) -> EventSource:
             raise ValueError("missing value for 'source.events_file': source.kind is 'file'")
         return FileSource(config["source.events_file"], real_time)
     if kind == "simulator":
-        transmission_low = 1.0 - config["source.loss_low"]
         return SimulatedSource(role, real_time, config["source.epochs"],
-                               start_time=config["source.start_time"], seed=config["source.seed"],
-                               pair_rate=config["source.pair_rate"],
-                               qber=config["source.qber"], offset_ticks=config["source.offset_ticks"],
-                               transmission=(1.0, transmission_low))
+                               start_time=config["source.start_time"],
+                               **simulator_arguments(config))
     raise StageUnavailable(f"event source {kind!r} is not available in this node yet")
 
 
