@@ -84,19 +84,32 @@ def worker_badges(snapshot: StatusSnapshot) -> list[html.Span]:
     return badges
 
 
+EMPTY_X_RANGE = [0, 10]
+
+
+def mark_empty(layout: dict[str, Any]) -> None:
+    """Give a graph without blocks a whole-number axis and a note, instead of a bare 0-1 axis."""
+    layout["xaxis"]["range"] = EMPTY_X_RANGE
+    layout["annotations"] = [{"text": "No error-corrected block yet", "showarrow": False,
+                              "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]
+
+
 def qber_figure(snapshot: StatusSnapshot) -> dict[str, Any]:
     ec = snapshot.error_correction
     first_number = ec.blocks - len(ec.recent_blocks) + 1
     numbers = list(range(first_number, ec.blocks + 1))
     qber = [100 * block.qber for block in ec.recent_blocks]
-    limit_x = numbers if numbers else [0, 1]
+    limit_x = numbers if numbers else EMPTY_X_RANGE
+    layout = figure_layout("Error-corrected block", "QBER (%)")
+    if not numbers:
+        mark_empty(layout)
     return {
         "data": [
             {"x": numbers, "y": qber, "type": "scatter", "mode": "lines+markers", "name": "QBER"},
             {"x": limit_x, "y": [100 * ec.qber_limit] * len(limit_x), "type": "scatter", "mode": "lines",
              "name": "QBER limit", "line": {"dash": "dash", "color": "#c0392b"}},
         ],
-        "layout": figure_layout("Error-corrected block", "QBER (%)"),
+        "layout": layout,
     }
 
 
@@ -107,6 +120,8 @@ def key_figure(snapshot: StatusSnapshot) -> dict[str, Any]:
     layout = figure_layout("Error-corrected block", "Final key length (bits)")
     layout["yaxis2"] = {"title": {"text": "Key rate (bit/s)"}, "overlaying": "y", "side": "right",
                         "rangemode": "tozero"}
+    if not numbers:
+        mark_empty(layout)
     return {
         "data": [
             {"x": numbers, "y": [block.final_bits for block in ec.recent_blocks], "type": "bar",
