@@ -88,7 +88,10 @@ fn summary_dict<'py>(py: Python<'py>, s: &EpochSummary) -> PyResult<Bound<'py, P
     Ok(d)
 }
 
-fn summaries<'py>(py: Python<'py>, list: &[EpochSummary]) -> PyResult<Bound<'py, PyList>> {
+pub(crate) fn summaries<'py>(
+    py: Python<'py>,
+    list: &[EpochSummary],
+) -> PyResult<Bound<'py, PyList>> {
     let out = PyList::empty(py);
     for s in list {
         out.append(summary_dict(py, s)?)?;
@@ -142,7 +145,7 @@ fn lock<T>(m: &Mutex<T>) -> PyResult<MutexGuard<'_, T>> {
 /// time in seconds used for extended epochs (default: the system clock).
 #[pyclass(module = "qkd_core", frozen)]
 pub struct Chopper {
-    inner: Mutex<CoreChopper>,
+    pub(crate) inner: Mutex<CoreChopper>,
 }
 
 #[pymethods]
@@ -275,7 +278,7 @@ impl Chopper {
 /// `reference_messages` records the reference's stderr lines for `take_messages()`.
 #[pyclass(module = "qkd_core", frozen)]
 pub struct Chopper2 {
-    inner: Mutex<CoreChopper2>,
+    pub(crate) inner: Mutex<CoreChopper2>,
 }
 
 #[pymethods]

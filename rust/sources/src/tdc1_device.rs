@@ -268,6 +268,10 @@ impl Tdc1Device {
     /// Stops the acquisition: `abort`, drain, `status?` (fails on FIFO overflow), `*RST`.
     /// Later `read_batch` calls return `Ok(false)`.
     pub fn stop(&mut self) -> Result<(), SourceError> {
+        self.stop_acquisition()
+    }
+
+    fn stop_acquisition(&mut self) -> Result<(), SourceError> {
         if self.stopped {
             return Ok(());
         }
@@ -333,6 +337,10 @@ impl EventSource for Tdc1Device {
             }
         }
         Ok(true)
+    }
+
+    fn stop(&mut self) -> Result<(), SourceError> {
+        self.stop_acquisition()
     }
 }
 
