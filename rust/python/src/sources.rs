@@ -342,10 +342,7 @@ impl EventStream {
 #[pymethods]
 impl EventStream {
     /// Next batch as (times, patterns), or None once the stream has ended.
-    fn read_batch<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<Option<EventArrays<'py>>> {
+    fn read_batch<'py>(&self, py: Python<'py>) -> PyResult<Option<EventArrays<'py>>> {
         Ok(self.read_words(py)?.map(|w| {
             let (t, p) = split_words(&w);
             (t.into_pyarray(py), p.into_pyarray(py))
@@ -445,10 +442,7 @@ impl EventStream {
         slf
     }
 
-    fn __next__<'py>(
-        &self,
-        py: Python<'py>,
-    ) -> PyResult<Option<EventArrays<'py>>> {
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<EventArrays<'py>>> {
         self.read_batch(py)
     }
 
