@@ -85,6 +85,7 @@ class BlockManager:
         self.collected: list[tuple[int, np.ndarray]] = []   # raw key epochs for the next block
         self.service: list[tuple[int, int]] = []            # (errors, bits) per disclosed epoch
         self.awaiting: set[int] = set()                     # disclosed, result not back yet
+        self.window_disclosed = 0                           # epochs disclosed in this window
         self.held: list[tuple[int, np.ndarray]] = []        # raw key waiting for a decision
         self._reconciler: "stages.Reconciler | None" = None
 
@@ -119,7 +120,8 @@ class BlockManager:
             self.disclose_held()
 
     def disclose_held(self) -> None:
-        while self.held and len(self.awaiting) < self.config["service_epochs"]:
+        """Disclose held epochs until the current window is full."""
+        while self.held and self.window_disclosed < self.config["service_epochs"]:
             epoch, bits = self.held.pop(0)
             self.disclose(epoch, bits)
 
@@ -132,6 +134,7 @@ class BlockManager:
             log.warning("service epoch %08x skipped: %s", epoch, error)
             return
         self.awaiting.add(epoch)
+        self.window_disclosed += 1
         self.node.send_control({"msg": "service_bits", "epoch": epoch, "count": int(len(bits)),
                                 "bits": encode_bits(bits)})
 
@@ -160,8 +163,11 @@ class BlockManager:
         self.awaiting.discard(epoch)
         if bits > 0:
             self.service.append((errors, bits))
-        needed = self.config["service_epochs"]
-        if self.awaiting or len(self.service) < needed:
+        if self.awaiting:
+            return
+        # The window is complete: every disclosed epoch has its result.
+        self.window_disclosed = 0
+        if not self.service:
             self.disclose_held()
             return
         total_errors = sum(e for e, _ in self.service)

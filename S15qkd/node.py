@@ -183,6 +183,18 @@ class Node:
         self.link.send(FrameType.FILE, encode_file(file_type, epoch, self.run, content),
                        on_acked=remove, on_discarded=remove)
 
+    @property
+    def idle(self) -> bool:
+        """True when no worker has work and no block or frame is in flight."""
+        pipeline = self.pipeline
+        if self.link.queued_frames:
+            return False
+        if pipeline is None:
+            return True
+        blocks = pipeline.blocks
+        return (all(worker.idle for worker in pipeline.workers if worker.name != "readevents")
+                and not blocks.blocks and not blocks.awaiting)
+
     def progress(self, kind: str, **fields) -> None:
         if self._progress is not None:
             try:

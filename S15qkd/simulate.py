@@ -201,16 +201,19 @@ def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
 
 
 def wait_until_idle(high: Node, low: Node, progress: Progress, timeout: float,
-                    quiet_seconds: float = 3.0) -> str:
-    """Wait until both sources ended and nothing happened for quiet_seconds, or a stop."""
+                    quiet_seconds: float = 1.0) -> str:
+    """Wait until both sources ended and both nodes are idle, or key generation stopped.
+
+    Idle means: no worker has work, no block or frame is in flight, and nothing
+    happened for quiet_seconds.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         time.sleep(0.2)
         with progress.lock:
             finished = progress.sources_finished >= {"high", "low"}
             idle = time.monotonic() - progress.last_event > quiet_seconds
-        busy = high.link.queued_frames or low.link.queued_frames
-        if finished and idle and not busy:
+        if finished and idle and high.idle and low.idle:
             return "input used up"
         if high.stop_reason and low.stop_reason and idle:
             return f"key generation stopped: {high.stop_reason}"

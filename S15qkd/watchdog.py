@@ -47,8 +47,14 @@ class StageWorker:
         self.restarts = 0
         self.last_error = ""
         self.items_done = 0
+        self.busy = False  # processing an item now
         self._thread: Optional[threading.Thread] = None
         self.watchdog: Optional["Watchdog"] = None
+
+    @property
+    def idle(self) -> bool:
+        """True when no item is being processed or waiting in the queue."""
+        return not self.busy and self.queue.empty()
 
     def put(self, item: Any) -> None:
         self.queue.put(item)
@@ -90,6 +96,7 @@ class StageWorker:
             item = self.queue.get()
             if item is STOP:
                 break
+            self.busy = True
             try:
                 self._process(item)
                 self.items_done += 1
@@ -100,6 +107,8 @@ class StageWorker:
                 if self.watchdog is not None:
                     self.watchdog.report_failure(self, self.last_error)
                 return
+            finally:
+                self.busy = False
         if self._on_stop is not None:
             self._on_stop()
 

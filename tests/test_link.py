@@ -53,6 +53,11 @@ def simulate_args(tmp_path: Path, **overrides) -> argparse.Namespace:
     return argparse.Namespace(**values)
 
 
+def is_key_file(path: Path) -> bool:
+    """Final keys are named by their first epoch in 8 hex digits."""
+    return path.is_file() and len(path.name) == 8 and all(c in "0123456789abcdef" for c in path.name)
+
+
 def assert_keystores_agree(high_folder: Path, low_folder: Path, allow_missing: int = 0) -> dict:
     """Check the released keys: complete type-7 files, equal on both sides, no epoch twice.
 
@@ -63,7 +68,7 @@ def assert_keystores_agree(high_folder: Path, low_folder: Path, allow_missing: i
     for side, folder in (("high", high_folder), ("low", low_folder)):
         keys[side] = {}
         for path in folder.iterdir():
-            if path.is_file() and len(path.name) == 8 and not path.name.startswith("."):
+            if is_key_file(path):
                 key = decode_type7(path.read_bytes(), str(path))
                 assert key.start_epoch == int(path.name, 16)
                 keys[side][path.name] = key
@@ -283,8 +288,7 @@ def test_kill_and_restart_node(tmp_path):
     def key_count(folder: Path) -> int:
         if not folder.exists():
             return 0
-        return len([p for p in folder.iterdir() if p.is_file() and len(p.name) == 8
-                    and not p.name.startswith(".")])
+        return len([p for p in folder.iterdir() if is_key_file(p)])
 
     def wait_for(count: int, timeout: float = 60) -> bool:
         deadline = time.monotonic() + timeout
