@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from .blocks import decode_reconcile
-from .channel import FrameError, FrameType, Link, LinkSettings, LinkState, make_context
+from .channel import FrameType, Link, LinkSettings, LinkState, make_context
 from .channel.frames import decode_file, decode_json, encode_file, encode_json
 from .config import Config, ConfigError
 from .controller import Engine
@@ -222,9 +222,17 @@ class Node:
             pipeline.ec_worker.put(("reconcile", header, body))
 
     def _on_control(self, message: dict) -> None:
+        # A malformed message is dropped (and acknowledged): sending it again would not
+        # repair it, and refusing it would close the connection over and over.
+        try:
+            self._dispatch_control(message)
+        except (KeyError, ValueError, TypeError) as error:
+            log.error("malformed control message %.200r dropped: %s", message, error)
+
+    def _dispatch_control(self, message: dict) -> None:
         kind = message.get("msg")
         if not isinstance(kind, str):
-            raise FrameError(f"CONTROL message without msg field: {message!r}")
+            raise ValueError("no msg field")
         if kind == "st1":
             if self.role != "high":
                 log.error("st1 received on the low-count side; both nodes claim the same role")

@@ -68,6 +68,8 @@ class Pipeline:
         self.workers: list[StageWorker] = []
         self.source: Optional[stages.EventSource] = None
         self.source_finished = threading.Event()
+        self.chopper: Optional[stages.Chopper] = None
+        self.chopper_worker: StageWorker  # set by the role's constructor
         self.folder = node.data_root / f"run-{run:08x}"
         self.folders = {name: self.folder / name for name in ("t1", "t2", "t3")}
         for folder in self.folders.values():
@@ -141,9 +143,6 @@ class Pipeline:
         if kind == "finish":
             self.source_finished.set()
             self.node.progress("source_finished", role=self.role)
-
-    chopper: Optional[stages.Chopper] = None
-    chopper_worker: StageWorker
 
     def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
         raise NotImplementedError

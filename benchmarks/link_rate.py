@@ -38,7 +38,7 @@ def run(pair_rate: float, epochs: int, seed: int, real_time: bool) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         args = argparse.Namespace(events_high=None, events_low=None, epochs=epochs,
                                   pair_rate=pair_rate, qber=0.03, seed=seed, real_time=real_time,
-                                  block_bits=max(20000, int(pair_rate * 0.2 * 0.5 * 2)))
+                                  block_bits=max(20000, int(pair_rate * 0.1)))
         high_config, low_config = node_configs(Path(workdir), args)
         progress = Progress(io.StringIO(), quiet=True)
         factory = shared_simulator_factory(high_config)
