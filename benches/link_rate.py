@@ -7,7 +7,7 @@ keeps up), and the final key rate per simulated second. The baseline is the time
 link simulator alone needs to produce the same events, measured in the same run, since
 absolute times on a shared machine drift.
 
-    python benchmarks/link_rate.py [--epochs 20] [--rates 1e5,1e6,4e6]
+    python benches/link_rate.py [--epochs 20] [--rates 1e5,1e6,4e6]
 """
 
 from __future__ import annotations
