@@ -5,13 +5,14 @@ CARGO ?= cargo
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-rust test-python lint fmt bench
+.PHONY: build base-image default restart stop exec watchdog logs test-docker
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
 
 install:  ## build qkd_core (release) and install it with S15qkd and the test tools
 	$(PYTHON) -m pip install --quiet 'maturin>=1.7,<2' 'pytest>=7' 'hypothesis>=6' 'numpy>=1.23'
-	$(PYTHON) -m pip install --quiet --no-build-isolation '.[test]'
+	$(PYTHON) -m pip install --quiet --no-build-isolation '.[test,web]'
 
 run: install  ## simulate a two-node link on this machine and check both keystores
 	qkdserver simulate
@@ -33,3 +34,111 @@ fmt:  ## format the Rust code
 
 bench:  ## criterion benchmarks of the hot paths; see docs/benchmarks.md
 	$(CARGO) bench --workspace --exclude qkd-python
+
+# --- Container ------------------------------------------------------------------------
+# The image and container names are the reference deployment's, so scripts and the key
+# manager that address them keep working. Override any variable on the command line,
+# e.g. `make default WEB_PORT=8000 CONFIG_DIR=/srv/qkd/config`.
+DOCKER ?= docker
+IMAGE ?= s-fifteen/qkdserver:qkd
+BASE_IMAGE ?= python:3.11-slim-bookworm
+OFFLINE_BASE_IMAGE ?= qkdserver-base:bookworm
+CONTAINER ?= qkd
+WEB_PORT ?= 8080
+CHANNEL_PORT ?= 4853
+CONFIG_DIR ?= $(CURDIR)/config
+CONFIG_FILE ?= qkd_engine_config.yaml
+SECRETS_DIR ?= $(CURDIR)/secrets
+KEYS_VOLUME ?= epochs
+DATA_VOLUME ?= qkddata
+DEVICE ?= /dev/ttyACM0
+# Options of `qkdserver node`: --start begins key generation whenever the peer connects.
+NODE_ARGS ?= --start
+# Empty: <data_root>/watchdog.log, with data_root read from the node's configuration.
+WATCHDOG_LOG ?=
+STOP_TIMEOUT ?= 30
+# DEV=1 mounts S15qkd/ and entrypoint.sh from this checkout over the installed ones, so a
+# Python change needs no rebuild. The Rust extension stays the one built into the image.
+DEV ?= 0
+# The host's time zone, unless TZ is set.
+TZ ?= $(shell cat /etc/timezone 2>/dev/null || echo UTC)
+
+DOCKER_RUN_OPTIONS = --name $(CONTAINER) --rm -dit --init --entrypoint=/root/entrypoint.sh \
+	--volume $(CONFIG_DIR):/etc/qkdserver \
+	--volume $(SECRETS_DIR):/root/keys/authd \
+	--volume $(KEYS_VOLUME):/epoch_files \
+	--volume $(DATA_VOLUME):/tmp/cryptostuff \
+	--env TZ=$(TZ) --env QKD_CONFIG=/etc/qkdserver/$(CONFIG_FILE) --env 'QKD_NODE_ARGS=$(NODE_ARGS)' \
+	$(if $(filter 1,$(DEV)),--volume $(CURDIR)/S15qkd:/root/code/QKDServer/S15qkd:ro \
+		--volume $(CURDIR)/entrypoint.sh:/root/entrypoint.sh:ro) \
+	$(if $(wildcard $(DEVICE)),--device=$(DEVICE) --device-cgroup-rule='a *:* rwm') \
+	-p $(WEB_PORT):8000 -p $(CHANNEL_PORT):4853
+
+# Prerequisite checks: each prints what is missing and how to get it.
+define require_docker
+	@command -v $(DOCKER) >/dev/null || { echo "docker not found: install Docker Engine (Debian: apt-get install docker.io)"; exit 1; }
+	@$(DOCKER) info >/dev/null 2>&1 || { echo "the Docker daemon does not answer: start it (systemctl start docker) or check DOCKER_HOST"; exit 1; }
+endef
+define require_image
+	@$(DOCKER) image inspect $(IMAGE) >/dev/null 2>&1 || { echo "image $(IMAGE) not found: build it with 'make build'"; exit 1; }
+endef
+define require_container
+	@[ "$$($(DOCKER) container inspect -f '{{.State.Running}}' $(CONTAINER) 2>/dev/null)" = true ] || { echo "container $(CONTAINER) is not running: start it with 'make default'"; exit 1; }
+endef
+
+build:  ## build the Docker image from wheels (offline base image if the pull fails)
+	$(require_docker)
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) OFFLINE_BASE_IMAGE=$(OFFLINE_BASE_IMAGE) PYTHON=$(PYTHON) docker/build-image.sh
+
+base-image:  ## build the Debian base image offline with debootstrap
+	$(require_docker)
+	docker/build-base-image.sh $(OFFLINE_BASE_IMAGE)
+
+default:  ## run the node in container qkd: web page on port 8080, channel on 4853
+	$(require_docker)
+	$(require_image)
+	@[ -f $(CONFIG_DIR)/$(CONFIG_FILE) ] || { echo "configuration $(CONFIG_DIR)/$(CONFIG_FILE) not found: write the node's site file there (see docs/container.rst), or set CONFIG_DIR and CONFIG_FILE"; exit 1; }
+	@! $(DOCKER) container inspect $(CONTAINER) >/dev/null 2>&1 || { echo "container $(CONTAINER) already exists: 'make restart' replaces it, 'make stop' stops it"; exit 1; }
+	@[ -d $(SECRETS_DIR) ] || { mkdir -m 700 -p $(SECRETS_DIR) && echo "created $(SECRETS_DIR) for the node's certificates, keys and web token"; }
+	@[ -e $(DEVICE) ] || echo "no timestamp device at $(DEVICE): running without it (set DEVICE=... to pass another)"
+	$(DOCKER) run $(DOCKER_RUN_OPTIONS) $(IMAGE)
+
+restart:  ## stop the container, then start it again as 'make default' does
+	$(require_docker)
+	$(MAKE) --no-print-directory stop
+	$(MAKE) --no-print-directory default
+
+stop:  ## stop the container; the node finishes the key it is writing first
+	$(require_docker)
+	@if $(DOCKER) container inspect $(CONTAINER) >/dev/null 2>&1; then \
+		$(DOCKER) stop --time $(STOP_TIMEOUT) $(CONTAINER) >/dev/null; \
+		$(DOCKER) rm --force $(CONTAINER) >/dev/null 2>&1 || true; \
+		while $(DOCKER) container inspect $(CONTAINER) >/dev/null 2>&1; do sleep 0.5; done; \
+		echo "stopped $(CONTAINER)"; \
+	else \
+		echo "container $(CONTAINER) is not running"; \
+	fi
+
+exec:  ## open a shell inside the running container
+	$(require_docker)
+	$(require_container)
+	$(DOCKER) exec -it $(CONTAINER) /bin/bash
+
+watchdog:  ## follow the watchdog log of the running node
+	$(require_docker)
+	$(require_container)
+	@log='$(WATCHDOG_LOG)'; \
+	if [ -z "$$log" ]; then \
+		log=$$($(DOCKER) exec $(CONTAINER) python -c 'import os; from S15qkd.config import load_config; print(load_config(os.environ["QKD_CONFIG"])["data_root"])' 2>/dev/null)/watchdog.log || exit 1; \
+	fi; \
+	$(DOCKER) exec $(CONTAINER) test -e "$$log" || echo "no watchdog log at $$log yet; waiting for the node to write it"; \
+	echo "$(DOCKER) exec $(CONTAINER) tail -n 100 -F $$log"; \
+	$(DOCKER) exec $(CONTAINER) tail -n 100 -F "$$log"
+
+logs:  ## follow the node's console log (docker logs)
+	$(require_docker)
+	@$(DOCKER) container inspect $(CONTAINER) >/dev/null 2>&1 || { echo "container $(CONTAINER) not found: start it with 'make default'"; exit 1; }
+	$(DOCKER) logs --follow $(CONTAINER)
+
+test-docker: build  ## build the image, then test it: entrypoint, web page, two nodes on a private network
+	QKD_DOCKER_IMAGE=$(IMAGE) $(PYTHON) -m pytest tests/test_container.py

@@ -62,6 +62,10 @@ def _number_range(low: float, high: float) -> Callable[[Any], bool]:
     return lambda value: _is_number(value) and low <= value <= high
 
 
+def _power_of_two(value: Any) -> bool:
+    return _is_int(value) and 1 <= value <= 1 << 20 and value & (value - 1) == 0
+
+
 def _is_str(value: Any) -> bool:
     return isinstance(value, str)
 
@@ -142,6 +146,10 @@ SCHEMA: dict[str, Option] = {
     "source.offset_ticks": Option(34568, _int_range(-(2**40), 2**40),
                                   "an integer number of ticks of 1/8 ns",
                                   "simulated clock offset of the low-count side"),
+    "source.start_time": Option(0.0, _number_range(0.0, 1e11), "a Unix time in seconds",
+                                "simulator in real time: when both nodes' simulated clocks "
+                                "started; a node started later skips ahead to the same epoch "
+                                "(0: when the source opens)"),
     "source.epochs": Option(0, _int_range(0, 2**31), "a non-negative integer",
                             "stop the source after this many epochs (0: run until stopped)"),
     **{f"local_detector_skew_correction.det{detector}corr":
@@ -153,6 +161,12 @@ SCHEMA: dict[str, Option] = {
                              "larger gaps between events are treated as timing errors"),
     "pfind_epochs": Option(4, _int_range(1, 64), "an integer from 1 to 64",
                            "epochs used by the time offset search"),
+    "qcrypto.pfind.coarse_resolution": Option(32, _power_of_two,
+                                              "a power of two number of nanoseconds",
+                                              "coarse bin width of the time offset search"),
+    "qcrypto.pfind.fine_resolution": Option(4, _power_of_two,
+                                            "a power of two number of nanoseconds",
+                                            "fine bin width of the time offset search"),
     "FFT_buffer_order": Option(23, _int_range(12, 26), "an integer from 12 to 26",
                                "log2 of the offset search FFT length"),
     "remote_coincidence_window": Option(6, _int_range(1, 4096),

@@ -144,6 +144,7 @@ class ErrorCorrectionStatus:
 
     blocks: int = 0
     total_final_bits: int = 0
+    undigested_epochs: int = 0
     undigested_raw_bits: int = 0
     servoed_qber: float | None = None
     qber_limit: float = 0.1
@@ -279,8 +280,8 @@ class ConfigRejected(ValueError):
 class ConfigSaveResult:
     """What saving a configuration changed.
 
-    ``applied_keys`` took effect in the running engine at once; ``restart_needed_keys``
-    are saved but take effect only when key generation is restarted, and ``note`` is a
+    ``applied_keys`` took effect in the running engine at once. ``restart_needed_keys``
+    are saved but take effect only when key generation is restarted. ``note`` is a
     sentence for the page that states this.
     """
 
@@ -374,6 +375,7 @@ class InMemoryNode:
         self._block_count = 0
         self._total_final_bits = 0
         self._note = ""
+        self._overrides: dict[str, Any] = {}
         self.calls: list[tuple[str, ...]] = []
 
     def status(self) -> StatusSnapshot:
@@ -388,7 +390,7 @@ class InMemoryNode:
                 WorkerBadge("costream", keygen_state),
                 WorkerBadge("error_correction", ec_state),
             )
-            return StatusSnapshot(
+            snapshot = StatusSnapshot(
                 time=time.time(),
                 identity=self._identity,
                 engine_state=self._state,
@@ -405,6 +407,12 @@ class InMemoryNode:
                 ),
                 config_note=self._note,
             )
+            return dataclasses.replace(snapshot, **self._overrides)
+
+    def override_status(self, **fields: Any) -> None:
+        """Replace snapshot fields (``raw_key``, ``detectors``, ``blinded`` ...) in later snapshots."""
+        with self._lock:
+            self._overrides.update(fields)
 
     def add_block(self, block: BlockRecord) -> None:
         with self._lock:

@@ -13,8 +13,9 @@ each link session and grows by one per frame; the receiver acknowledges them wit
 cumulative ACK frame whose sequence number is the last one it has processed.
 HELLO and PING frames carry 0.
 
-A FILE payload starts with an 8-byte prefix (u8 file type 2 or 4, three zero bytes,
-u32 epoch) followed by the whole epoch file.
+A FILE payload starts with a 12-byte prefix (u8 file type 2 or 4, three zero bytes,
+u32 epoch, u32 run id of the key generation run it belongs to) followed by the whole
+epoch file.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ MAGIC = b"QK"
 VERSION = 1
 HEADER = struct.Struct("<2sBBQI")
 HEADER_SIZE = HEADER.size
-FILE_PREFIX = struct.Struct("<B3xI")
+FILE_PREFIX = struct.Struct("<B3xII")
 
 
 class FrameType(enum.IntEnum):
@@ -98,16 +99,16 @@ def decode_json(payload: bytes, what: str) -> dict[str, Any]:
     return value
 
 
-def encode_file(file_type: int, epoch: int, content: bytes) -> bytes:
-    return FILE_PREFIX.pack(file_type, epoch) + content
+def encode_file(file_type: int, epoch: int, run: int, content: bytes) -> bytes:
+    return FILE_PREFIX.pack(file_type, epoch, run) + content
 
 
-def decode_file(payload: bytes) -> tuple[int, int, bytes]:
-    """Split a FILE payload into (file type, epoch, file content)."""
+def decode_file(payload: bytes) -> tuple[int, int, int, bytes]:
+    """Split a FILE payload into (file type, epoch, run id, file content)."""
     if len(payload) < FILE_PREFIX.size:
         raise FrameError(f"malformed FILE payload: {len(payload)} bytes, shorter than its "
                          f"{FILE_PREFIX.size}-byte prefix")
-    file_type, epoch = FILE_PREFIX.unpack_from(payload)
+    file_type, epoch, run = FILE_PREFIX.unpack_from(payload)
     if file_type not in (2, 4):
         raise FrameError(f"malformed FILE payload: file type {file_type}, expected 2 or 4")
-    return file_type, epoch, payload[FILE_PREFIX.size:]
+    return file_type, epoch, run, payload[FILE_PREFIX.size:]

@@ -338,7 +338,7 @@ class Link:
 
     async def _run_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                               address: str) -> None:
-        writer_task = None
+        writer_task = read_task = None
         try:
             self._check_pinned(writer, address)
             await self._exchange_hello(reader, writer, address)
@@ -363,8 +363,13 @@ class Link:
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
             self._record_error(f"connection to {address} lost: {_describe(error)}")
         finally:
-            for task in (writer_task,):
-                if task is not None and not task.done():
+            for task in (writer_task, read_task):
+                if task is None:
+                    continue
+                # The error that ended the connection is logged above; retrieving it
+                # stops asyncio from logging it again as never retrieved.
+                task.add_done_callback(_retrieve_exception)
+                if not task.done():
                     task.cancel()
             if self._current_writer is writer:
                 self._current_writer = None
@@ -526,6 +531,11 @@ class Link:
                 self.stats.frames_sent += 1
                 self.stats.bytes_sent += len(chunk)
             await writer.drain()
+
+
+def _retrieve_exception(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _run_callback(callback: Optional[Callable[[], None]], what: str) -> None:

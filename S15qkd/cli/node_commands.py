@@ -1,4 +1,4 @@
-"""Subcommands of ``qkdserver`` for nodes: ``certs``."""
+"""Subcommands of ``qkdserver`` that run nodes: ``certs``, ``node`` and ``simulate``."""
 
 from __future__ import annotations
 
@@ -18,6 +18,31 @@ def add_commands(subparsers) -> None:
     certs.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
     certs.set_defaults(handler=run_certs)
 
+    node = subparsers.add_parser(
+        "node", help="run one node of a link from a configuration file",
+        description="Run one node: the classical channel to the peer, the stage workers "
+                    "of its role, the keystore and the watchdog. Stops on SIGINT/SIGTERM.")
+    node.add_argument("--config", required=True, help="site file (YAML or JSON)")
+    node.add_argument("--start", action="store_true",
+                      help="start key generation whenever the peer connects (the high-count "
+                           "side sends the start request)")
+    node.add_argument("--web-port", type=int, default=None, metavar="PORT",
+                      help="also serve the web page and HTTP API on this port (8000 in the "
+                           "reference deployment); the control token is <data_root>/web_token")
+    node.add_argument("--web-host", default="0.0.0.0", help="address of the web page (default 0.0.0.0)")
+    node.set_defaults(handler=run_node)
+
+    simulate = subparsers.add_parser(
+        "simulate", help="run both nodes of a link on this machine and compare their keys",
+        description="Start a high-count and a low-count node in this process, connected "
+                    "over mutual TLS on loopback, feed them simulated or recorded events, "
+                    "print one line per epoch and per block, and exit with status 0 only "
+                    "if both keystores hold the same non-empty set of keys.")
+    from ..simulate import add_simulate_arguments
+
+    add_simulate_arguments(simulate)
+    simulate.set_defaults(handler=run_simulate)
+
 
 def run_certs(args: argparse.Namespace) -> int:
     from ..channel.tls import create_node_certificate
@@ -29,3 +54,22 @@ def run_certs(args: argparse.Namespace) -> int:
         return 1
     print(f"certificate: {cert}\nprivate key: {key}")
     return 0
+
+
+def run_node(args: argparse.Namespace) -> int:
+    from ..config import ConfigError, load_config
+    from ..node import run_node_until_signal
+
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"qkdserver node: {error}", file=sys.stderr)
+        return 2
+    return run_node_until_signal(config, start=args.start, web_port=args.web_port,
+                                 web_host=args.web_host)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    from ..simulate import run_simulation
+
+    return run_simulation(args)

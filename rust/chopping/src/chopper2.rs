@@ -12,7 +12,7 @@ use crate::output::Destination;
 /// Options of [`Chopper2`], named after the reference's command-line options.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Chopper2Config {
-    /// Maximum allowed gap between consecutive events in microseconds (`-m`); 0 is none.
+    /// Maximum allowed gap between consecutive events in microseconds (`-m`); 0 disables the check.
     pub max_gap_us: u64,
     /// Extended epochs from the wall clock (`-U`) instead of local 17-bit epochs (`-L`).
     pub extended: bool,
@@ -112,7 +112,19 @@ impl Chopper2 {
     /// After an error the chopper stops: epochs finished before the failing event are on
     /// disk, and every later call returns [`ChopError::Stopped`].
     pub fn feed(&mut self, words: &[u64]) -> Result<Vec<EpochSummary>, ChopError> {
-        self.feed_iter(words.iter().map(|&w| (w, legacy_bytes(w))))
+        let mut finished = Vec::new();
+        let mut bytes = Vec::with_capacity(8 * RUN_EVENTS.min(words.len()));
+        for block in words.chunks(RUN_EVENTS) {
+            bytes.clear();
+            for &word in block {
+                bytes.extend_from_slice(&legacy_bytes(word));
+            }
+            finished.extend(self.feed_legacy_bytes(&bytes)?);
+        }
+        if words.is_empty() && self.failed {
+            return Err(ChopError::Stopped);
+        }
+        Ok(finished)
     }
 
     /// Like [`Chopper2::feed`] for events in the legacy byte serialisation (high word
@@ -126,29 +138,59 @@ impl Chopper2 {
             }
             .into());
         }
-        self.feed_iter(bytes.chunks_exact(8).map(|c| {
-            let record: [u8; 8] = c.try_into().expect("8-byte chunk");
-            let high = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            let low = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
-            ((u64::from(high) << 32) | u64::from(low), record)
-        }))
-    }
-
-    fn feed_iter(
-        &mut self,
-        records: impl Iterator<Item = (u64, [u8; 8])>,
-    ) -> Result<Vec<EpochSummary>, ChopError> {
         if self.failed {
             return Err(ChopError::Stopped);
         }
         let mut finished = Vec::new();
-        for (word, record) in records {
-            if let Err(e) = self.process(word, record, &mut finished) {
-                self.failed = true;
-                return Err(e);
+        let mut i = 0;
+        while i < bytes.len() {
+            i += 8 * self.accept_run(&bytes[i..]);
+            if let Some(c) = bytes.get(i..i + 8) {
+                let record: [u8; 8] = c.try_into().expect("8-byte record");
+                if let Err(e) = self.process(legacy_word(record), record, &mut finished) {
+                    self.failed = true;
+                    return Err(e);
+                }
+                i += 8;
             }
         }
         Ok(finished)
+    }
+
+    /// Copies the leading records that need none of the rules' special cases (same epoch
+    /// as the open one, later than the previous event by at most the maximum gap) in one
+    /// go. Returns how many it took; the caller handles the next record on its own.
+    fn accept_run(&mut self, bytes: &[u8]) -> usize {
+        if self.flushed {
+            return 0;
+        }
+        let current = u64::from(self.current);
+        let max_gap = self.order.max_gap;
+        let mut last = self.order.last;
+        let mut counts = [0u32; 16];
+        let mut n = 0;
+        for c in bytes.chunks_exact(8) {
+            let word = legacy_word(c.try_into().expect("8-byte record"));
+            let time = word >> 15;
+            if (word >> 47) != current || time < last || (max_gap > 0 && time - last > max_gap) {
+                break;
+            }
+            counts[(word & 0xF) as usize] += 1;
+            last = time;
+            n += 1;
+        }
+        if n == 0 {
+            return 0;
+        }
+        self.buffer.extend_from_slice(&bytes[..8 * n]);
+        for (bin, count) in self.histogram.iter_mut().zip(counts) {
+            *bin += count;
+        }
+        self.order.last = last;
+        self.events += n as u32;
+        self.stats.events_in += n as u64;
+        self.stats.accepted += n as u64;
+        n
     }
 
     #[inline]
@@ -327,6 +369,16 @@ impl Chopper2 {
             v => Some(format!("Undefined verbosity level {v}\n")),
         }
     }
+}
+
+/// Events converted per step when fed as words.
+const RUN_EVENTS: usize = 1 << 16;
+
+#[inline]
+fn legacy_word(record: [u8; 8]) -> u64 {
+    let high = u32::from_le_bytes([record[0], record[1], record[2], record[3]]);
+    let low = u32::from_le_bytes([record[4], record[5], record[6], record[7]]);
+    (u64::from(high) << 32) | u64::from(low)
 }
 
 #[inline]

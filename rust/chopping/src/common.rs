@@ -58,7 +58,7 @@ pub struct ChopStats {
     pub epochs_written: u64,
 }
 
-/// What one written epoch contained.
+/// Summary of one written epoch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EpochSummary {
     /// Epoch as written in the header and file name.
@@ -104,7 +104,7 @@ impl Clock for u64 {
 ///
 /// The result is right when the event time is at most a quarter of the 17-bit range
 /// (2^15 epochs, about 4 h 53 min) ahead of the host clock and at most two quarters
-/// behind it; further out its upper 15 bits are off by 0x20000. Its low 17 bits always
+/// behind it. Further out, its upper 15 bits are off by 0x20000. Its low 17 bits always
 /// equal `epoch17`.
 pub fn extended_epoch(epoch17: u32, unix_seconds: u64) -> u32 {
     // 10^9 ns / 2^29 ns = 1953125 / 2^20 epochs per second.

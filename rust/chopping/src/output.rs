@@ -1,16 +1,17 @@
-//! Where a chopper writes its epoch files.
+//! Destinations of the epoch files a chopper writes.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use qkd_formats::epoch::{file_path, write_atomic};
+use qkd_formats::epoch::{file_path, write_replace};
 use qkd_formats::FormatError;
 
 /// Destination of one kind of epoch file.
 pub enum Destination {
     /// One file per epoch in this folder, named by the epoch in 8 hex digits and written
-    /// atomically (temporary file, then rename), so readers never see a partial file.
+    /// through a temporary file and a rename, so readers never see a partial file. The
+    /// files are not fsynced (see [`qkd_formats::epoch::write_replace`]).
     Directory(PathBuf),
     /// Every packet appended to one stream (file or FIFO), as the reference's `-O`/`-o`.
     Stream(Box<dyn Write + Send>),
@@ -67,7 +68,7 @@ impl Destination {
         match self {
             Destination::Directory(dir) => {
                 let path = file_path(dir, epoch);
-                write_atomic(&path, bytes)?;
+                write_replace(&path, bytes, false)?;
                 Ok(Some(path))
             }
             Destination::Stream(w) => {

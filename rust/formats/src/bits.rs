@@ -53,6 +53,26 @@ impl BitWriter {
         }
     }
 
+    /// Appends each value in `values` as a `width`-bit field (`width` in 1..=32); the same
+    /// as calling [`BitWriter::put`] for each, with the state kept in registers.
+    pub fn put_all(&mut self, values: impl Iterator<Item = u32>, width: u32) {
+        debug_assert!((1..=32).contains(&width));
+        // `acc` holds the unwritten bits left-aligned at bit 63; `filled` counts them.
+        let mut acc = u64::from(self.acc) << 32;
+        let mut filled = 32 - self.free;
+        for value in values {
+            acc |= u64::from(value) << (64 - filled - width);
+            filled += width;
+            if filled >= 32 {
+                self.words.push((acc >> 32) as u32);
+                acc <<= 32;
+                filled -= 32;
+            }
+        }
+        self.acc = (acc >> 32) as u32;
+        self.free = 32 - filled;
+    }
+
     /// Number of bits written so far.
     pub fn bit_len(&self) -> u64 {
         self.words.len() as u64 * 32 + u64::from(32 - self.free)
@@ -184,6 +204,20 @@ mod tests {
                 prop_assert_eq!(r.get(n), Some(v));
             }
             prop_assert!(r.remaining() < 32);
+        }
+
+        #[test]
+        fn put_all_equals_put(width in 1u32..=32, raw in prop::collection::vec(any::<u32>(), 0..100), lead in 0u32..32) {
+            let values: Vec<u32> = raw.iter().map(|v| if width == 32 { *v } else { v & ((1 << width) - 1) }).collect();
+            let mut one = BitWriter::new();
+            let mut all = BitWriter::new();
+            one.put(0, lead);
+            all.put(0, lead);
+            for &v in &values {
+                one.put(v, width);
+            }
+            all.put_all(values.iter().copied(), width);
+            prop_assert_eq!(one.finish(), all.finish());
         }
     }
 }

@@ -42,6 +42,17 @@ pub fn file_path(dir: &Path, epoch: u32) -> PathBuf {
 /// A reader of `path` sees either the old file or the whole new one, never a part. On error
 /// the temporary file is removed, so nothing partial is left behind.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
+    write_replace(path, bytes, true)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, with an fsync of the
+/// temporary file only when `durable` is set.
+///
+/// Without the fsync a reader still never sees a partial file while the system runs, but
+/// after a power loss the newest files may be empty. The choppers write epoch files this
+/// way, because an fsync per file costs more than chopping the epoch and the reference
+/// programs never synced them either.
+pub fn write_replace(path: &Path, bytes: &[u8], durable: bool) -> Result<(), FormatError> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -57,7 +68,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), FormatError> {
     let result = (|| {
         let mut f = fs::File::create(&tmp)?;
         f.write_all(bytes)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
         fs::rename(&tmp, path)
     })();
     if let Err(e) = result {

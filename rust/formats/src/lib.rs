@@ -12,6 +12,7 @@ pub mod bits;
 pub mod epoch;
 pub mod error;
 pub mod raw;
+pub mod skew;
 pub mod tdc1;
 pub mod timestamp7;
 pub mod type1;

@@ -1,18 +1,31 @@
-//! Python bindings of the event sources (crate qkd-sources): the link simulator.
+//! Python bindings of the event sources (crate qkd-sources): the link simulator, the
+//! TDC1 device and its emulator, recorded files and pipes.
+
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
 
 use numpy::{IntoPyArray, PyArray1};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList, PyTuple};
 use qkd_formats::raw;
+use qkd_sources::file::{StreamFormat, StreamSource};
 use qkd_sources::simulator::{
     LinkConfig, LinkSimulator as CoreSimulator, NodeConfig, NodeStats, DEFAULT_START_TICKS,
 };
+use qkd_sources::tdc1_device::{InputLevel, Tdc1Config, Tdc1Device};
+use qkd_sources::tdc1_emulator::{EmulatorConfig, Fault, Tdc1Emulator as CoreEmulator};
+use qkd_sources::{EventSource, Side, SimulatedNode};
 
-use crate::error::source_error;
+use crate::error::{source_error, QkdError};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<LinkSimulator>()?;
+    m.add_class::<EventStream>()?;
+    m.add_class::<Tdc1Emulator>()?;
+    m.add_function(wrap_pyfunction!(open_tdc1, m)?)?;
+    m.add_function(wrap_pyfunction!(open_event_stream, m)?)?;
     m.add("DEFAULT_START_TICKS", DEFAULT_START_TICKS)?;
     Ok(())
 }
@@ -219,6 +232,22 @@ impl LinkSimulator {
         Ok((high.into_pyarray(py), low.into_pyarray(py)))
     }
 
+    /// One node of this link as an EventStream that simulates `batch_duration` seconds per
+    /// batch, from the start and with the same configuration (this simulator is not
+    /// advanced). Two streams with sides "high" and "low" are the two nodes of one link,
+    /// even in different processes.
+    #[pyo3(signature = (side, batch_duration = 0.1))]
+    fn source(&self, side: &str, batch_duration: f64) -> PyResult<EventStream> {
+        let side = parse_side(side)?;
+        let ticks = duration_ticks(batch_duration)?;
+        let node =
+            SimulatedNode::new(self.inner.config().clone(), side, ticks).map_err(source_error)?;
+        Ok(EventStream::new(
+            Box::new(node),
+            format!("simulated {side:?} node"),
+        ))
+    }
+
     /// True once the pair limit is reached and every event has been returned.
     #[getter]
     fn finished(&self) -> bool {
@@ -243,5 +272,361 @@ impl LinkSimulator {
         d.set_item("high", node_stats(py, &s.high)?)?;
         d.set_item("low", node_stats(py, &s.low)?)?;
         Ok(d)
+    }
+}
+
+type Words = Vec<u64>;
+
+/// One batch as numpy arrays: (times in ticks, patterns).
+type EventArrays<'py> = (Bound<'py, PyArray1<u64>>, Bound<'py, PyArray1<u8>>);
+
+/// Locks a source, mapping a poisoned lock to an error instead of a panic.
+fn lock_source(
+    m: &Mutex<Option<Box<dyn EventSource>>>,
+) -> PyResult<MutexGuard<'_, Option<Box<dyn EventSource>>>> {
+    m.lock()
+        .map_err(|_| QkdError::new_err("event source state poisoned by an earlier panic"))
+}
+
+/// Where a source's events go when pumped in Rust.
+enum Stage<'a> {
+    Chopper(&'a Mutex<qkd_chopping::Chopper>),
+    Chopper2(&'a Mutex<qkd_chopping::Chopper2>),
+}
+
+/// A stream of timestamp events from a simulator, a TDC1 device, a file or a pipe.
+///
+/// Build one with `LinkSimulator.source(side, batch_duration)`, `open_tdc1(...)` or
+/// `open_event_stream(...)`. `read_batch()` returns the next (times, patterns) arrays
+/// (uint64 ticks of 1/8 ns, uint8 patterns), possibly empty, or None at the end of the
+/// stream; iterating yields the batches until the end. `pump(stage)` feeds a `Chopper` or
+/// `Chopper2` directly in Rust. `stop()` ends the stream (a TDC1 is stopped and reset) and
+/// raises if the device reported lost events. Usable as a context manager.
+#[pyclass(module = "qkd_core", frozen)]
+pub struct EventStream {
+    inner: Mutex<Option<Box<dyn EventSource>>>,
+    description: String,
+}
+
+impl EventStream {
+    fn new(source: Box<dyn EventSource>, description: String) -> Self {
+        EventStream {
+            inner: Mutex::new(Some(source)),
+            description,
+        }
+    }
+
+    /// Reads one batch of words with the GIL released; `None` at the end of the stream.
+    fn read_words(&self, py: Python<'_>) -> PyResult<Option<Words>> {
+        py.detach(|| {
+            let mut guard = lock_source(&self.inner)?;
+            let Some(source) = guard.as_mut() else {
+                return Ok(None);
+            };
+            let mut words = Vec::new();
+            match source.read_batch(&mut words) {
+                Ok(true) => Ok(Some(words)),
+                Ok(false) => {
+                    *guard = None;
+                    Ok(if words.is_empty() { None } else { Some(words) })
+                }
+                Err(e) => {
+                    *guard = None;
+                    Err(source_error(e))
+                }
+            }
+        })
+    }
+}
+
+#[pymethods]
+impl EventStream {
+    /// Next batch as (times, patterns), or None once the stream has ended.
+    fn read_batch<'py>(&self, py: Python<'py>) -> PyResult<Option<EventArrays<'py>>> {
+        Ok(self.read_words(py)?.map(|w| {
+            let (t, p) = split_words(&w);
+            (t.into_pyarray(py), p.into_pyarray(py))
+        }))
+    }
+
+    /// Next batch as raw event words (uint64, flag bits kept), or None at the end.
+    fn read_batch_words<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<Option<Bound<'py, PyArray1<u64>>>> {
+        Ok(self.read_words(py)?.map(|w| w.into_pyarray(py)))
+    }
+
+    /// Feed up to `max_batches` batches (None: until the stream ends) straight into a
+    /// `Chopper` or `Chopper2`, in Rust with the GIL released. Returns (open, epochs): whether
+    /// the stream goes on, and the summary dicts of the epochs written.
+    #[pyo3(signature = (stage, max_batches = None))]
+    fn pump<'py>(
+        &self,
+        py: Python<'py>,
+        stage: &Bound<'py, PyAny>,
+        max_batches: Option<u64>,
+    ) -> PyResult<(bool, Bound<'py, PyList>)> {
+        let chopper = stage.cast::<crate::chopping::Chopper>().ok();
+        let chopper2 = stage.cast::<crate::chopping::Chopper2>().ok();
+        let target = match (&chopper, &chopper2) {
+            (Some(c), _) => Stage::Chopper(&c.get().inner),
+            (None, Some(c)) => Stage::Chopper2(&c.get().inner),
+            _ => {
+                return Err(PyTypeError::new_err(format!(
+                    "pump needs a qkd_core.Chopper or qkd_core.Chopper2, got {}",
+                    stage.get_type()
+                )))
+            }
+        };
+        let (open, done) = py.detach(|| {
+            let mut guard = lock_source(&self.inner)?;
+            let mut done = Vec::new();
+            let mut words = Vec::new();
+            let mut batches = 0u64;
+            let open = loop {
+                let Some(source) = guard.as_mut() else {
+                    break false;
+                };
+                if max_batches.is_some_and(|m| batches >= m) {
+                    break true;
+                }
+                words.clear();
+                let more = match source.read_batch(&mut words) {
+                    Ok(more) => more,
+                    Err(e) => {
+                        *guard = None;
+                        return Err(source_error(e));
+                    }
+                };
+                batches += 1;
+                let written = match &target {
+                    Stage::Chopper(c) => c
+                        .lock()
+                        .map_err(|_| QkdError::new_err("chopper state poisoned"))?
+                        .feed(&words),
+                    Stage::Chopper2(c) => c
+                        .lock()
+                        .map_err(|_| QkdError::new_err("chopper2 state poisoned"))?
+                        .feed(&words),
+                };
+                done.extend(written.map_err(crate::chopping::chop_error)?);
+                if !more {
+                    *guard = None;
+                    break false;
+                }
+            };
+            Ok::<_, PyErr>((open, done))
+        })?;
+        Ok((open, crate::chopping::summaries(py, &done)?))
+    }
+
+    /// End the stream. A TDC1 is aborted, checked for FIFO overflow and reset.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            let source = lock_source(&self.inner)?.take();
+            if let Some(mut source) = source {
+                source.stop().map_err(source_error)?;
+            }
+            Ok(())
+        })
+    }
+
+    /// True until the stream has ended or was stopped.
+    #[getter]
+    fn open(&self) -> PyResult<bool> {
+        Ok(lock_source(&self.inner)?.is_some())
+    }
+
+    fn __iter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<EventArrays<'py>>> {
+        self.read_batch(py)
+    }
+
+    fn __enter__(slf: Bound<'_, Self>) -> Bound<'_, Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_args))]
+    fn __exit__(&self, py: Python<'_>, _args: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.stop(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<EventStream {}>", self.description)
+    }
+}
+
+fn parse_side(side: &str) -> PyResult<Side> {
+    match side {
+        "high" => Ok(Side::High),
+        "low" => Ok(Side::Low),
+        other => Err(PyValueError::new_err(format!(
+            "invalid side {other:?}: expected \"high\" (chopper2, costream) or \"low\" (chopper, splicer)"
+        ))),
+    }
+}
+
+/// Open an S-Fifteen TDC1 at `path` and start timestamping; returns an EventStream.
+///
+/// `input_level` is "NIM" or "TTL"; `skew_ticks` the skews of detectors 1..4 in ticks of
+/// 1/8 ns; `start_ticks` the time of the first counter period; `reply_timeout` and
+/// `stall_timeout` in seconds bound the wait for a reply and for stream data. Raises
+/// DeviceError when the port is missing, inaccessible or not a TDC1.
+#[pyfunction]
+#[pyo3(signature = (path, input_level = "NIM", skew_ticks = None, start_ticks = 0,
+    reply_timeout = 1.0, stall_timeout = 2.0))]
+fn open_tdc1(
+    py: Python<'_>,
+    path: String,
+    input_level: &str,
+    skew_ticks: Option<[i64; 4]>,
+    start_ticks: u64,
+    reply_timeout: f64,
+    stall_timeout: f64,
+) -> PyResult<EventStream> {
+    let input_level = match input_level.to_ascii_uppercase().as_str() {
+        "NIM" => InputLevel::Nim,
+        "TTL" => InputLevel::Ttl,
+        _ => {
+            return Err(PyValueError::new_err(format!(
+                "invalid input_level {input_level:?}: expected \"NIM\" or \"TTL\""
+            )))
+        }
+    };
+    let seconds = |name: &str, v: f64| {
+        if v.is_finite() && v > 0.0 && v <= 3600.0 {
+            Ok(Duration::from_secs_f64(v))
+        } else {
+            Err(PyValueError::new_err(format!(
+                "invalid {name} {v}: expected seconds above 0 and at most 3600"
+            )))
+        }
+    };
+    let config = Tdc1Config {
+        path: path.clone(),
+        input_level,
+        skew_ticks: skew_ticks.unwrap_or([0; 4]),
+        start_ticks,
+        reply_timeout: seconds("reply_timeout", reply_timeout)?,
+        stall_timeout: seconds("stall_timeout", stall_timeout)?,
+    };
+    let device = py
+        .detach(|| Tdc1Device::open(config))
+        .map_err(source_error)?;
+    Ok(EventStream::new(Box::new(device), format!("TDC1 {path}")))
+}
+
+/// Open a recorded file or a pipe (FIFO) of events as an EventStream.
+///
+/// `format` is "raw" (legacy raw events, readevents -a1 -X), "raw-native", "a1" or "a1X"
+/// (timestamp7, converted to whole ticks), or "tdc1"; `skew` the skews of detectors 1..4
+/// in the format's unit (1/256 ns for timestamp7, ticks otherwise).
+#[pyfunction]
+#[pyo3(signature = (path, format = "raw", skew = None))]
+fn open_event_stream(path: PathBuf, format: &str, skew: Option<[i64; 4]>) -> PyResult<EventStream> {
+    let format = StreamFormat::parse(format).map_err(source_error)?;
+    let source = StreamSource::open(&path, format, skew.unwrap_or([0; 4])).map_err(source_error)?;
+    Ok(EventStream::new(
+        Box::new(source),
+        format!("{}", path.display()),
+    ))
+}
+
+/// An emulated TDC1 on a pseudo-terminal, for tests and demonstrations.
+///
+/// Tdc1Emulator(stream, bytes_per_write=4096, write_interval=0.001, fault=None,
+///              fault_after_bytes=0, overflow=False, identification=...)
+///
+/// `stream` is a TDC1 byte stream (see encode_tdc1) sent after `counts?` in timestamp mode;
+/// `fault` is None, "garbage", "hang" or "unplug", injected after `fault_after_bytes`;
+/// `overflow` makes `status?` report a FIFO overflow. `path` is the device to open.
+#[pyclass(module = "qkd_core", frozen)]
+pub struct Tdc1Emulator {
+    inner: Mutex<CoreEmulator>,
+    path: String,
+}
+
+#[pymethods]
+impl Tdc1Emulator {
+    #[new]
+    #[pyo3(signature = (stream, bytes_per_write = 4096, write_interval = 0.001, fault = None,
+        fault_after_bytes = 0, overflow = false, identification = None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        stream: Vec<u8>,
+        bytes_per_write: usize,
+        write_interval: f64,
+        fault: Option<&str>,
+        fault_after_bytes: usize,
+        overflow: bool,
+        identification: Option<String>,
+    ) -> PyResult<Self> {
+        let fault = match fault {
+            None => None,
+            Some("garbage") => Some(Fault::Garbage {
+                after_bytes: fault_after_bytes,
+            }),
+            Some("hang") => Some(Fault::Hang {
+                after_bytes: fault_after_bytes,
+            }),
+            Some("unplug") => Some(Fault::Unplug {
+                after_bytes: fault_after_bytes,
+            }),
+            Some(other) => {
+                return Err(PyValueError::new_err(format!(
+                    "invalid fault {other:?}: expected None, \"garbage\", \"hang\" or \"unplug\""
+                )))
+            }
+        };
+        if !(write_interval.is_finite() && (0.0..=1.0).contains(&write_interval)) {
+            return Err(PyValueError::new_err(format!(
+                "invalid write_interval {write_interval}: expected seconds between 0 and 1"
+            )));
+        }
+        let mut config = EmulatorConfig::new(stream);
+        config.bytes_per_write = bytes_per_write.max(1);
+        config.write_interval = Duration::from_secs_f64(write_interval);
+        config.fault = fault;
+        config.overflow = overflow;
+        if let Some(idn) = identification {
+            config.identification = idn;
+        }
+        let emulator = CoreEmulator::start(config).map_err(source_error)?;
+        let path = emulator.path().to_string();
+        Ok(Tdc1Emulator {
+            inner: Mutex::new(emulator),
+            path,
+        })
+    }
+
+    /// Device path to open (a /dev/pts/N).
+    #[getter]
+    fn path(&self) -> &str {
+        &self.path
+    }
+
+    /// Commands received so far, in order.
+    fn commands(&self) -> PyResult<Vec<String>> {
+        let guard = self
+            .inner
+            .lock()
+            .map_err(|_| QkdError::new_err("emulator state poisoned"))?;
+        Ok(guard.commands())
+    }
+
+    /// Stop serving and close the pseudo-terminal.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        py.detach(|| {
+            self.inner
+                .lock()
+                .map_err(|_| QkdError::new_err("emulator state poisoned"))?
+                .stop();
+            Ok(())
+        })
     }
 }

@@ -6,7 +6,10 @@
 //! that the chopper stages and the orchestration cannot tell them apart.
 
 pub mod error;
+pub mod file;
 pub mod simulator;
+pub mod tdc1_device;
+pub mod tdc1_emulator;
 
 pub use error::SourceError;
 pub use simulator::{
@@ -21,4 +24,10 @@ pub trait EventSource: Send {
     /// A batch may be empty while the stream goes on (a quiet device, a pipe without data
     /// yet), so callers loop until `Ok(false)` or an error.
     fn read_batch(&mut self, out: &mut Vec<u64>) -> Result<bool, SourceError>;
+
+    /// Ends the stream and releases the source (a device is stopped and reset). The
+    /// default does nothing beyond what dropping the source does.
+    fn stop(&mut self) -> Result<(), SourceError> {
+        Ok(())
+    }
 }

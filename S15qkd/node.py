@@ -1,0 +1,537 @@
+"""One QKDServer node: channel, engine state machine, stage workers, keystore, watchdog.
+
+:class:`Node` implements :class:`~S15qkd.status.NodeControl` for the web page and the
+HTTP routes. Control messages between the two nodes are JSON objects in CONTROL frames
+with a ``msg`` field, named after the reference's where they mean the same:
+
+==============  ===========  ==============================================================
+msg             direction    meaning
+==============  ===========  ==============================================================
+st1             low -> high  request to start key generation
+st2             high -> low  the high-count side started run ``run``; start the same run
+st3             low -> high  the low-count side started run ``run``
+stop            either       stop key generation, keep the channel (``reason``)
+peak_found      high -> low  time offset found (``offset_ticks``, ``start_epoch``, SNR)
+lock_lost       high -> low  clock lock lost, back to peak finding
+mode            low -> high  service mode or key generation decided (``state``, ``reason``)
+service_bits    low -> high  disclosed raw key of one epoch (service QBER)
+service_result  high -> low  errors counted in a disclosed epoch
+key_staged      either       final key of block ``block`` stored (``ok``) or not
+==============  ===========  ==============================================================
+
+Every message after ``st2`` carries the run id; messages and files of another run are
+dropped. When the channel starts a new link session because a node restarted, a running
+key generation stops (its in-flight blocks are lost on the restarted side) and, with
+auto start, the high-count side starts a new run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import secrets
+import shutil
+import signal
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+from .blocks import decode_reconcile
+from .channel import FrameType, Link, LinkSettings, LinkState, make_context
+from .channel.frames import decode_file, decode_json, encode_file, encode_json
+from .config import Config, ConfigError
+from .controller import Engine
+from .keystore import KeyStore, write_atomic
+from .pipeline import HighPipeline, LowPipeline, Pipeline
+from .status import (HISTORY_LENGTH, BlockRecord, ConfigProblem, ConfigRejected, ConfigSaveResult,
+                     ControlError, DetectorStatus, EngineState, ErrorCorrectionStatus, KeyProtocol,
+                     NodeCounts, RawKeyStatus, Role, StatusSnapshot, UnknownConnectionError,
+                     WorkerBadge, WorkerState, flatten_config)
+from .watchdog import Watchdog
+
+log = logging.getLogger(__name__)
+
+S = EngineState
+
+#: Configuration keys that a running node applies at once; others need a restart of
+#: key generation (or of the node, for the channel settings).
+LIVE_KEYS = frozenset({"identity", "QBER_limit", "QBER_threshold", "default_QBER", "servo_blocks",
+                       "service_epochs", "minimal_block_size"})
+
+#: How often a start request is sent when the peer does not reply.
+START_ATTEMPTS = 5
+
+
+@dataclass
+class LiveStats:
+    """Latest values for the status snapshot, written by the workers."""
+
+    last_local_epoch: Optional[int] = None
+    last_received_epoch: Optional[int] = None
+    detector_counts: tuple = ()
+    initial_offset_ticks: Optional[int] = None
+    tracked_offset_ticks: Optional[int] = None
+    snr_coarse: Optional[float] = None
+    snr_fine: Optional[float] = None
+    coincidences: Optional[int] = None
+    accidentals: Optional[int] = None
+    service_qber: Optional[float] = None
+    blocks: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
+    block_count: int = 0
+    total_final_bits: int = 0
+
+
+class Node:
+    """A running node; ``start()`` connects it, ``close()`` stops everything."""
+
+    def __init__(self, config: Config, *, progress: Optional[Callable[..., None]] = None,
+                 auto_start: bool = False, source_factory: Optional[Callable] = None):
+        self.config = config
+        #: Builds the event source of a run from the role; None: from the configuration.
+        self.source_factory = source_factory
+        self.role = config["role"]
+        self.auto_start = auto_start
+        self._progress = progress
+        self.data_root = Path(config["data_root"])
+        self.data_root.mkdir(parents=True, exist_ok=True)
+        self._drop_stale_runs()
+        self.keystore = KeyStore(config["final_key_folder"], self.data_root,
+                                 config["local_connection_id"], config["remote_connection_id"])
+        self.watchdog = Watchdog(self.data_root / "watchdog.log", on_give_up=self._on_give_up)
+        self.engine = Engine(on_change=self._on_engine_change)
+        self.stats = LiveStats()
+        self.pipeline: Optional[Pipeline] = None
+        self.run = 0
+        self.stop_reason = ""
+        self._lock = threading.RLock()
+        self._start_timer: Optional[threading.Timer] = None
+        self._start_attempts = 0
+        self._closed = False
+        self.link = self._make_link(config)
+
+    # ---- life cycle ---------------------------------------------------------------------
+
+    def _make_link(self, config: Config) -> Link:
+        config.require_channel_files()
+        server = self.role == "high"
+        context = make_context(server, config["local_cert"], config["local_key"], config["remote_cert"])
+        settings = LinkSettings(
+            role=self.role,
+            host=config["listen_address"] if server else config["target_hostname"],
+            port=config["port_authd"],
+            server_context=context if server else None,
+            client_context=None if server else context,
+            remote_cert=config["remote_cert"], identity=config["identity"],
+            max_frame_bytes=config["max_frame_bytes"],
+            reconnect_min_s=config["reconnect_min_s"], reconnect_max_s=config["reconnect_max_s"])
+        return Link(settings, self._on_frame, on_link_reset=self._on_link_reset,
+                    on_state=self._on_link_state)
+
+    def start(self) -> None:
+        self.watchdog.record(f"node {self.config['identity'] or self.role} started as "
+                             f"{self.role}-count side")
+        self.link.start()
+
+    def close(self) -> None:
+        self._closed = True
+        self._cancel_start_timer()
+        self._stop_pipeline("node shut down")
+        self.link.stop()
+        self.watchdog.close()
+        self.watchdog.record("node stopped")
+
+    def _drop_stale_runs(self) -> None:
+        # Epoch files of an earlier process belong to a run that the peer no longer has.
+        for path in self.data_root.glob("run-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- sending ------------------------------------------------------------------------
+
+    def send_control(self, message: dict) -> None:
+        message = dict(message)
+        message.setdefault("run", self.run)
+        self.link.send(FrameType.CONTROL, encode_json(message))
+
+    def send_reconcile(self, payload: bytes) -> None:
+        self.link.send(FrameType.RECONCILE, payload)
+
+    def send_file_bytes(self, file_type: int, epoch: int, content: bytes) -> None:
+        """Write an epoch file into the run's folder of its type, then send it."""
+        pipeline = self.pipeline
+        if pipeline is None:
+            return
+        folder = pipeline.folder / f"t{file_type}"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{epoch:08x}"
+        write_atomic(path, content, mode=0o644)
+        self.send_file(file_type, epoch, path)
+
+    def send_file(self, file_type: int, epoch: int, path: Path) -> None:
+        """Send an epoch file; the file is deleted once the peer acknowledged it."""
+        content = path.read_bytes()
+
+        def remove() -> None:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+        self.link.send(FrameType.FILE, encode_file(file_type, epoch, self.run, content),
+                       on_acked=remove, on_discarded=remove)
+
+    @property
+    def idle(self) -> bool:
+        """True when no worker has work and no block or frame is in flight."""
+        pipeline = self.pipeline
+        if self.link.queued_frames:
+            return False
+        if pipeline is None:
+            return True
+        blocks = pipeline.blocks
+        return (all(worker.idle for worker in pipeline.workers if worker.name != "readevents")
+                and not blocks.blocks and not blocks.awaiting)
+
+    def progress(self, kind: str, **fields) -> None:
+        if self._progress is not None:
+            try:
+                self._progress(kind, node=self.role, **fields)
+            except Exception:
+                log.exception("progress callback failed for %s", kind)
+
+    # ---- receiving (runs on the channel thread; only queues work) ---------------------------
+
+    def _on_frame(self, frame_type: FrameType, payload: bytes) -> None:
+        if frame_type is FrameType.CONTROL:
+            self._on_control(decode_json(payload, "CONTROL"))
+        elif frame_type is FrameType.FILE:
+            file_type, epoch, run, content = decode_file(payload)
+            pipeline = self.pipeline
+            if pipeline is None or run != self.run:
+                log.debug("type-%d file of epoch %08x from run %d dropped", file_type, epoch, run)
+                return
+            pipeline.on_file(file_type, epoch, content)
+        elif frame_type is FrameType.RECONCILE:
+            header, body = decode_reconcile(payload)
+            pipeline = self.pipeline
+            if pipeline is None or header.get("run") != self.run:
+                return
+            pipeline.ec_worker.put(("reconcile", header, body))
+
+    def _on_control(self, message: dict) -> None:
+        # A malformed message is dropped (and acknowledged): sending it again would not
+        # repair it, and refusing it would close the connection over and over.
+        try:
+            self._dispatch_control(message)
+        except (KeyError, ValueError, TypeError) as error:
+            log.error("malformed control message %.200r dropped: %s", message, error)
+
+    def _dispatch_control(self, message: dict) -> None:
+        kind = message.get("msg")
+        if not isinstance(kind, str):
+            raise ValueError("no msg field")
+        if kind == "st1":
+            if self.role != "high":
+                log.error("st1 received on the low-count side; both nodes claim the same role")
+                return
+            self._in_thread(self.start_keygen)
+            return
+        if kind == "st2":
+            self._in_thread(lambda: self._join_run(int(message["run"])))
+            return
+        if kind == "stop":
+            reason = f"peer stopped key generation: {message.get('reason', 'no reason given')}"
+            self._in_thread(lambda: self._stop_local(reason))
+            return
+        if message.get("run") != self.run:
+            log.debug("control message %s of run %s dropped (current run %d)", kind,
+                      message.get("run"), self.run)
+            return
+        pipeline = self.pipeline
+        if kind == "st3":
+            self._cancel_start_timer()
+        elif kind == "mode":
+            state = S(message["state"])
+            self.engine.move(state, f"peer decided: {message.get('reason', '')}")
+        elif kind == "key_staged" and pipeline is not None:
+            pipeline.ec_worker.put(("key_staged", message))
+        elif pipeline is not None:
+            pipeline.on_control(message)
+
+    def _on_link_state(self, state: LinkState) -> None:
+        if state is LinkState.CONNECTED:
+            if self.engine.state is S.OFF:
+                self.engine.move(S.ONLY_COMMUNICATION, "channel to the peer connected")
+            self._maybe_auto_start()
+        elif state is LinkState.DISCONNECTED and self.engine.state is S.ONLY_COMMUNICATION:
+            self.engine.move(S.OFF, f"channel lost: {self.link.stats.last_error}")
+
+    def _on_link_reset(self, reason: str) -> None:
+        if self.pipeline is not None:
+            self._in_thread(lambda: self._stop_local(f"new link session ({reason})", restart=True))
+
+    @staticmethod
+    def _in_thread(action: Callable[[], None]) -> None:
+        def run() -> None:
+            try:
+                action()
+            except ControlError as error:
+                log.error("control action failed: %s", error)
+
+        threading.Thread(target=run, daemon=True).start()
+
+    # ---- runs ---------------------------------------------------------------------------
+
+    def start_keygen(self) -> None:
+        """Stop any run on both sides, then start a new key generation run."""
+        if self.link.state is not LinkState.CONNECTED:
+            raise ControlError("cannot start key generation: the channel to the peer is not "
+                               f"connected ({self.link.stats.last_error or 'no connection yet'})")
+        if self.role == "low":
+            self.send_control({"msg": "st1"})
+            self._arm_start_timer()
+            return
+        with self._lock:
+            self._stop_pipeline("new run requested")
+            self.run = secrets.randbelow(2**31) + 1
+            self._begin(HighPipeline)
+            self.send_control({"msg": "st2"})
+        self._arm_start_timer()
+
+    def _join_run(self, run: int) -> None:
+        with self._lock:
+            self._cancel_start_timer()
+            self._stop_pipeline("peer started a new run")
+            self.run = run
+            self._begin(LowPipeline)
+            self.send_control({"msg": "st3"})
+
+    def _begin(self, pipeline_class) -> None:
+        self.stop_reason = ""
+        if self.engine.state is S.OFF:
+            self.engine.move(S.ONLY_COMMUNICATION, "channel connected")
+        self.engine.move(S.INITIATING, f"run {self.run} starting")
+        self.pipeline = pipeline_class(self, self.run)
+        self.pipeline.start()
+        self.watchdog.record(f"run {self.run} started")
+
+    def _arm_start_timer(self) -> None:
+        self._cancel_start_timer()
+        timer = threading.Timer(self.config["reply_timeout_s"], self._on_start_timeout)
+        timer.daemon = True
+        self._start_timer = timer
+        timer.start()
+
+    def _cancel_start_timer(self) -> None:
+        if self._start_timer is not None:
+            self._start_timer.cancel()
+            self._start_timer = None
+        self._start_attempts = 0
+
+    def _on_start_timeout(self) -> None:
+        self._start_attempts += 1
+        attempts = self._start_attempts
+        if self._closed:
+            return
+        if attempts >= START_ATTEMPTS:
+            self._stop_local(f"peer did not reply to {attempts} start requests within "
+                             f"{self.config['reply_timeout_s']} s each")
+            return
+        log.warning("no reply to the start request within %.1f s; sending it again (attempt %d)",
+                    self.config["reply_timeout_s"], attempts + 1)
+        try:
+            self.start_keygen()
+        except ControlError as error:
+            log.error("repeating the start request failed: %s", error)
+        self._start_attempts = attempts
+
+    def stop_keygen(self, reason: str = "stop requested") -> None:
+        """Stop key generation on both sides; the channel stays up."""
+        self.send_control({"msg": "stop", "reason": reason})
+        self._stop_local(reason)
+
+    def _stop_local(self, reason: str, restart: bool = False) -> None:
+        with self._lock:
+            self._cancel_start_timer()
+            self._stop_pipeline(reason)
+            self.stop_reason = reason
+            connected = self.link.state is LinkState.CONNECTED
+            target = S.ONLY_COMMUNICATION if connected else S.OFF
+            if self.engine.state is not target and (self.engine.state is not S.OFF or connected):
+                self.engine.move(target, reason)
+            else:
+                self.engine.note(reason)
+        if restart:
+            self._maybe_auto_start()
+
+    def _maybe_auto_start(self) -> None:
+        """With auto start, start a run from the high-count side when none is running."""
+        if not (self.auto_start and self.role == "high") or self._closed:
+            return
+
+        def start_if_idle() -> None:
+            with self._lock:
+                if self.pipeline is None and self.link.state is LinkState.CONNECTED:
+                    self.start_keygen()
+
+        self._in_thread(start_if_idle)
+
+    def _stop_pipeline(self, reason: str) -> None:
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            pipeline.stop()
+            self.watchdog.record(f"run {pipeline.run} stopped: {reason}")
+
+    def fatal(self, reason: str) -> None:
+        """Stop key generation on both sides because of an error this node cannot fix."""
+        log.error("key generation stopped: %s", reason)
+        self._in_thread(lambda: self.stop_keygen(reason))
+
+    def set_mode(self, state: EngineState, reason: str) -> None:
+        self.engine.move(state, reason)
+        self.send_control({"msg": "mode", "state": state.value, "reason": reason})
+
+    def record_block(self, record: BlockRecord) -> None:
+        self.stats.blocks.append(record)
+        self.stats.block_count += 1
+        self.stats.total_final_bits += record.final_bits
+        self.progress("block", record=record)
+
+    def _on_give_up(self, worker: str, message: str) -> None:
+        self.fatal(message)
+
+    def _on_engine_change(self, old: EngineState, new: EngineState, reason: str) -> None:
+        self.watchdog.record(f"engine {old.value} -> {new.value}: {reason}")
+        self.progress("state", state=new.value, reason=reason)
+
+    # ---- NodeControl --------------------------------------------------------------------
+
+    def status(self) -> StatusSnapshot:
+        stats = self.stats
+        link_badge = WorkerBadge("transferd", WorkerState.RUNNING if self.link.state is LinkState.CONNECTED
+                                 else WorkerState.RESTARTING if self.link.state is LinkState.DISCONNECTED
+                                 else WorkerState.STOPPED, self.link.stats.connections,
+                                 self.link.stats.last_error)
+        blocks = tuple(stats.blocks)
+        servo = getattr(self.pipeline, "servo", None)
+        return StatusSnapshot(
+            time=time.time(),
+            identity=self.config["identity"],
+            engine_state=self.engine.state,
+            connected=self.link.state is LinkState.CONNECTED,
+            active_connection=self.config["remote_connection_id"],
+            connections=tuple(self.config["connections"]),
+            workers=(link_badge,) + self.watchdog.badges(),
+            raw_key=RawKeyStatus(
+                peer=self.link.stats.peer_identity or self.link.stats.peer_address,
+                role=Role.HIGH_COUNT if self.role == "high" else Role.LOW_COUNT,
+                protocol=KeyProtocol.BBM92 if self.engine.state is S.KEY_GENERATION else KeyProtocol.SERVICE,
+                initial_time_offset_ticks=stats.initial_offset_ticks,
+                tracked_time_offset_ticks=stats.tracked_offset_ticks,
+                offset_search_snr=stats.snr_coarse, offset_search_snr_fine=stats.snr_fine,
+                coincidences_per_epoch=stats.coincidences, accidentals_per_epoch=stats.accidentals,
+                last_received_epoch=stats.last_received_epoch, service_qber=stats.service_qber),
+            error_correction=ErrorCorrectionStatus(
+                blocks=stats.block_count, total_final_bits=stats.total_final_bits,
+                servoed_qber=servo.servoed if servo is not None else None,
+                qber_limit=self.config["QBER_limit"], recent_blocks=blocks),
+            detectors=DetectorStatus(
+                counts=(NodeCounts(self.config["identity"] or self.role, stats.last_local_epoch,
+                                   tuple(stats.detector_counts)),),
+                skew_corrections_ticks=tuple(self.config.skew_corrections())),
+            config_note=self.engine.reason,
+        )
+
+    def restart_connection(self) -> None:
+        self.link.drop_connection("restart requested")
+
+    def restart_transferd(self) -> None:
+        self.link.drop_connection("file transfer restart requested")
+
+    def set_conn(self, conn_id: str) -> None:
+        try:
+            selected = self.config.with_connection(conn_id)
+        except ConfigError:
+            raise UnknownConnectionError(conn_id, tuple(self.config["connections"])) from None
+        self._stop_local(f"switching to connection {conn_id}")
+        self.link.stop()
+        self.config = selected
+        self.keystore.remote_id = selected["remote_connection_id"]
+        self.link = self._make_link(selected)
+        self.link.start()
+
+    def get_config(self) -> dict[str, Any]:
+        return self.config.as_dict()
+
+    def validate_config(self, config: Mapping[str, Any]) -> list[ConfigProblem]:
+        try:
+            Config(config)
+        except ConfigError as error:
+            match = re.search(r"'([^']+)'", str(error))
+            return [ConfigProblem(match.group(1) if match else "", str(error))]
+        return []
+
+    def save_config(self, config: Mapping[str, Any]) -> ConfigSaveResult:
+        problems = self.validate_config(config)
+        if problems:
+            raise ConfigRejected(problems)
+        candidate = Config(config, path=self.config.path)
+        old, new = flatten_config(self.config.as_dict()), flatten_config(candidate.as_dict())
+        changed = tuple(sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key)))
+        if self.config.path is not None:
+            text = _dump_config(candidate.as_dict(), self.config.path)
+            write_atomic(self.config.path, text.encode("utf-8"), mode=0o644)
+        applied = tuple(key for key in changed if key in LIVE_KEYS)
+        restart = tuple(key for key in changed if key not in LIVE_KEYS)
+        self.config = candidate
+        pipeline = self.pipeline
+        if pipeline is not None:
+            pipeline.config = candidate
+            pipeline.blocks.config = candidate
+            servo = getattr(pipeline, "servo", None)
+            if servo is not None:
+                servo.limit, servo.blocks = candidate["QBER_limit"], candidate["servo_blocks"]
+        note = (f"Saved; restart key generation to apply {', '.join(restart)}." if restart else "")
+        return ConfigSaveResult(changed, applied, restart, note)
+
+
+def _dump_config(values: dict, path: Path) -> str:
+    if path.suffix.lower() in (".yaml", ".yml"):
+        import yaml
+
+        return yaml.safe_dump(values, sort_keys=True)
+    return json.dumps(values, indent=2, sort_keys=True) + "\n"
+
+
+def run_node_until_signal(config: Config, start: bool = False, web_port: Optional[int] = None,
+                          web_host: str = "0.0.0.0") -> int:
+    """Run one node (and its web page on web_port, unless None) until SIGINT or SIGTERM.
+
+    Returns the process exit status.
+    """
+    stop = threading.Event()
+    for signal_number in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signal_number, lambda *_: stop.set())
+    try:
+        node = Node(config, auto_start=start)
+    except ConfigError as error:
+        log.error("%s", error)
+        print(f"qkdserver node: {error}")
+        return 2
+    node.start()
+    web = None
+    try:
+        if web_port is not None:
+            from .web.server import serve
+
+            web = serve(node, secrets_dir=node.data_root, host=web_host, port=web_port)
+            log.info("web page on %s", web.url)
+        stop.wait()
+    finally:
+        if web is not None:
+            web.stop()
+        node.close()
+    return 0

@@ -1,0 +1,381 @@
+"""The stage workers of each role and what they pass between them, epoch by epoch.
+
+High-count side (:class:`HighPipeline`)::
+
+    readevents -> chopper2 -> type-1 epochs --+
+    type-2 epochs from the peer --------------+-> costream -> type-4 to the peer
+                                                             raw key -> error_correction
+
+Low-count side (:class:`LowPipeline`)::
+
+    readevents -> chopper -> type-2 to the peer, type-3 epochs --+
+    type-4 epochs from the peer ---------------------------------+-> splicer -> raw key
+                                                                     -> error_correction
+
+Each arrow is a worker queue (:class:`~S15qkd.watchdog.StageWorker`); a worker blocks on
+its queue and never polls. Every item carries the run id of the key generation run it
+belongs to, and items of an older run are dropped, so a stop and a new start never mix
+epochs of two runs.
+
+Service mode and key generation. The low-count side decides which raw key epochs serve
+which purpose, because its raw key is ready last. In service mode it discloses its raw
+key of each epoch to the high-count side, which counts the errors against its own raw
+key and returns the count; the mean over ``service_epochs`` epochs is the service QBER,
+and a QBER at or below ``QBER_threshold`` moves the link to key generation. Disclosed
+epochs are marked used in both keystores and never reach a key. In key generation, the
+low-count side groups consecutive raw key epochs into blocks of at least
+``minimal_block_size`` bits and starts reconciliation (:mod:`S15qkd.blocks`).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import shutil
+import threading
+from typing import TYPE_CHECKING, Optional
+
+import numpy as np
+
+from . import stages
+from .blocks import BlockManager
+from .controller import QberServo
+from .keystore import write_atomic
+from .status import EngineState
+from .watchdog import StageWorker
+
+if TYPE_CHECKING:
+    from .node import Node
+
+log = logging.getLogger(__name__)
+
+S = EngineState
+
+#: Raw key epochs kept on the high-count side while waiting for the peer to use them.
+RAW_KEY_RETENTION_EPOCHS = 256
+
+
+class Pipeline:
+    """Stage workers of one role for one key generation run."""
+
+    role = ""
+
+    def __init__(self, node: "Node", run: int):
+        self.node = node
+        self.config = node.config
+        self.run = run
+        self.stopping = threading.Event()
+        self.workers: list[StageWorker] = []
+        self.source: Optional[stages.EventSource] = None
+        self.source_finished = threading.Event()
+        self.chopper: Optional[stages.Chopper] = None
+        self.chopper_worker: StageWorker  # set by the role's constructor
+        self.folder = node.data_root / f"run-{run:08x}"
+        self.folders = {name: self.folder / name for name in ("t1", "t2", "t3")}
+        for folder in self.folders.values():
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def worker(self, name: str, process, on_restart=None) -> StageWorker:
+        worker = StageWorker(name, process, on_restart=on_restart)
+        self.node.watchdog.adopt(worker)
+        self.workers.append(worker)
+        return worker
+
+    def start(self) -> None:
+        for worker in self.workers:
+            self.node.watchdog.start_worker(worker)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for worker in self.workers:
+            worker.clear()
+        for worker in reversed(self.workers):
+            self.node.watchdog.stop_worker(worker)
+        # Epoch files of a stopped run are never used again; type-2 and type-4 files
+        # still waiting for the peer's acknowledgement are removed by their callbacks.
+        for kind in ("t1", "t3"):
+            shutil.rmtree(self.folders[kind], ignore_errors=True)
+        if self.role == "high":
+            shutil.rmtree(self.folders["t2"], ignore_errors=True)
+
+    def remove_files(self, epoch: int) -> None:
+        for folder in self.folders.values():
+            try:
+                (folder / f"{epoch:08x}").unlink()
+            except FileNotFoundError:
+                pass
+
+    def take_file(self, kind: str, epoch: int) -> bytes:
+        """Read and delete the epoch file a chopper wrote."""
+        path = self.folders[kind] / f"{epoch:08x}"
+        content = path.read_bytes()
+        path.unlink()
+        return content
+
+    # ---- readevents ---------------------------------------------------------------------
+
+    def read_events(self, _item) -> None:
+        """Pump the event source into the chopper queue until it ends or the run stops."""
+        if self.source is None:
+            factory = self.node.source_factory
+            self.source = (factory(self.role) if factory is not None
+                           else stages.open_source(self.config, self.role))
+        skews = self.config.skew_corrections()
+        while not self.stopping.is_set():
+            batch = self.source.next_batch(self.stopping)
+            if batch is None:
+                log.info("event source of the %s-count side ended", self.role)
+                self.chopper_worker.put(("finish", None, None))
+                return
+            times, patterns = batch
+            self.chopper_worker.put(("batch", stages.skew_correct(times, patterns, skews), patterns))
+
+    def chop(self, item) -> None:
+        kind, times, patterns = item
+        if self.chopper is None:
+            self.chopper = stages.Chopper(self.role, self.folders, self.config["max_event_diff"])
+        epochs = self.chopper.feed(times, patterns) if kind == "batch" else self.chopper.finish()
+        for chopped in epochs:
+            self.node.stats.last_local_epoch = chopped.epoch
+            self.node.stats.detector_counts = chopped.detector_counts
+            self.node.progress("chopped", epoch=chopped.epoch, events=chopped.events)
+            self.handle_chopped(chopped)
+        if kind == "finish":
+            self.source_finished.set()
+            self.node.progress("source_finished", role=self.role)
+
+    def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
+        raise NotImplementedError
+
+    # ---- messages from the peer ---------------------------------------------------------
+
+    def on_file(self, file_type: int, epoch: int, content: bytes) -> None:
+        raise NotImplementedError
+
+    def on_control(self, message: dict) -> None:
+        raise NotImplementedError
+
+
+class HighPipeline(Pipeline):
+    """chopper2, offset search, costream; responder of service QBER and reconciliation."""
+
+    role = "high"
+
+    def __init__(self, node: "Node", run: int):
+        super().__init__(node, run)
+        self.t1: set[int] = set()   # epochs with a type-1 file in folders["t1"]
+        self.t2: set[int] = set()   # epochs with a type-2 file in folders["t2"]
+        self.raw_keys: dict[int, np.ndarray] = {}
+        self.raw_keys_lock = threading.Lock()
+        self.costream: Optional[stages.Costream] = None
+        self.pair_ratio = 10.0                     # running coincidences/accidentals
+        self.source_worker = self.worker("readevents", self.read_events,
+                                         on_restart=lambda: self.source_worker.put("resume"))
+        self.chopper_worker = self.worker("chopper2", self.chop)
+        self.costream_worker = self.worker("costream", self.match)
+        self.blocks = BlockManager(node, self)
+        self.ec_worker = self.worker("error_correction", self.blocks.process)
+
+    def start(self) -> None:
+        super().start()
+        self.source_worker.put("start")
+        self.node.engine.move(S.PEAK_FINDING, "waiting for overlapping epochs of both sides")
+
+    def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
+        self.costream_worker.put(("t1", chopped.epoch))
+
+    def on_file(self, file_type: int, epoch: int, content: bytes) -> None:
+        if file_type != 2:
+            raise ValueError(f"high-count side received a type-{file_type} file for epoch "
+                             f"{epoch:08x}; it expects type 2")
+        # Written before the acknowledgement goes out, so the offset search finds it.
+        write_atomic(self.folders["t2"] / f"{epoch:08x}", content, mode=0o644)
+        self.node.stats.last_received_epoch = epoch
+        self.costream_worker.put(("t2", epoch))
+
+    def on_control(self, message: dict) -> None:
+        if message["msg"] == "service_bits":
+            self.ec_worker.put(("service_bits", message))
+
+    # ---- costream worker ----------------------------------------------------------------
+
+    def match(self, item) -> None:
+        kind, epoch = item
+        (self.t1 if kind == "t1" else self.t2).add(epoch)
+        if self.costream is None:
+            self.find_peak()
+        if self.costream is not None:
+            self.advance()
+
+    def find_peak(self) -> None:
+        needed = self.config["pfind_epochs"]
+        common = sorted(self.t1 & self.t2)
+        # The first common epoch is usually cut short by the later start of one side,
+        # so the search starts at the second one, as the reference does.
+        if len(common) < needed + 1:
+            return
+        epochs = common[1:needed + 1]
+        if epochs != list(range(epochs[0], epochs[0] + needed)):
+            # The search needs consecutive epochs; drop the older ones and wait.
+            for store in (self.t1, self.t2):
+                store.discard(common[0])
+            self.remove_files(common[0])
+            return
+        finder = stages.OffsetFinder(self.config["FFT_buffer_order"],
+                                     self.config["qcrypto.pfind.fine_resolution"],
+                                     self.config["qcrypto.pfind.coarse_resolution"])
+        result = finder.find(self.folders["t1"], self.folders["t2"], epochs[0], needed)
+        stats = self.node.stats
+        stats.initial_offset_ticks = result.offset_ticks
+        stats.snr_coarse, stats.snr_fine = result.snr_coarse, result.snr_fine
+        log.info("time offset %d ticks found in epochs %08x..%08x (signal to noise %.1f coarse, "
+                 "%.1f fine)", result.offset_ticks, epochs[0], epochs[-1], result.snr_coarse,
+                 result.snr_fine)
+        start = epochs[0]
+        self.costream = stages.Costream(start, result.offset_ticks,
+                                        self.config["remote_coincidence_window"],
+                                        self.config["tracking_window"],
+                                        self.config["track_filter_time_constant"])
+        for store in (self.t1, self.t2):
+            for old in [e for e in store if e < start]:
+                store.discard(old)
+                self.remove_files(old)
+        self.node.send_control({"msg": "peak_found", "offset_ticks": result.offset_ticks,
+                                "start_epoch": start, "snr_fine": result.snr_fine,
+                                "snr_coarse": result.snr_coarse})
+        self.node.engine.move(S.SERVICE_MODE, f"time offset {result.offset_ticks} ticks found")
+
+    def advance(self) -> None:
+        """Push the epoch files costream needs next, in order, and handle the closed epochs."""
+        costream = self.costream
+        assert costream is not None
+        pushed = True
+        while pushed:
+            pushed = False
+            epoch = costream.next_type1_epoch
+            if epoch in self.t1:
+                self.t1.discard(epoch)
+                costream.push_type1(self.take_file("t1", epoch))
+                pushed = True
+            epoch = costream.next_type2_epoch
+            if epoch in self.t2:
+                self.t2.discard(epoch)
+                costream.push_type2(self.take_file("t2", epoch))
+                pushed = True
+        # NOTE: an epoch that one chopper never wrote (no events at all) stalls costream
+        # here; a link that loses every event for a whole epoch needs a restart.
+        for result in costream.advance():
+            self.match_epoch(result)
+            if self.costream is None:
+                return
+
+    def match_epoch(self, result: stages.CoincidenceEpoch) -> None:
+        epoch = result.epoch
+        with self.raw_keys_lock:
+            self.raw_keys[epoch] = result.raw_bits
+            for old in [e for e in self.raw_keys if e < epoch - RAW_KEY_RETENTION_EPOCHS]:
+                del self.raw_keys[old]
+        if result.t4 is not None:
+            self.node.send_file_bytes(4, epoch, result.t4)
+        stats = self.node.stats
+        stats.coincidences = result.coincidences
+        stats.accidentals = result.accidentals
+        stats.tracked_offset_ticks = result.tracked_offset_ticks
+        self.node.progress("epoch", role="high", epoch=epoch, coincidences=result.coincidences,
+                           accidentals=result.accidentals, raw_bits=int(len(result.raw_bits)))
+        self.check_lock(result)
+
+    def check_lock(self, result: stages.CoincidenceEpoch) -> None:
+        # The reference restarts when a running mean (weight 1/5, seeded at 10) of true
+        # coincidences over accidentals falls below 2.5.
+        ratio = result.coincidences / max(result.accidentals, 1)
+        self.pair_ratio += (ratio - self.pair_ratio) / 5
+        if self.pair_ratio < 2.5 and result.accidentals > 0:
+            reason = (f"clock lock lost in epoch {result.epoch:08x}: coincidences/accidentals "
+                      f"running mean {self.pair_ratio:.2f} below 2.5")
+            self.costream = None
+            self.pair_ratio = 10.0
+            self.node.send_control({"msg": "lock_lost", "reason": reason})
+            self.node.engine.move(S.PEAK_FINDING, reason)
+
+    def take_raw_key(self, epoch: int) -> Optional[np.ndarray]:
+        with self.raw_keys_lock:
+            return self.raw_keys.pop(epoch, None)
+
+
+class LowPipeline(Pipeline):
+    """chopper and splicer; decides service mode or key generation and forms blocks."""
+
+    role = "low"
+
+    def __init__(self, node: "Node", run: int):
+        super().__init__(node, run)
+        self.t3: set[int] = set()          # epochs with a type-3 file in folders["t3"]
+        self.t4: dict[int, bytes] = {}     # type-4 files from the peer, by epoch
+        self.splicer: Optional[stages.Splicer] = None
+        self.servo = QberServo(self.config["QBER_limit"], self.config["servo_blocks"],
+                               self.config["default_QBER"])
+        self.service_results: list[tuple[int, int]] = []
+        self.source_worker = self.worker("readevents", self.read_events,
+                                         on_restart=lambda: self.source_worker.put("resume"))
+        self.chopper_worker = self.worker("chopper", self.chop)
+        self.splicer_worker = self.worker("splicer", self.splice)
+        self.blocks = BlockManager(node, self)
+        self.ec_worker = self.worker("error_correction", self.blocks.process)
+
+    def start(self) -> None:
+        super().start()
+        self.source_worker.put("start")
+
+    def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
+        self.splicer_worker.put(("t3", chopped.epoch, None))
+        self.node.send_file(2, chopped.epoch, self.folders["t2"] / f"{chopped.epoch:08x}")
+
+    def on_file(self, file_type: int, epoch: int, content: bytes) -> None:
+        if file_type != 4:
+            raise ValueError(f"low-count side received a type-{file_type} file for epoch "
+                             f"{epoch:08x}; it expects type 4")
+        self.node.stats.last_received_epoch = epoch
+        self.splicer_worker.put(("t4", epoch, content))
+
+    def on_control(self, message: dict) -> None:
+        kind = message["msg"]
+        stats = self.node.stats
+        if kind == "peak_found":
+            stats.initial_offset_ticks = message.get("offset_ticks")
+            stats.snr_fine, stats.snr_coarse = message.get("snr_fine"), message.get("snr_coarse")
+            self.node.engine.move(S.SERVICE_MODE, f"peer found the time offset "
+                                                  f"{message.get('offset_ticks')} ticks")
+        elif kind == "lock_lost":
+            self.node.engine.move(S.PEAK_FINDING, message.get("reason", "peer lost the clock lock"))
+        elif kind == "service_result":
+            self.ec_worker.put(("service_result", message))
+
+    # ---- splicer worker -----------------------------------------------------------------
+
+    def splice(self, item) -> None:
+        kind, epoch, content = item
+        if kind == "t3":
+            self.t3.add(epoch)
+            # type-3 epochs that the peer never matched are dropped once later ones exist.
+            for old in [e for e in self.t3 if e < epoch - RAW_KEY_RETENTION_EPOCHS]:
+                self.t3.discard(old)
+                self.remove_files(old)
+        else:
+            self.t4[epoch] = content
+        for ready in sorted(self.t3 & self.t4.keys()):
+            if self.splicer is None:
+                self.splicer = stages.Splicer()
+            self.t3.discard(ready)
+            bits = self.splicer.process(ready, self.take_file("t3", ready), self.t4.pop(ready))
+            self.node.progress("epoch", role="low", epoch=ready, raw_bits=int(len(bits)))
+            self.ec_worker.put(("raw_key", ready, bits))
+
+
+def encode_bits(bits: np.ndarray) -> str:
+    return base64.b64encode(np.packbits(bits).tobytes()).decode("ascii")
+
+
+def decode_bits(text: str, count: int) -> np.ndarray:
+    packed = np.frombuffer(base64.b64decode(text), dtype=np.uint8)
+    return np.unpackbits(packed)[:count]

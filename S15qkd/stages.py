@@ -1,0 +1,414 @@
+"""The Rust stages as the node's workers call them, one small adapter per stage.
+
+The stage objects live in ``qkd_core``; this module only turns their results into the
+shapes the node passes between workers (epoch numbers, file bytes, key bits as uint8
+arrays, per-epoch statistics), so that a change in one binding touches one class here.
+Every heavy call runs in Rust with the GIL released.
+
+Epoch files travel as the bytes of the reference's file formats (types 1 to 4), which
+is also what goes over the classical channel.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+import qkd_core
+
+log = logging.getLogger(__name__)
+
+#: Ticks of 1/8 ns per epoch: an epoch is the top 17 bits of the 49-bit time.
+EPOCH_TICKS = 1 << 32
+EPOCH_SECONDS = 2**29 * 1e-9
+
+
+class StageUnavailable(RuntimeError):
+    """The installed qkd_core lacks a stage the node needs."""
+
+
+def _require(name: str):
+    stage = getattr(qkd_core, name, None)
+    if stage is None:
+        raise StageUnavailable(f"qkd_core {getattr(qkd_core, '__version__', '?')} has no {name}; "
+                               "install a qkd_core built with that stage (make install)")
+    return stage
+
+
+# ---- results passed between workers ---------------------------------------------------------
+
+@dataclass
+class ChoppedEpoch:
+    """One finished epoch of the chopper (low-count side) or chopper2 (high-count side).
+
+    The files are in the folders given to :class:`Chopper`, named by the epoch in 8 hex
+    digits: type 1 on the high-count side, types 2 and 3 on the low-count side.
+    """
+
+    epoch: int
+    events: int
+    detector_counts: tuple[int, ...]  # events per detector 1..4 (bit 0..3 of the pattern)
+
+
+@dataclass
+class OffsetResult:
+    offset_ticks: int
+    snr_coarse: float
+    snr_fine: float
+    frequency_offset: float = 0.0
+
+
+@dataclass
+class CoincidenceEpoch:
+    """costream's result for one epoch: the type-4 file for the peer and the local raw key."""
+
+    epoch: int
+    t4: Optional[bytes]
+    raw_bits: np.ndarray           # uint8 0/1, sifted key of this side
+    coincidences: int
+    accidentals: int
+    tracked_offset_ticks: int
+
+
+# ---- adapters -------------------------------------------------------------------------------
+
+def detector_counts(pattern_counts) -> tuple[int, ...]:
+    """Events per detector 1..4 from the events per pattern 0..15."""
+    counts = np.asarray(pattern_counts, dtype=np.int64)
+    patterns = np.arange(16)
+    return tuple(int(counts[(patterns >> bit) & 1 == 1].sum()) for bit in range(4))
+
+
+class Chopper:
+    """chopper (low-count side) or chopper2 (high-count side), fed event batches.
+
+    chopper2 writes type-1 files into ``folders["t1"]``; chopper writes type-2 files into
+    ``folders["t2"]`` and type-3 files into ``folders["t3"]``. Files are written atomically.
+    """
+
+    def __init__(self, role: str, folders: dict, max_event_diff_us: int):
+        self.role = role
+        if role == "high":
+            self._stage = _require("Chopper2")(str(folders["t1"]), max_gap_us=max_event_diff_us)
+        else:
+            self._stage = _require("Chopper")(str(folders["t2"]), str(folders["t3"]), protocol=1,
+                                              max_gap_us=max_event_diff_us)
+
+    def feed(self, times: np.ndarray, patterns: np.ndarray) -> list[ChoppedEpoch]:
+        return [self._convert(item) for item in self._stage.feed(times, patterns)]
+
+    def finish(self) -> list[ChoppedEpoch]:
+        """Write the epoch still open at the end of the input (the reference drops it)."""
+        item = self._stage.flush()
+        return [] if item is None else [self._convert(item)]
+
+    @staticmethod
+    def _convert(item: dict) -> ChoppedEpoch:
+        return ChoppedEpoch(int(item["epoch"]), int(item["events"]), detector_counts(item["patterns"]))
+
+
+class OffsetFinder:
+    """Time offset (pfind) between the high side's type-1 and the peer's type-2 epochs."""
+
+    def __init__(self, buffer_order: int, fine_resolution_ns: int, coarse_resolution_ns: int):
+        self._finder = _require("OffsetFinder")(buffer_order, fine_resolution_ns, coarse_resolution_ns)
+
+    def find(self, t1_folder, t2_folder, start_epoch: int, epochs: int) -> OffsetResult:
+        """Search epochs start_epoch .. start_epoch + epochs - 1 of the two folders."""
+        result = self._finder.find_in_folders(str(t1_folder), str(t2_folder), start_epoch, epochs)
+        return OffsetResult(int(result.offset_ticks), float(result.coarse_snr), float(result.fine_snr))
+
+
+class Costream:
+    """costream on the high-count side: coincidences, clock tracking, sifting, type 4.
+
+    Files are pushed in epoch order (type-1 about one epoch ahead of type-2) and
+    :meth:`advance` returns the epochs it could close.
+    """
+
+    def __init__(self, start_epoch: int, offset_ticks: int, coincidence_window: int,
+                 tracking_window: int, filter_time_constant_us: int):
+        # Options as the reference server runs costream: -p 1 -T 2 -R 5 -Q -<time constant>.
+        self._stage = _require("Costream")(
+            start_epoch, offset_ticks, protocol=1, coincidence_window=coincidence_window,
+            tracking_window=tracking_window, track_filter=-filter_time_constant_us,
+            width_filter=5, zero_policy=2)
+
+    @property
+    def next_type1_epoch(self) -> int:
+        return self._stage.next_type1_epoch
+
+    @property
+    def next_type2_epoch(self) -> int:
+        return self._stage.next_type2_epoch
+
+    def push_type1(self, content: bytes) -> None:
+        self._stage.push_type1(content)
+
+    def push_type2(self, content: bytes) -> None:
+        self._stage.push_type2(content)
+
+    def advance(self) -> list[CoincidenceEpoch]:
+        closed, _need, _epoch = self._stage.advance()
+        offset = self._stage.current_offset
+        return [CoincidenceEpoch(item.epoch, item.type4, raw_key_bits(item.type3),
+                                 int(item.coincidences), int(item.accidentals), int(offset))
+                for item in closed]
+
+
+class Splicer:
+    """splicer on the low-count side: the local bits of the coincidences costream found."""
+
+    def __init__(self):
+        self._stage = _require("Splicer")(protocol=1)
+
+    def process(self, epoch: int, t3: bytes, t4: bytes) -> np.ndarray:
+        return raw_key_bits(self._stage.splice(epoch, t3, t4).type3)
+
+
+def raw_key_bits(type3: Optional[bytes]) -> np.ndarray:
+    """Unpack a BBM92 raw-key file (type 3, one bit per entry) into uint8 key bits."""
+    from .keystore import unpack_key_bits
+
+    if not type3:
+        return np.zeros(0, dtype=np.uint8)
+    if len(type3) < 16:
+        raise ValueError(f"raw-key file of {len(type3)} bytes is shorter than its 16-byte header")
+    _tag, epoch, length, bits_per_entry = np.frombuffer(type3[:16], dtype="<u4")
+    if bits_per_entry != 1:
+        raise ValueError(f"raw key of epoch {int(epoch):08x} has {int(bits_per_entry)} bits per "
+                         "entry; key generation needs 1 (BBM92 protocol)")
+    return unpack_key_bits(type3[16:], int(length))
+
+
+def skew_correct(times: np.ndarray, patterns: np.ndarray, skews: list[int]) -> np.ndarray:
+    """Add each detector's delay (ticks of 1/8 ns) to the times of its events, as
+    readevents does: only single-detector events move, modulo 2^49."""
+    if not any(skews):
+        return times
+    return qkd_core.apply_detector_skew(times, patterns, list(skews))
+
+
+# ---- event sources --------------------------------------------------------------------------
+
+class EventSource:
+    """Timestamps of one node in batches: ``next_batch()`` returns (times, patterns) or None.
+
+    ``real_time`` paces the batches so that the event times advance no faster than the
+    wall clock, as a time tagger delivers them; otherwise batches come as fast as the
+    consumer takes them.
+    """
+
+    def __init__(self, real_time: bool):
+        self.real_time = real_time
+        self._wall_start: Optional[float] = None
+        self._first_tick: Optional[int] = None
+
+    def next_batch(self, stop_event) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        batch = self._read()
+        if batch is None:
+            return None
+        times = batch[0]
+        if self.real_time and len(times):
+            import time
+
+            if self._wall_start is None:
+                self._wall_start, self._first_tick = time.monotonic(), int(times[0])
+            due = self._wall_start + (int(times[-1]) - self._first_tick) / 8e9
+            delay = due - time.monotonic()
+            if delay > 0:
+                stop_event.wait(delay)
+        return batch
+
+    def _read(self):
+        raise NotImplementedError
+
+
+class SimulatedSource(EventSource):
+    """This node's side of a qkd_core.LinkSimulator; both nodes use the same seed."""
+
+    BATCH_SECONDS = EPOCH_SECONDS / 4
+
+    def __init__(self, role: str, real_time: bool, epochs: int, start_time: float = 0.0,
+                 **simulator_arguments):
+        super().__init__(real_time)
+        self.role = role
+        self._simulator = _require("LinkSimulator")(**simulator_arguments)
+        self._limit_ticks = epochs * EPOCH_TICKS if epochs else None
+        if real_time and start_time > 0:
+            self._catch_up(start_time)
+
+    def _catch_up(self, start_time: float) -> None:
+        """Skip the simulated time that passed since start_time, as a running time tagger
+        would have while this node was down; both nodes then see the same epochs."""
+        import time
+
+        behind = time.time() - start_time
+        while behind > 0:
+            step = min(behind, 1.0)
+            self._simulator.next_batch(step)
+            behind -= step
+
+    def _read(self):
+        if self._limit_ticks is not None and self._simulator.elapsed_ticks >= self._limit_ticks:
+            return None
+        high_times, high_patterns, low_times, low_patterns = self._simulator.next_batch(
+            self.BATCH_SECONDS)
+        if self.role == "high":
+            return high_times, high_patterns
+        return low_times, low_patterns
+
+
+class SharedSimulator:
+    """One LinkSimulator whose two sides feed the two nodes of ``qkdserver simulate``.
+
+    Simulating the link once instead of once per node halves the simulator's cost.
+    A side that reads ahead generates batches for both; the other side's halves wait in
+    its queue until that node reads them.
+    """
+
+    def __init__(self, epochs: int, **simulator_arguments):
+        import threading
+        from collections import deque
+
+        self._simulator = _require("LinkSimulator")(**simulator_arguments)
+        self._limit_ticks = epochs * EPOCH_TICKS if epochs else None
+        self._lock = threading.Lock()
+        self._queues = {"high": deque(), "low": deque()}
+
+    def source(self, role: str, real_time: bool) -> EventSource:
+        shared = self
+
+        class Side(EventSource):
+            def _read(self):
+                return shared.take(role)
+
+        return Side(real_time)
+
+    def take(self, role: str):
+        with self._lock:
+            queue = self._queues[role]
+            if not queue:
+                if self._limit_ticks is not None and self._simulator.elapsed_ticks >= self._limit_ticks:
+                    return None
+                high_times, high_patterns, low_times, low_patterns = self._simulator.next_batch(
+                    SimulatedSource.BATCH_SECONDS)
+                self._queues["high"].append((high_times, high_patterns))
+                self._queues["low"].append((low_times, low_patterns))
+            return queue.popleft()
+
+
+class FileSource(EventSource):
+    """Recorded raw events (readevents legacy 64-bit words), read in chunks."""
+
+    CHUNK_EVENTS = 1 << 18
+
+    def __init__(self, path: str, real_time: bool):
+        super().__init__(real_time)
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+        except OSError as error:
+            raise FileNotFoundError(f"cannot open event file {path!r}: {error.strerror}") from None
+
+    def _read(self):
+        data = self._file.read(8 * self.CHUNK_EVENTS)
+        if not data:
+            self._file.close()
+            return None
+        return qkd_core.decode_raw_events(data, "legacy")
+
+
+def simulator_arguments(config) -> dict:
+    """The LinkSimulator arguments of the configuration's ``source.*`` keys."""
+    return dict(seed=config["source.seed"], pair_rate=config["source.pair_rate"],
+                qber=config["source.qber"], offset_ticks=config["source.offset_ticks"],
+                transmission=(1.0, 1.0 - config["source.loss_low"]))
+
+
+def open_source(config, role: str) -> EventSource:
+    """Build the event source that the configuration names for this node's role."""
+    kind = config["source.kind"]
+    real_time = config["source.real_time"]
+    if kind == "file":
+        if not config["source.events_file"]:
+            raise ValueError("missing value for 'source.events_file': source.kind is 'file'")
+        return FileSource(config["source.events_file"], real_time)
+    if kind == "simulator":
+        return SimulatedSource(role, real_time, config["source.epochs"],
+                               start_time=config["source.start_time"],
+                               **simulator_arguments(config))
+    raise StageUnavailable(f"event source {kind!r} is not available in this node yet")
+
+
+# ---- reconciliation -------------------------------------------------------------------------
+
+@dataclass
+class BlockResult:
+    """Outcome of one block on one side. ``final_bits`` is None when the block was discarded."""
+
+    block_id: int
+    final_bits: Optional[np.ndarray]
+    qber: Optional[float]
+    leaked_bits: int
+    efficiency: float
+    reason: str = ""
+
+
+@dataclass
+class ReconcileStep:
+    """Messages for the peer, in order, and the outcome of a block that ended."""
+
+    block_id: Optional[int]
+    messages: list[bytes]
+    outcome: Optional[BlockResult]
+
+
+def binary_entropy(p: float) -> float:
+    if p <= 0.0 or p >= 1.0:
+        return 0.0
+    return float(-p * np.log2(p) - (1 - p) * np.log2(1 - p))
+
+
+class Reconciler:
+    """This side's reconciliation engine (error correction, verification, privacy
+    amplification) for every block of a run.
+
+    It owns no socket: each call returns the messages for the peer. The low-count side
+    is the initiator (it opens blocks); the high-count side responds.
+    """
+
+    def __init__(self, initiator: bool, config):
+        engine_class = _require("Reconciler")
+        self._engine = engine_class("initiator" if initiator else "responder",
+                                    qber_limit=config["QBER_limit"] + 0.01)
+
+    def start_block(self, block_id: int, bits: np.ndarray) -> ReconcileStep:
+        return self._convert(block_id, self._engine.start_block(block_id, bits))
+
+    def handle_message(self, block_id: int, message: bytes) -> ReconcileStep:
+        return self._convert(block_id, self._engine.handle_message(message))
+
+    def abort_block(self, block_id: int, reason: str) -> ReconcileStep:
+        return self._convert(block_id, self._engine.abort_block(block_id, reason))
+
+    @staticmethod
+    def _convert(block_id: int, step) -> ReconcileStep:
+        messages, outcome = step
+        result = None
+        if outcome is not None:
+            stats = outcome["stats"]
+            key_bits = max(int(stats["key_bits"]), 1)
+            qber = int(stats["errors"]) / key_bits if stats["key_bits"] else None
+            leak_ec = int(stats["leak_ec"])
+            leaked = leak_ec + int(stats["sample_bits"]) + int(stats["tag_bits"])
+            entropy = binary_entropy(qber or 0.0)
+            efficiency = leak_ec / (key_bits * entropy) if entropy > 0 else 0.0
+            final = outcome.get("key")
+            result = BlockResult(int(outcome["block_id"]),
+                                 None if final is None else np.asarray(final, dtype=np.uint8),
+                                 qber, leaked, efficiency, outcome.get("reason") or "")
+        return ReconcileStep(block_id, [bytes(m) for m in messages], result)

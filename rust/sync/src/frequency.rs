@@ -1,0 +1,555 @@
+//! Joint search of the frequency offset and time offset between the two sides' clocks,
+//! by the method of fpfind: cross-correlate an early and a late time window, read the
+//! frequency offset from how far the peak moved between them, correct, and refine at a
+//! finer bin width.
+//!
+//! Inputs are the event times of the reference side L (type-2) and of the target side H
+//! (type-1) in ticks of 1/8 ns. Both are taken relative to the origin
+//! `t0 = max(first L time, first H time)`; earlier events are dropped. The result states
+//! `t_L − t0 ≈ (t_H − t0)·(1 + relative_frequency) + offset_ticks`, the convention of
+//! costream's `-t` extended by a rate; [`crate::correct::FrequencyCorrector`] applies it to
+//! side H's stream.
+//!
+//! One search runs these steps at bin width `r` (starting at the coarse width):
+//! 1. Correlate the window `[0, D)` of both sides, `D = k·r·N`, `N = 2^order` bins. In the
+//!    first iteration, while the peak significance is below the threshold, sum pairs of
+//!    bins (doubling `r`) up to a bin width of 10 µs.
+//! 2. Correlate the window `[Ts, Ts + D)`, `Ts = separation · R · N`; the frequency offset
+//!    is the change of delay over `Ts`.
+//! 3. Fold the delay (carried from the early window's middle back to the origin) and the
+//!    rate into the running correction of side H, then shrink `r` by
+//!    `convergence_rate / separation` down to the fine width. At the fine width, repeat
+//!    up to 3 more times while the frequency step exceeds `frequency_threshold`.
+//!
+//! A spurious peak in a later iteration (a delay larger than the correction so far) makes
+//! the window `k` times longer, up to `max_wraps`. When the search fails it is retried on
+//! side H pre-compensated by each entry of `precompensations` in turn.
+//!
+//! Differences from fpfind v1.2024.13, which the reference server runs: peak delays are
+//! refined to a fraction of a bin by the centroid of the three bins around the maximum;
+//! the early delay is referred to the origin instead of the window's middle; the fine
+//! width may be iterated more than once; times are `f64` ticks (exact to 2^53 ticks,
+//! about 13 days) instead of extended precision. On the golden event sets drifted by
+//! 1e-8 to 1e-5 this recovers the rate to about 1e-9 and the offset to about 1 ns.
+
+use crate::correlate::Correlator;
+use crate::SyncError;
+
+/// Ticks (1/8 ns) per nanosecond.
+const TICKS_PER_NS: f64 = 8.0;
+/// Widest bin the first iteration may reach while doubling: 10 µs.
+const MAX_BIN_TICKS: f64 = 1e4 * TICKS_PER_NS;
+
+/// Extra iterations at the fine bin width while the frequency step stays above the
+/// threshold.
+const MAX_FINE_ITERATIONS: u32 = 3;
+
+/// Options of the frequency and time offset search. Defaults are those the reference
+/// server passes to fpfind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrequencySearchParams {
+    /// Histograms have `2^buffer_order` bins.
+    pub buffer_order: u32,
+    /// Starting bin width in ns.
+    pub coarse_resolution_ns: f64,
+    /// Final bin width in ns.
+    pub fine_resolution_ns: f64,
+    /// Distance of the late window from the early one, in units of the coarse span
+    /// `coarse_resolution · 2^buffer_order`.
+    pub separation: f64,
+    /// Peak significance (peak over background, in standard deviations) that counts as
+    /// found.
+    pub threshold: f64,
+    /// Factor by which the bin width shrinks per iteration, times `separation`.
+    pub convergence_rate: f64,
+    /// Frequency corrections below this stop the frequency refinement.
+    pub frequency_threshold: f64,
+    /// Maximum number of coarse spans a window may cover after spurious peaks.
+    pub max_wraps: u32,
+    /// Largest accepted time offset in ticks (default 100 ms).
+    pub max_delay_ticks: f64,
+    /// Largest accepted relative frequency offset (default 2^-13, about 122 ppm).
+    pub max_frequency: f64,
+    /// Frequency pre-compensations of side H tried in order until one locks.
+    pub precompensations: Vec<f64>,
+}
+
+impl Default for FrequencySearchParams {
+    fn default() -> Self {
+        FrequencySearchParams {
+            buffer_order: 23,
+            coarse_resolution_ns: 32.0,
+            fine_resolution_ns: 4.0,
+            separation: 5.0,
+            threshold: 6.0,
+            convergence_rate: 0.1,
+            frequency_threshold: 1e-9,
+            max_wraps: 4,
+            max_delay_ticks: 0.1 * 8e9,
+            max_frequency: 2f64.powi(-13),
+            precompensations: flip_flop(0.0, 1e-7, 1e-6),
+        }
+    }
+}
+
+/// Returns `start + step·[0, +1, −1, +2, −2, …, +m, −m]` with `m = floor(stop / step)`:
+/// pre-compensations ordered by distance from `start`.
+pub fn flip_flop(start: f64, step: f64, stop: f64) -> Vec<f64> {
+    if step == 0.0 {
+        return vec![start];
+    }
+    let m = (stop / step).floor().max(0.0) as i64;
+    let mut out = vec![start];
+    for i in 1..=m {
+        out.push(start + step * i as f64);
+        out.push(start - step * i as f64);
+    }
+    out
+}
+
+/// The outcome of a frequency and time offset search.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FrequencyOffset {
+    /// `t_L − t_H` at the origin, in ticks (fractional: the search resolves below a bin).
+    pub offset_ticks: f64,
+    /// Relative rate: `t_L − t0 ≈ (t_H − t0)·(1 + relative_frequency) + offset_ticks`.
+    pub relative_frequency: f64,
+    /// Significance of the last early-window peak (standard deviations above background).
+    pub significance: f64,
+    /// Origin `t0` in ticks: the later of the two sides' first event times.
+    pub origin_ticks: u64,
+    /// Bin width of the last iteration, in ns.
+    pub resolution_ns: f64,
+    /// The pre-compensation that locked.
+    pub precompensation: f64,
+}
+
+/// A stateful frequency and time offset finder; plans its FFTs once.
+pub struct FrequencyFinder {
+    params: FrequencySearchParams,
+    correlator: Correlator,
+}
+
+/// A correlation peak: delay in ticks (side H later than side L when positive) and its
+/// significance.
+#[derive(Debug, Clone, Copy)]
+struct WindowPeak {
+    delay: f64,
+    significance: f64,
+}
+
+/// The running correction of side H: `t_corrected = (t_H − dt) / f`.
+#[derive(Debug, Clone, Copy)]
+struct Correction {
+    dt: f64,
+    f: f64,
+}
+
+impl FrequencyFinder {
+    /// Checks the options and allocates about `32 · 2^buffer_order` bytes of buffers.
+    pub fn new(params: FrequencySearchParams) -> Result<Self, SyncError> {
+        let positive = |name: &'static str, value: f64| {
+            if value.is_finite() && value > 0.0 {
+                Ok(())
+            } else {
+                Err(SyncError::InvalidParameter {
+                    name,
+                    value: value.to_string(),
+                    expected: "a finite number greater than 0".into(),
+                })
+            }
+        };
+        positive("coarse resolution", params.coarse_resolution_ns)?;
+        positive("fine resolution", params.fine_resolution_ns)?;
+        positive("separation", params.separation)?;
+        positive("threshold", params.threshold)?;
+        positive("convergence rate", params.convergence_rate)?;
+        positive("maximum delay", params.max_delay_ticks)?;
+        positive("maximum frequency", params.max_frequency)?;
+        if params.fine_resolution_ns > params.coarse_resolution_ns {
+            return Err(SyncError::InvalidParameter {
+                name: "fine resolution",
+                value: format!("{} ns", params.fine_resolution_ns),
+                expected: format!(
+                    "at most the coarse resolution {} ns",
+                    params.coarse_resolution_ns
+                ),
+            });
+        }
+        if params.precompensations.is_empty()
+            || params
+                .precompensations
+                .iter()
+                .any(|p| !p.is_finite() || p.abs() >= params.max_frequency)
+        {
+            return Err(SyncError::InvalidParameter {
+                name: "pre-compensation list",
+                value: format!("{:?}", params.precompensations),
+                expected: format!(
+                    "at least one value, each of magnitude below {}",
+                    params.max_frequency
+                ),
+            });
+        }
+        let correlator = Correlator::new(params.buffer_order)?;
+        Ok(FrequencyFinder { params, correlator })
+    }
+
+    /// The options this finder was made with.
+    pub fn params(&self) -> &FrequencySearchParams {
+        &self.params
+    }
+
+    /// Finds the frequency and time offset between side L (`reference`, type-2 times) and
+    /// side H (`target`, type-1 times), both in ticks.
+    pub fn find(
+        &mut self,
+        reference: &[u64],
+        target: &[u64],
+    ) -> Result<FrequencyOffset, SyncError> {
+        let (Some(first_l), Some(first_h)) = (reference.iter().min(), target.iter().min()) else {
+            return Err(SyncError::NoPeak {
+                detail: format!(
+                    "side L has {} events and side H {}; both need events",
+                    reference.len(),
+                    target.len()
+                ),
+            });
+        };
+        let origin = *first_l.max(first_h);
+        let a = relative_sorted(reference, origin);
+        let b = relative_sorted(target, origin);
+
+        let mut failures = Vec::new();
+        for &pre in &self.params.precompensations.clone() {
+            match self.search(&a, &b, pre) {
+                Ok((correction, significance, resolution_ticks)) => {
+                    let result = FrequencyOffset {
+                        offset_ticks: -correction.dt / correction.f,
+                        relative_frequency: 1.0 / correction.f - 1.0,
+                        significance,
+                        origin_ticks: origin,
+                        resolution_ns: resolution_ticks / TICKS_PER_NS,
+                        precompensation: pre,
+                    };
+                    log::info!(
+                        "frequency search locked with pre-compensation {pre:e}: offset {:.1} ticks, relative frequency {:e}, significance {:.1}",
+                        result.offset_ticks,
+                        result.relative_frequency,
+                        significance
+                    );
+                    return Ok(result);
+                }
+                Err(reason) => {
+                    log::debug!("frequency search with pre-compensation {pre:e} failed: {reason}");
+                    failures.push(format!("{pre:e}: {reason}"));
+                }
+            }
+        }
+        Err(SyncError::NoPeak {
+            detail: format!(
+                "every pre-compensation failed ({}); use more epochs, a coarser resolution or a wider pre-compensation range",
+                failures.join("; ")
+            ),
+        })
+    }
+
+    /// One search from the pre-compensation `pre`: returns the correction of side H, the
+    /// last significance and the last bin width in ticks, or why it failed.
+    fn search(&mut self, a: &[f64], b: &[f64], pre: f64) -> Result<(Correction, f64, f64), String> {
+        let p = &self.params;
+        let bins = self.correlator.len() as f64;
+        let coarse = p.coarse_resolution_ns * TICKS_PER_NS;
+        let fine = p.fine_resolution_ns * TICKS_PER_NS;
+        let separation_ticks = p.separation * coarse * bins;
+        let (max_delay, max_frequency, threshold) =
+            (p.max_delay_ticks, p.max_frequency, p.threshold);
+        let (convergence, separation, frequency_threshold, max_wraps) = (
+            p.convergence_rate,
+            p.separation,
+            p.frequency_threshold,
+            p.max_wraps,
+        );
+
+        let mut correction = Correction {
+            dt: 0.0,
+            f: 1.0 + pre,
+        };
+        let mut r = coarse;
+        let mut wraps = 1u32;
+        let mut frequency_on = true;
+        let mut iteration = 1u32;
+        let mut fine_iterations = 0u32;
+        let last_a = *a.last().ok_or("no side L events after the origin")?;
+        let last_b = *b.last().ok_or("no side H events after the origin")?;
+        loop {
+            let end = last_a.min((last_b - correction.dt) / correction.f);
+            let spans = (wraps as f64).min((end / (r * bins)).floor().max(1.0));
+            let span = spans * r * bins;
+            let mut early = self.window_peak(a, b, correction, 0.0, span, r)?;
+            if iteration == 1 {
+                // Sum pairs of bins until the peak stands out; the correlation must be
+                // recomputed on a full-length histogram afterwards, which the late
+                // window and the next iteration do.
+                let mut correlation = self.last_correlation();
+                while early.significance < threshold {
+                    if early.significance == 0.0 {
+                        return Err("flat correlation (no events overlap in time)".into());
+                    }
+                    correlation = pairwise_sums(&correlation);
+                    r *= 2.0;
+                    if r > MAX_BIN_TICKS {
+                        return Err(format!(
+                            "no peak above {threshold} standard deviations up to a bin width of {} ns",
+                            MAX_BIN_TICKS / TICKS_PER_NS
+                        ));
+                    }
+                    early = peak_of(&correlation, r);
+                }
+            } else if early.delay.abs() > correction.dt.abs().max(TICKS_PER_NS) && wraps < max_wraps
+            {
+                wraps += 1;
+                continue;
+            }
+            if early.delay.abs() > max_delay {
+                return Err(format!(
+                    "delay {:.0} ticks exceeds the maximum {max_delay:.0}",
+                    early.delay
+                ));
+            }
+
+            let mut late_delay = early.delay;
+            let mut df = 0.0;
+            if frequency_on {
+                let late_span = spans * r * bins;
+                let late = self.window_peak(
+                    a,
+                    b,
+                    correction,
+                    separation_ticks,
+                    separation_ticks + late_span,
+                    r,
+                )?;
+                late_delay = late.delay;
+                df = (late.delay - early.delay) / separation_ticks;
+                if iteration > 1
+                    && (late.delay.abs() > correction.dt.abs().max(TICKS_PER_NS)
+                        || df.abs() > (correction.f - 1.0).abs().max(1e-9))
+                {
+                    if wraps < max_wraps {
+                        wraps += 1;
+                        continue;
+                    }
+                    return Ok((correction, early.significance, r));
+                }
+            }
+            if late_delay.abs() > max_delay {
+                return Err(format!(
+                    "late delay {late_delay:.0} ticks exceeds the maximum {max_delay:.0}"
+                ));
+            }
+
+            // The early delay is an average over its window, so it belongs to the
+            // window's middle; carry it back to the origin with this step's rate.
+            let delay_at_origin = early.delay - df * span / 2.0;
+            correction.dt += correction.f * delay_at_origin;
+            correction.f *= 1.0 + df;
+            if (correction.f - 1.0).abs() >= max_frequency {
+                return Err(format!(
+                    "frequency offset {:e} exceeds the maximum {max_frequency:e}",
+                    correction.f - 1.0
+                ));
+            }
+            log::debug!(
+                "iteration {iteration} at {} ns bins: delay {:.1} ticks, frequency step {df:e}, significance {:.1}",
+                r / TICKS_PER_NS,
+                early.delay,
+                early.significance
+            );
+            if r <= fine {
+                fine_iterations += 1;
+                // At the fine width, repeat while the rate still moves by more than the
+                // threshold; noise bounds how small the step gets, hence the cap.
+                if !frequency_on
+                    || df.abs() < frequency_threshold
+                    || fine_iterations > MAX_FINE_ITERATIONS
+                {
+                    return Ok((correction, early.significance, r));
+                }
+            }
+            if df.abs() < frequency_threshold {
+                frequency_on = false;
+            }
+            r = (r * convergence / separation).max(fine);
+            iteration += 1;
+        }
+    }
+
+    /// Correlates the events of both sides inside `[start, stop)` (side H after the
+    /// correction) at bin width `r` ticks.
+    fn window_peak(
+        &mut self,
+        a: &[f64],
+        b: &[f64],
+        correction: Correction,
+        start: f64,
+        stop: f64,
+        r: f64,
+    ) -> Result<WindowPeak, String> {
+        let a_window = &a[a.partition_point(|&x| x < start)..a.partition_point(|&x| x < stop)];
+        let to_b = |x: f64| correction.dt + correction.f * x;
+        let b_window =
+            &b[b.partition_point(|&x| x < to_b(start))..b.partition_point(|&x| x < to_b(stop))];
+        if a_window.is_empty() || b_window.is_empty() {
+            return Err(format!(
+                "no events of side {} between {:.3} s and {:.3} s after the origin; supply more epochs",
+                if a_window.is_empty() { "L" } else { "H" },
+                start / 8e9,
+                stop / 8e9
+            ));
+        }
+        let mask = (self.correlator.len() - 1) as u64;
+        let correlation = self.correlator.correlate(
+            |bins| {
+                for &x in a_window {
+                    bins[((x / r) as u64 & mask) as usize] += 1.0;
+                }
+            },
+            |bins| {
+                for &x in b_window {
+                    let corrected = (x - correction.dt) / correction.f;
+                    bins[((corrected / r) as u64 & mask) as usize] += 1.0;
+                }
+            },
+        );
+        Ok(peak_of(correlation, r))
+    }
+
+    fn last_correlation(&mut self) -> Vec<f64> {
+        // The correlator keeps its last output in its first real buffer.
+        self.correlator.last_output().to_vec()
+    }
+}
+
+/// Times at or after `origin`, relative to it, as sorted `f64` ticks.
+fn relative_sorted(times: &[u64], origin: u64) -> Vec<f64> {
+    let mut out: Vec<f64> = times
+        .iter()
+        .filter(|&&t| t >= origin)
+        .map(|&t| (t - origin) as f64)
+        .collect();
+    if !out.is_sorted() {
+        out.sort_unstable_by(f64::total_cmp);
+    }
+    out
+}
+
+/// Sums neighbouring pairs of bins: the correlation at twice the bin width.
+fn pairwise_sums(c: &[f64]) -> Vec<f64> {
+    c.chunks_exact(2).map(|pair| pair[0] + pair[1]).collect()
+}
+
+/// Returns the delay of the first maximum (the upper half of the bins counts as negative
+/// delays, the exact middle included) and its significance.
+fn peak_of(c: &[f64], r: f64) -> WindowPeak {
+    let n = c.len();
+    let mut p = 0;
+    for (i, &v) in c.iter().enumerate() {
+        if v > c[p] {
+            p = i;
+        }
+    }
+    // Centroid of the three bins around the maximum, weights clipped at zero: events
+    // whose true delay falls between two bin edges split between neighbouring bins.
+    let prev = c[(p + n - 1) % n].max(0.0);
+    let next = c[(p + 1) % n].max(0.0);
+    let centre = c[p].max(0.0);
+    let total = prev + centre + next;
+    let fraction = if total > 0.0 {
+        (next - prev) / total
+    } else {
+        0.0
+    };
+    let position = p as f64 + fraction;
+    let delay = if p < n - p {
+        position * r
+    } else {
+        (position - n as f64) * r
+    };
+    WindowPeak {
+        delay,
+        significance: significance(c, p),
+    }
+}
+
+/// Height of bin `p` above the background in standard deviations. The background is the
+/// bins from `p/2` to `(n + p)/2` without `p` itself, which keeps clear of the mirrored
+/// neighbourhood of the peak.
+fn significance(c: &[f64], p: usize) -> f64 {
+    let n = c.len();
+    let background = c[p / 2..p]
+        .iter()
+        .chain(&c[p + 1..((n + p) / 2 + 1).min(n)]);
+    let (mut count, mut sum, mut sum_sq) = (0usize, 0.0, 0.0);
+    for &v in background {
+        count += 1;
+        sum += v;
+        sum_sq += v * v;
+    }
+    if count == 0 {
+        return 0.0;
+    }
+    let mean = sum / count as f64;
+    let variance = (sum_sq / count as f64 - mean * mean).max(0.0);
+    if variance == 0.0 {
+        return 0.0;
+    }
+    (c[p] - mean) / variance.sqrt()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flip_flop_orders_by_distance() {
+        let list = flip_flop(0.0, 1e-7, 2e-7);
+        assert_eq!(list, vec![0.0, 1e-7, -1e-7, 2e-7, -2e-7]);
+        assert_eq!(flip_flop(3e-7, 0.0, 1e-6), vec![3e-7]);
+    }
+
+    #[test]
+    fn centroid_refines_delay_between_bins() {
+        let mut c = vec![0.0; 64];
+        c[10] = 3.0;
+        c[11] = 1.0;
+        let peak = peak_of(&c, 8.0);
+        assert!((peak.delay - 10.25 * 8.0).abs() < 1e-9, "{}", peak.delay);
+    }
+
+    #[test]
+    fn upper_half_is_negative_delay() {
+        let mut c = vec![0.0; 64];
+        c[60] = 5.0;
+        assert_eq!(peak_of(&c, 1.0).delay, -4.0);
+        let mut c = vec![0.0; 64];
+        c[32] = 5.0;
+        assert_eq!(peak_of(&c, 1.0).delay, -32.0);
+    }
+
+    #[test]
+    fn flat_correlation_has_no_significance() {
+        assert_eq!(significance(&[1.0; 16], 0), 0.0);
+    }
+
+    #[test]
+    fn precompensation_beyond_maximum_is_rejected() {
+        let params = FrequencySearchParams {
+            buffer_order: 12,
+            precompensations: vec![1e-3],
+            ..FrequencySearchParams::default()
+        };
+        let err = FrequencyFinder::new(params).err().unwrap();
+        assert!(err.to_string().contains("pre-compensation"), "{err}");
+    }
+}

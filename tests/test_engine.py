@@ -1,0 +1,137 @@
+"""Engine state machine, QBER servo, stage workers and the watchdog."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from S15qkd.controller import Engine, QberServo, TransitionError
+from S15qkd.status import EngineState, WorkerState
+from S15qkd.watchdog import StageWorker, Watchdog
+
+S = EngineState
+
+
+def test_engine_follows_allowed_transitions():
+    changes = []
+    engine = Engine(on_change=lambda old, new, reason: changes.append((old, new, reason)))
+    assert engine.state is S.OFF
+    engine.move(S.ONLY_COMMUNICATION, "connected")
+    engine.move(S.INITIATING, "start")
+    engine.move(S.PEAK_FINDING, "waiting for epochs")
+    engine.move(S.SERVICE_MODE, "offset found")
+    engine.move(S.KEY_GENERATION, "QBER low")
+    engine.move(S.SERVICE_MODE, "QBER high")
+    engine.move(S.ONLY_COMMUNICATION, "stop")
+    assert [new for _, new, _ in changes][-1] is S.ONLY_COMMUNICATION
+    assert engine.reason == "stop"
+    assert len(engine.history) == 7
+
+
+@pytest.mark.parametrize("path", [
+    [S.KEY_GENERATION],
+    [S.ONLY_COMMUNICATION, S.KEY_GENERATION],
+    [S.ONLY_COMMUNICATION, S.SERVICE_MODE],
+])
+def test_engine_rejects_skipped_states(path):
+    engine = Engine()
+    with pytest.raises(TransitionError):
+        for state in path:
+            engine.move(state, "test")
+
+
+def test_engine_note_keeps_state():
+    engine = Engine()
+    engine.move(S.ONLY_COMMUNICATION, "connected")
+    engine.note("service QBER 0.15 above QBER_threshold 0.085")
+    assert engine.state is S.ONLY_COMMUNICATION
+    assert "above QBER_threshold" in engine.reason
+    assert engine.move(S.ONLY_COMMUNICATION, "again") is False
+
+
+def test_servo_single_block_bound():
+    servo = QberServo(limit=0.1, blocks=3, default=0.06)
+    assert servo.servoed == 0.06
+    assert servo.add(0.03) == ""
+    assert "above 0.15" in servo.add(0.16)
+    assert servo.values == []
+
+
+def test_servo_mean_above_limit():
+    servo = QberServo(limit=0.05, blocks=3, default=0.06)
+    assert servo.add(0.06) == ""
+    assert servo.add(0.06) == ""
+    assert "QBER_limit 0.05" in servo.add(0.06)
+
+
+def test_servo_clamps_low_mean():
+    servo = QberServo(limit=0.1, blocks=5, default=0.06)
+    servo.add(0.0)
+    assert servo.servoed == 0.005
+
+
+def test_worker_processes_queue_in_order(tmp_path):
+    done = []
+    watchdog = Watchdog(tmp_path / "watchdog.log", on_give_up=lambda name, message: None)
+    worker = watchdog.adopt(StageWorker("chopper", done.append))
+    watchdog.start_worker(worker)
+    for index in range(100):
+        worker.put(index)
+    watchdog.stop_worker(worker)
+    assert done == list(range(100))
+    assert worker.state is WorkerState.STOPPED
+    log_text = (tmp_path / "watchdog.log").read_text()
+    assert "worker chopper started" in log_text
+    assert "worker chopper stopped" in log_text
+
+
+def test_watchdog_restarts_failed_worker(tmp_path):
+    done = []
+
+    def process(item):
+        if item == "bad":
+            raise ValueError("corrupt epoch 00004f87")
+        done.append(item)
+
+    watchdog = Watchdog(tmp_path / "watchdog.log", on_give_up=lambda name, message: None,
+                        first_delay_s=0.01)
+    worker = watchdog.adopt(StageWorker("costream", process))
+    watchdog.start_worker(worker)
+    worker.put("a")
+    worker.put("bad")
+    worker.put("b")
+    deadline = time.monotonic() + 5
+    while done != ["a", "b"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert done == ["a", "b"]
+    assert worker.restarts == 1
+    assert worker.state is WorkerState.RUNNING
+    log_text = (tmp_path / "watchdog.log").read_text()
+    assert "worker costream failed: ValueError: corrupt epoch 00004f87" in log_text
+    assert "worker costream restarted (restart 1)" in log_text
+    watchdog.stop_worker(worker)
+
+
+def test_watchdog_gives_up_after_repeated_failures(tmp_path):
+    gave_up = threading.Event()
+    reasons = []
+
+    def give_up(name, message):
+        reasons.append(message)
+        gave_up.set()
+
+    def always_fail(item):
+        raise RuntimeError("device unplugged")
+
+    watchdog = Watchdog(tmp_path / "watchdog.log", on_give_up=give_up, max_restarts=2,
+                        first_delay_s=0.01)
+    worker = watchdog.adopt(StageWorker("readevents", always_fail))
+    watchdog.start_worker(worker)
+    for _ in range(5):
+        worker.put("batch")
+    assert gave_up.wait(5)
+    assert "worker readevents failed 3 times" in reasons[0]
+    assert worker.state is WorkerState.FAILED
+    assert worker.badge().last_error == "RuntimeError: device unplugged"
