@@ -86,6 +86,7 @@ class BlockManager:
         self.service: list[tuple[int, int]] = []            # (errors, bits) per disclosed epoch
         self.awaiting: set[int] = set()                     # disclosed, result not back yet
         self.window_disclosed = 0                           # epochs disclosed in this window
+        self.window_epochs: list[int] = []
         self.held: list[tuple[int, np.ndarray]] = []        # raw key waiting for a decision
         self._reconciler: "stages.Reconciler | None" = None
 
@@ -135,6 +136,7 @@ class BlockManager:
             return
         self.awaiting.add(epoch)
         self.window_disclosed += 1
+        self.window_epochs.append(epoch)
         self.node.send_control({"msg": "service_bits", "epoch": epoch, "count": int(len(bits)),
                                 "bits": encode_bits(bits)})
 
@@ -167,6 +169,7 @@ class BlockManager:
             return
         # The window is complete: every disclosed epoch has its result.
         self.window_disclosed = 0
+        window, self.window_epochs = self.window_epochs, []
         if not self.service:
             self.disclose_held()
             return
@@ -175,7 +178,7 @@ class BlockManager:
         self.service.clear()
         qber = total_errors / total_bits
         self.node.stats.service_qber = qber
-        self.node.progress("service", epoch=epoch, qber=qber, bits=total_bits)
+        self.node.progress("service", epochs=window, qber=qber, bits=total_bits)
         threshold = self.config["QBER_threshold"]
         if self.node.engine.state is S.SERVICE_MODE and qber <= threshold:
             self.node.set_mode(S.KEY_GENERATION, f"service QBER {qber:.4f} at or below "

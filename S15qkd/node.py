@@ -172,6 +172,8 @@ class Node:
 
     def send_file(self, file_type: int, epoch: int, path: Path) -> None:
         """Send an epoch file; the file is deleted once the peer acknowledged it."""
+        # NOTE: the queued frame keeps a copy of the file in memory until the peer's
+        # acknowledgement, so a long channel cut at a high event rate costs memory.
         content = path.read_bytes()
 
         def remove() -> None:

@@ -91,7 +91,9 @@ class Progress:
                            f"key rate {self.final_bits / seconds:9.1f} bit/s")
             elif kind == "service" and node == "low":
                 self.last_qber = fields["qber"]
-                self.print(f"service  epoch {fields['epoch']:08x} disclosed: QBER {fields['qber']:.4f}")
+                epochs = fields["epochs"]
+                self.print(f"service  epochs {epochs[0]:08x}..{epochs[-1]:08x} disclosed: "
+                           f"QBER {fields['qber']:.4f} over {fields['bits']} bits")
             elif kind == "block" and node == "low":
                 record = fields["record"]
                 self.blocks += 1
