@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 log = logging.getLogger(__name__)
 
 ROLES = ("high", "low")
-SOURCE_KINDS = ("simulator", "file", "tdc1")
+SOURCE_KINDS = ("simulator", "file", "tdc1", "pipe")
 
 
 class ConfigError(ValueError):
@@ -127,9 +127,11 @@ SCHEMA: dict[str, Option] = {
                                "final keys (type-7 files), notify.pipe and notified"),
     # Event source.
     "source.kind": Option("simulator", _one_of(*SOURCE_KINDS),
-                          "'simulator', 'file' or 'tdc1'", "where the timestamps come from"),
-    "source.events_file": Option("", _is_str, "a path to a raw event file",
-                                 "recorded raw events (readevents -X legacy words)"),
+                          "'simulator', 'file', 'tdc1' or 'pipe'",
+                          "where the timestamps come from"),
+    "source.events_file": Option("", _is_str, "a path to a raw event file or named pipe",
+                                 "recorded raw events (readevents -X legacy words), or the "
+                                 "named pipe of source.kind 'pipe'"),
     "source.device": Option("/dev/ttyACM0", _is_str, "a serial device path",
                             "TDC1 time tagger"),
     "source.real_time": Option(True, _is_bool, "true or false",

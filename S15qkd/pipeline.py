@@ -120,7 +120,7 @@ class Pipeline:
             factory = self.node.source_factory
             self.source = (factory(self.role) if factory is not None
                            else stages.open_source(self.config, self.role))
-        skews = self.config.skew_corrections()
+        skews = [0, 0, 0, 0] if self.source.applies_skew else self.config.skew_corrections()
         while not self.stopping.is_set():
             batch = self.source.next_batch(self.stopping)
             if batch is None:

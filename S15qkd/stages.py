@@ -202,6 +202,9 @@ class EventSource:
     consumer takes them.
     """
 
+    #: True when the source already added the detector skews to the times.
+    applies_skew = False
+
     def __init__(self, real_time: bool):
         self.real_time = real_time
         self._wall_start: Optional[float] = None
@@ -341,7 +344,28 @@ def open_source(config, role: str) -> EventSource:
         return SimulatedSource(role, real_time, config["source.epochs"],
                                start_time=config["source.start_time"],
                                **simulator_arguments(config))
-    raise StageUnavailable(f"event source {kind!r} is not available in this node yet")
+    from . import sources
+
+    if kind == "tdc1":
+        device = sources.DeviceSource(config["source.device"],
+                                      skew_ticks=config.skew_corrections())
+        return DeviceEvents(device, applies_skew=True)
+    return DeviceEvents(sources.PipeSource(config["source.events_file"]), applies_skew=False)
+
+
+class DeviceEvents(EventSource):
+    """A started :mod:`S15qkd.sources` source (TDC1 device or named pipe), read in batches.
+
+    Events arrive at the device's own pace, so no pacing is added.
+    """
+
+    def __init__(self, source, applies_skew: bool):
+        super().__init__(real_time=False)
+        self.applies_skew = applies_skew
+        self._source = source.start()
+
+    def _read(self):
+        return self._source.read_batch()
 
 
 # ---- reconciliation -------------------------------------------------------------------------
