@@ -126,7 +126,7 @@ def run(node, server: WebServer, count: int) -> bool:
 def simulated_link(epochs: int):
     """Run both nodes of the simulated link in this process; yield the high-count node in key generation."""
     from S15qkd.node import Node
-    from S15qkd.simulate import node_configs
+    from S15qkd.simulate import node_configs, shared_simulator_factory
     from S15qkd.status import EngineState
 
     with tempfile.TemporaryDirectory(prefix="qkd-web-bench-") as workdir:
@@ -135,7 +135,9 @@ def simulated_link(epochs: int):
             real_time=False, block_bits=20000, workdir=workdir, timeout=600.0, quiet=True,
         )
         high_config, low_config = node_configs(Path(workdir), args)
-        high, low = Node(high_config), Node(low_config)
+        factory = shared_simulator_factory(high_config)
+        high = Node(high_config, source_factory=factory)
+        low = Node(low_config, source_factory=factory)
         high.start()
         low.start()
         try:

@@ -32,7 +32,7 @@ from chromium_page import (  # noqa: E402,F401  (pytest finds the fixtures by na
 )
 from S15qkd.web import WebServer  # noqa: E402
 
-REQUIRED_STAGES = ("Chopper", "Chopper2", "Costream", "Splicer", "LinkSimulator")
+REQUIRED_STAGES = ("Chopper", "Chopper2", "OffsetFinder", "Costream", "Splicer", "Reconciler", "LinkSimulator")
 missing = [name for name in REQUIRED_STAGES if not hasattr(qkd_core, name)]
 pytestmark = pytest.mark.skipif(bool(missing), reason=f"qkd_core lacks {missing}; the simulated link needs them")
 
@@ -43,15 +43,16 @@ LINK_WAIT_S = 90
 @pytest.fixture
 def simulated_link(tmp_path):
     from S15qkd.node import Node
-    from S15qkd.simulate import node_configs
+    from S15qkd.simulate import node_configs, shared_simulator_factory
 
     args = argparse.Namespace(
         events_high=None, events_low=None, epochs=400, pair_rate=2e5, qber=0.03, seed=11,
         real_time=True, block_bits=8000, workdir=str(tmp_path), timeout=300.0, quiet=True,
     )
     high_config, low_config = node_configs(tmp_path, args)
-    high = Node(high_config)
-    low = Node(low_config)
+    factory = shared_simulator_factory(high_config)
+    high = Node(high_config, source_factory=factory)
+    low = Node(low_config, source_factory=factory)
     high.start()
     low.start()
     try:
