@@ -11,12 +11,13 @@ ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE} AS install
 COPY build/docker/wheels/ /tmp/wheels/
 RUN python3 -m venv /opt/qkdserver \
- && /opt/qkdserver/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels qkdserver \
- && /opt/qkdserver/bin/python -c 'import qkd_core, S15qkd'
+ && /opt/qkdserver/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels 'qkdserver[web]' \
+ && /opt/qkdserver/bin/python -c 'import qkd_core, S15qkd.web' \
+ && /opt/qkdserver/bin/python -m pip uninstall --yes --quiet pip
 
-# The final stage copies only the virtual environment, so neither the wheels nor pip's
-# build files end up in a layer. The classic builder runs a container for every
-# instruction, so the metadata instructions are kept few.
+# The final stage copies only the virtual environment (without pip, which nothing in the
+# image needs), so neither the wheels nor pip's files end up in a layer. The classic
+# builder runs a container for every instruction, so metadata instructions are few.
 FROM ${BASE_IMAGE}
 LABEL org.opencontainers.image.title="QKDServer" \
       org.opencontainers.image.description="Node software of a BBM92 quantum key distribution link" \

@@ -97,7 +97,7 @@ base-image:  ## build the Debian base image offline with debootstrap
 default:  ## run the node in container qkd: web page on port 8080, channel on 4853
 	$(require_docker)
 	$(require_image)
-	@[ -f $(CONFIG_DIR)/$(CONFIG_FILE) ] || { echo "configuration $(CONFIG_DIR)/$(CONFIG_FILE) not found: write the node's site file there (see docs/container.rst), or set CONFIG_DIR and CONFIG_FILE"; exit 1; }
+	@[ -f $(CONFIG_DIR)/$(CONFIG_FILE) ] || { echo "configuration $(CONFIG_DIR)/$(CONFIG_FILE) not found: write the node's site file there (see docs/container-run.rst), or set CONFIG_DIR and CONFIG_FILE"; exit 1; }
 	@! $(DOCKER) container inspect $(CONTAINER) >/dev/null 2>&1 || { echo "container $(CONTAINER) already exists: 'make restart' replaces it, 'make stop' stops it"; exit 1; }
 	@[ -d $(SECRETS_DIR) ] || { mkdir -m 700 -p $(SECRETS_DIR) && echo "created $(SECRETS_DIR) for the node's certificates, keys and web token"; }
 	@[ -e $(DEVICE) ] || echo "no timestamp device at $(DEVICE): running without it (set DEVICE=... to pass another)"

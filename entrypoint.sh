@@ -1,13 +1,17 @@
 #!/bin/bash
 # Start a QKDServer node inside the container.
 #
-# With no arguments: run `qkdserver node` on the configuration file $QKD_CONFIG. With
-# arguments: run them instead (for example `qkdserver simulate`, or `bash` for a shell),
-# after the same set-up.
+# With no arguments: run `qkdserver node` on the configuration file $QKD_CONFIG, with the
+# web page and HTTP API on $QKD_WEB_HOST:$QKD_WEB_PORT, over HTTPS when the certificate
+# $QKD_WEB_CERT and its key $QKD_WEB_KEY are mounted. With arguments: run them instead
+# (for example `qkdserver simulate`, or `bash` for a shell), after the same set-up.
 #
 # Environment (defaults in brackets):
 #   TZ              time zone of logs and file times, e.g. Europe/Berlin [UTC]
 #   QKD_CONFIG      site configuration file, YAML or JSON [/etc/qkdserver/qkd_engine_config.yaml]
+#   QKD_WEB_HOST, QKD_WEB_PORT   address of the web page [0.0.0.0, 8000]
+#   QKD_WEB_CERT    PEM certificate of the web page [/root/keys/authd/certs/cert.crt]
+#   QKD_WEB_KEY     PEM private key of that certificate [/root/keys/authd/certs/cert.key]
 #   QKD_NODE_ARGS   extra options for `qkdserver node`, split on white space, e.g. --start
 #   QKD_VERBOSITY   log level option of qkdserver: -v for info, -vv for debug [-v]
 #   QKD_SOURCE      folder whose S15qkd package replaces the installed one, for
@@ -48,16 +52,28 @@ use_mounted_source() {
 
 run_node() {
     local config="${QKD_CONFIG:-/etc/qkdserver/qkd_engine_config.yaml}"
+    local web_host="${QKD_WEB_HOST:-0.0.0.0}"
+    local web_port="${QKD_WEB_PORT:-8000}"
+    local cert="${QKD_WEB_CERT:-/root/keys/authd/certs/cert.crt}"
+    local key="${QKD_WEB_KEY:-/root/keys/authd/certs/cert.key}"
     local verbosity="${QKD_VERBOSITY--v}"
     local args=()
     if [[ -n "$verbosity" ]]; then
         args+=("$verbosity")
     fi
-    args+=(node --config "$config")
+    args+=(node --config "$config" --web-host "$web_host" --web-port "$web_port")
 
     if [[ ! -f "$config" ]]; then
         log "configuration file $config not found: mount the folder that contains it," \
             "e.g. docker run -v \$PWD/config:/etc/qkdserver ..., or set QKD_CONFIG"
+        exit 2
+    fi
+    if [[ -f "$cert" && -f "$key" ]]; then
+        args+=(--web-cert "$cert" --web-key "$key")
+        log "HTTPS with the certificate $cert"
+    elif [[ -f "$cert" || -f "$key" ]]; then
+        # Falling back to plain HTTP would send the web token unencrypted, so stop here.
+        log "only one of $cert and $key exists: mount both for HTTPS, or neither for HTTP"
         exit 2
     fi
     # Word splitting of QKD_NODE_ARGS is intended because it may contain several options.

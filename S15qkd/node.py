@@ -33,6 +33,7 @@ import re
 import secrets
 import shutil
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -509,10 +510,12 @@ def _dump_config(values: dict, path: Path) -> str:
 
 
 def run_node_until_signal(config: Config, start: bool = False, web_port: Optional[int] = None,
-                          web_host: str = "0.0.0.0") -> int:
+                          web_host: str = "0.0.0.0", web_certfile: Optional[str] = None,
+                          web_keyfile: Optional[str] = None) -> int:
     """Run one node (and its web page on web_port, unless None) until SIGINT or SIGTERM.
 
-    Returns the process exit status.
+    With web_certfile and web_keyfile (PEM) the web page is served over HTTPS. Returns
+    the process exit status: 0 after a signal, 2 when the node or its web page cannot start.
     """
     stop = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
@@ -529,7 +532,15 @@ def run_node_until_signal(config: Config, start: bool = False, web_port: Optiona
         if web_port is not None:
             from .web.server import serve
 
-            web = serve(node, secrets_dir=node.data_root, host=web_host, port=web_port)
+            try:
+                web = serve(node, secrets_dir=node.data_root, host=web_host, port=web_port,
+                            certfile=web_certfile, keyfile=web_keyfile)
+            except OSError as error:
+                # Port in use, or a certificate or key that is missing or invalid.
+                log.error("cannot start the web page on %s:%d: %s", web_host, web_port, error)
+                print(f"qkdserver node: cannot start the web page on {web_host}:{web_port}: {error}",
+                      file=sys.stderr)
+                return 2
             log.info("web page on %s", web.url)
         stop.wait()
     finally:

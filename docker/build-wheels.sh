@@ -48,7 +48,7 @@ else
     fi
 fi
 
-# Dependencies: binary wheels only, for the base image's interpreter and any manylinux
+# Dependencies, with the web page's (the extra "web"): binary wheels only, for the base image's interpreter and any manylinux
 # tag its glibc accepts (pip matches --platform values literally, so list them all).
 platforms=(--platform "manylinux2014_$arch")
 for ((minor = 17; minor <= glibc_minor; minor++)); do
@@ -56,6 +56,6 @@ for ((minor = 17; minor <= glibc_minor; minor++)); do
 done
 "$python" -m pip download --quiet --dest "$wheel_dir" --only-binary=:all: \
     --implementation cp --python-version "$py_version" "${platforms[@]}" \
-    "$wheel_dir"/qkdserver-*.whl
+    "$(echo "$wheel_dir"/qkdserver-*.whl)[web]"
 
 ls -1 "$wheel_dir"

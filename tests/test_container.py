@@ -11,8 +11,10 @@ import json
 import os
 import re
 import shutil
+import ssl
 import subprocess
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -254,6 +256,71 @@ def test_node_stops_cleanly_on_sigterm(tmp_path, container_names):
     exit_code = stop_container(name)
     assert exit_code == 0, docker("logs", name).stderr
     assert high.temporary_files() == []
+
+
+def published_port(name: str, container_port: int) -> int:
+    """Return the loopback port that Docker published for the container's port."""
+    mapping = docker("port", name, str(container_port)).stdout.split()[0]
+    return int(mapping.rsplit(":", 1)[1])
+
+
+def fetch(url: str, context: ssl.SSLContext | None = None) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=30, context=context) as response:
+        return response.status, response.read().decode()
+
+
+def start_single_node(tmp_path, container_names) -> tuple[NodeFolders, str]:
+    """Start a high-count node with no peer, its web page published on a loopback port."""
+    high = NodeFolders(tmp_path, "alice")
+    low = NodeFolders(tmp_path, "bob")
+    make_certificates(high, low)
+    high.write_config(node_values(high, low, "high", "127.0.0.1"))
+    return high, container_names("high")
+
+
+def test_node_web_page_answers(tmp_path, container_names):
+    high, name = start_single_node(tmp_path, container_names)
+    start_node(name, high, ("--publish", "127.0.0.1::8000"))
+    wait_for_log(name, "S15qkd.node: web page on http://")
+    base = f"http://127.0.0.1:{published_port(name, 8000)}"
+
+    status, page = fetch(base + "/")
+    assert status == 200
+    assert "_dash-config" in page
+    status, body = fetch(base + "/status_data")
+    assert status == 200
+    # With no peer connected the engine is OFF (no channel) or ONLY_COMMUNICATION.
+    assert json.loads(body)["status_info"]["state"] in ("OFF", "ONLY_COMMUNICATION")
+    assert stop_container(name) == 0
+
+
+def test_node_web_page_https_with_mounted_certificate(tmp_path, container_names):
+    high, name = start_single_node(tmp_path, container_names)
+    certs = high.secrets / "certs"
+    run_in_image("qkdserver", "certs", "web", "--folder", "/root/keys/authd/certs",
+                 options=("--volume", f"{high.secrets}:/root/keys/authd"))
+    (certs / "web.crt").rename(certs / "cert.crt")
+    (certs / "web.key").rename(certs / "cert.key")
+    start_node(name, high, ("--publish", "127.0.0.1::8000"))
+    wait_for_log(name, "S15qkd.node: web page on https://")
+
+    # Trust exactly the mounted certificate; its name is the node's, not 127.0.0.1.
+    context = ssl.create_default_context(cafile=str(certs / "cert.crt"))
+    context.check_hostname = False
+    status, body = fetch(f"https://127.0.0.1:{published_port(name, 8000)}/status_data", context)
+    assert status == 200
+    assert "status_info" in json.loads(body)
+    assert stop_container(name) == 0
+
+
+def test_entrypoint_rejects_certificate_without_key(tmp_path, container_names):
+    high, name = start_single_node(tmp_path, container_names)
+    (high.secrets / "certs").mkdir()
+    shutil.copy(high.secrets / "alice.crt", high.secrets / "certs" / "cert.crt")
+    start_node(name, high)
+    docker("wait", name)
+    assert int(docker("container", "inspect", "-f", "{{.State.ExitCode}}", name).stdout) == 2
+    assert "mount both for HTTPS" in docker("logs", name).stderr
 
 
 def test_node_invalid_config_exits_with_message(tmp_path, container_names):

@@ -30,6 +30,10 @@ def add_commands(subparsers) -> None:
                       help="also serve the web page and HTTP API on this port (8000 in the "
                            "reference deployment); the control token is <data_root>/web_token")
     node.add_argument("--web-host", default="0.0.0.0", help="address of the web page (default 0.0.0.0)")
+    node.add_argument("--web-cert", metavar="FILE",
+                      help="PEM certificate (chain) of the web page: serve HTTPS instead of HTTP; "
+                           "needs --web-key")
+    node.add_argument("--web-key", metavar="FILE", help="PEM private key of --web-cert")
     node.set_defaults(handler=run_node)
 
     simulate = subparsers.add_parser(
@@ -60,13 +64,18 @@ def run_node(args: argparse.Namespace) -> int:
     from ..config import ConfigError, load_config
     from ..node import run_node_until_signal
 
+    if (args.web_cert is None) != (args.web_key is None):
+        print("qkdserver node: HTTPS needs both --web-cert and --web-key; give both or neither",
+              file=sys.stderr)
+        return 2
     try:
         config = load_config(args.config)
     except ConfigError as error:
         print(f"qkdserver node: {error}", file=sys.stderr)
         return 2
     return run_node_until_signal(config, start=args.start, web_port=args.web_port,
-                                 web_host=args.web_host)
+                                 web_host=args.web_host, web_certfile=args.web_cert,
+                                 web_keyfile=args.web_key)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
