@@ -235,7 +235,14 @@ class BlockManager:
             if block_id in self.blocks:
                 self.handle_step(self.reconciler.abort_block(block_id, header.get("reason", "")))
         else:
-            self.handle_step(self.reconciler.handle_message(block_id, body))
+            try:
+                step = self.reconciler.handle_message(block_id, body)
+            except stages.ReconcileError as error:
+                # A late message of a block that already ended here, for example after
+                # an abort: nothing to do with it.
+                log.warning("reconciliation message of block %08x dropped: %s", block_id, error)
+                return
+            self.handle_step(step)
 
     def accept_block(self, block_id: int, header: dict) -> None:
         """High-count side: join a block the peer opened, with the own raw key of its epochs."""

@@ -26,6 +26,10 @@ EPOCH_TICKS = 1 << 32
 EPOCH_SECONDS = 2**29 * 1e-9
 
 
+#: Raised by the reconciliation engine for a message that belongs to no block in progress.
+ReconcileError = getattr(qkd_core, "ReconcileError", qkd_core.QkdError)
+
+
 class StageUnavailable(RuntimeError):
     """The installed qkd_core lacks a stage the node needs."""
 
@@ -402,13 +406,14 @@ class Reconciler:
     amplification) for every block of a run.
 
     It owns no socket: each call returns the messages for the peer. The low-count side
-    is the initiator (it opens blocks); the high-count side responds.
+    is the initiator (it opens blocks and holds the reference key); the high-count side
+    corrects its key. Both use the engine's defaults for the QBER limit and the security
+    parameters, which must be equal on the two sides.
     """
 
     def __init__(self, initiator: bool, config):
         engine_class = _require("Reconciler")
-        self._engine = engine_class("initiator" if initiator else "responder",
-                                    qber_limit=config["QBER_limit"] + 0.01)
+        self._engine = engine_class("initiator" if initiator else "responder")
 
     def start_block(self, block_id: int, bits: np.ndarray) -> ReconcileStep:
         return self._convert(block_id, self._engine.start_block(block_id, bits))
@@ -424,15 +429,16 @@ class Reconciler:
         messages, outcome = step
         result = None
         if outcome is not None:
-            stats = outcome["stats"]
-            key_bits = max(int(stats["key_bits"]), 1)
-            qber = int(stats["errors"]) / key_bits if stats["key_bits"] else None
-            leak_ec = int(stats["leak_ec"])
-            leaked = leak_ec + int(stats["sample_bits"]) + int(stats["tag_bits"])
+            final = None
+            if outcome.verified:
+                packed = np.frombuffer(outcome.key, dtype=np.uint8)
+                final = np.unpackbits(packed)[:outcome.key_bits]
+            reconciled = int(outcome.reconciled_bits)
+            qber = float(outcome.qber) if reconciled else None
+            leak_ec = int(outcome.leaked_bits)
+            leaked = leak_ec + int(outcome.sample_bits) + int(outcome.tag_bits)
             entropy = binary_entropy(qber or 0.0)
-            efficiency = leak_ec / (key_bits * entropy) if entropy > 0 else 0.0
-            final = outcome.get("key")
-            result = BlockResult(int(outcome["block_id"]),
-                                 None if final is None else np.asarray(final, dtype=np.uint8),
-                                 qber, leaked, efficiency, outcome.get("reason") or "")
+            efficiency = leak_ec / (reconciled * entropy) if entropy > 0 else 0.0
+            reason = "" if outcome.verified else f"{outcome.reason}: {outcome.detail}"
+            result = BlockResult(int(outcome.block_id), final, qber, leaked, efficiency, reason)
         return ReconcileStep(block_id, [bytes(m) for m in messages], result)

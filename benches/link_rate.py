@@ -1,13 +1,14 @@
-"""Throughput of the two-node simulated link and its final key rate.
+"""Sustained event rate of the two-node simulated link and its final key rate.
 
-Runs ``qkdserver simulate`` in this process as fast as the stages go (no real-time
-pacing) for several pair rates, and reports for each: the high-count side's events per
-second of wall time, how many times faster than real time the link ran (above 1 it
-keeps up), and the final key rate per simulated second. The baseline is the time the
-link simulator alone needs to produce the same events, measured in the same run, since
+Runs the two nodes of ``qkdserver simulate`` in this process for several pair rates
+and reports for each: when the first epoch was matched, how long after the end of the
+source the last epoch was matched, and the final key bits and rate. With
+``--real-time`` the simulator is paced at the wall clock, so a link that ends within
+about an epoch of its source kept up with that rate. The baseline is the time the link
+simulator alone needs to produce the same events, measured in the same run, because
 absolute times on a shared machine drift.
 
-    python benches/link_rate.py [--epochs 20] [--rates 1e5,1e6,4e6]
+    python benches/link_rate.py [--epochs 20] [--rates 1e5,1e6,4e6] [--real-time]
 """
 
 from __future__ import annotations

@@ -89,7 +89,8 @@ def test_simulated_link_keys_match(tmp_path):
     text = out.getvalue()
     assert status == 0, text
     assert "OK: both keystores hold the same" in text
-    assert "epoch " in text and "coincidences" in text
+    assert "epoch " in text
+    assert "coincidences" in text
     assert "block " in text
     keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
     assert keys
