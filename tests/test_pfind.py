@@ -110,6 +110,16 @@ def test_frequency_search_recovers_drift(realistic_events, frequency_finder, dri
     assert result.significance > 6
 
 
+def test_find_frequency_offset_reads_golden_folders():
+    case = golden_case("realistic")
+    result = qkd_core.find_frequency_offset(case / "t1", case / "t2", 0x4F87, 5)
+    offset, frequency, significance = result.as_tuple()
+    assert abs(frequency - GOLDEN_DRIFT) < 2e-9, result
+    # Epoch 00004f87 starts about 0.5 s into the run: 34568 ticks plus 0.5 ns of drift.
+    assert abs(offset - (GOLDEN_START_OFFSET + 4)) < 16, result
+    assert significance > 6
+
+
 def test_corrected_stream_has_pfind_offset_back(realistic_events, frequency_finder):
     """Correcting side H by the found rate undoes a 1e-5 drift for the plain search."""
     low, high = realistic_events
