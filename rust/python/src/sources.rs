@@ -33,7 +33,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
 /// Ticks of 1/8 ns per second.
 const TICKS_PER_SECOND: f64 = 8e9;
 
-/// A per-node value: one number for both nodes, or a pair (high, low).
+/// Parses a per-node value: one number for both nodes, or a pair (high, low).
 fn per_node(name: &str, value: &Bound<'_, PyAny>) -> PyResult<(f64, f64)> {
     if let Ok(v) = value.extract::<f64>() {
         return Ok((v, v));
@@ -47,7 +47,7 @@ fn per_node(name: &str, value: &Bound<'_, PyAny>) -> PyResult<(f64, f64)> {
     )))
 }
 
-/// A per-detector value of one node: one number for all four detectors, or four numbers.
+/// Parses a per-detector value of one node: one number for all four detectors, or four.
 fn per_detector(name: &str, value: &Bound<'_, PyAny>) -> PyResult<[f64; 4]> {
     if let Ok(v) = value.extract::<f64>() {
         return Ok([v; 4]);
@@ -61,7 +61,7 @@ fn per_detector(name: &str, value: &Bound<'_, PyAny>) -> PyResult<[f64; 4]> {
     )))
 }
 
-/// A per-node, per-detector value: a number, 4 numbers, or a pair (high, low) of either.
+/// Parses a per-node, per-detector value: a number, 4 numbers, or a pair (high, low) of either.
 fn per_node_detector(name: &str, value: &Bound<'_, PyAny>) -> PyResult<([f64; 4], [f64; 4])> {
     if let Ok(v) = per_detector(name, value) {
         return Ok((v, v));
@@ -232,9 +232,9 @@ impl LinkSimulator {
         Ok((high.into_pyarray(py), low.into_pyarray(py)))
     }
 
-    /// One node of this link as an EventStream that simulates `batch_duration` seconds per
-    /// batch, from the start and with the same configuration (this simulator is not
-    /// advanced). Two streams with sides "high" and "low" are the two nodes of one link,
+    /// Return one node of this link as an EventStream that simulates `batch_duration`
+    /// seconds per batch, from the start and with the same configuration (this simulator
+    /// is not advanced). Two streams with sides "high" and "low" are the two nodes of one link,
     /// even in different processes.
     #[pyo3(signature = (side, batch_duration = 0.1))]
     fn source(&self, side: &str, batch_duration: f64) -> PyResult<EventStream> {
@@ -288,7 +288,7 @@ fn lock_source(
         .map_err(|_| QkdError::new_err("event source state poisoned by an earlier panic"))
 }
 
-/// Where a source's events go when pumped in Rust.
+/// Destination stage of a source's events when pumped in Rust.
 enum Stage<'a> {
     Chopper(&'a Mutex<qkd_chopping::Chopper>),
     Chopper2(&'a Mutex<qkd_chopping::Chopper2>),

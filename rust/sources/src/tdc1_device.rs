@@ -1,8 +1,8 @@
 //! The S-Fifteen TDC1 time tagger over its USB serial port, as an event source.
 //!
 //! Protocol: ASCII commands ending in `\r\n`, several joined by `;`; replies are text lines
-//! ending in `\r\n`, except the event stream. Opening identifies the device (`*IDN?` must
-//! answer a line containing `TDC1`), then starts endless timestamping with
+//! ending in `\r\n`, except the event stream. Opening identifies the device (the `*IDN?` reply
+//! must contain `TDC1`), then starts endless timestamping with
 //! `*RST;NIM;time 0;timestamp;counts?` (or `TTL`). The device then streams little-endian
 //! 32-bit words in 2 ns units (`qkd_formats::tdc1`), which become raw event words with the
 //! configured detector skews. Stopping sends `abort`, drains the stream, checks `status?`
@@ -27,9 +27,9 @@ use crate::{EventSource, SourceError};
 
 /// Poll interval of serial reads.
 const READ_POLL: Duration = Duration::from_millis(10);
-/// Silence after which `INPKT` asks the device to ship a partial USB packet.
+/// Silence after which `INPKT` makes the device ship a partial USB packet.
 const FLUSH_AFTER: Duration = Duration::from_millis(200);
-/// Longest time one `read_batch` call collects bytes before returning.
+/// Maximum time one `read_batch` call collects bytes before returning.
 const BATCH_WAIT: Duration = Duration::from_millis(50);
 /// Bytes read from the port per system call.
 const READ_CHUNK: usize = 1 << 16;
@@ -56,9 +56,9 @@ pub struct Tdc1Config {
     pub skew_ticks: [i64; 4],
     /// Time of the first counter period in ticks (0, or a wall-clock reading).
     pub start_ticks: u64,
-    /// Longest wait for a text reply.
+    /// Maximum wait for a text reply.
     pub reply_timeout: Duration,
-    /// Longest silence of the event stream before the source fails.
+    /// Maximum silence of the event stream before the source fails.
     pub stall_timeout: Duration,
 }
 
@@ -173,7 +173,7 @@ impl Tdc1Device {
         Ok(device)
     }
 
-    /// The identification line of the device.
+    /// Returns the identification line of the device.
     pub fn identification(&self) -> &str {
         &self.identification
     }

@@ -38,7 +38,7 @@ pub enum Fault {
     Unplug { after_bytes: usize },
 }
 
-/// What the emulated device sends.
+/// Configuration of the emulated device: its stream, pacing, faults and replies.
 #[derive(Debug, Clone)]
 pub struct EmulatorConfig {
     /// TDC1 byte stream sent after `counts?` in timestamp mode.
@@ -56,7 +56,7 @@ pub struct EmulatorConfig {
 }
 
 impl EmulatorConfig {
-    /// A well-behaved device streaming `stream` in 4 KiB writes every millisecond.
+    /// Configures a well-behaved device streaming `stream` in 4 KiB writes every millisecond.
     pub fn new(stream: Vec<u8>) -> Self {
         EmulatorConfig {
             stream,
@@ -127,7 +127,7 @@ impl Tdc1Emulator {
         &self.path
     }
 
-    /// Every command received so far, in order, as sent (without line ends).
+    /// Returns every command received so far, in order, as sent (without line ends).
     pub fn commands(&self) -> Vec<String> {
         self.commands.lock().map(|c| c.clone()).unwrap_or_default()
     }
