@@ -37,8 +37,16 @@ create_exception!(
     "No time or frequency offset could be found, for example for lack of events."
 );
 
+create_exception!(
+    qkd_core,
+    ReconcileError,
+    QkdError,
+    "A reconciliation message that belongs to no block in progress, or an invalid call."
+);
+
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
+    m.add("ReconcileError", py.get_type::<ReconcileError>())?;
     m.add("SyncError", py.get_type::<SyncError>())?;
     m.add("QkdError", py.get_type::<QkdError>())?;
     m.add("FormatError", py.get_type::<FormatError>())?;

@@ -406,6 +406,15 @@ impl Reconciler {
             });
         };
         block.stats.messages_received += 1;
+        // An abort is honoured whatever its sequence number: it may overtake or follow a
+        // lost message, and ending a block is always safe.
+        if let Body::Abort(a) = &message.body {
+            let err = BlockError {
+                reason: a.reason,
+                detail: a.detail.clone(),
+            };
+            return Ok(self.fail_block(id, &mut block, err, false));
+        }
         if message.seq != block.recv_seq {
             let err = protocol_error(format!(
                 "message {:?} has sequence number {}, expected {}: replayed, reordered or lost message",
@@ -416,13 +425,6 @@ impl Reconciler {
             return Ok(self.fail_block(id, &mut block, err, true));
         }
         block.recv_seq += 1;
-        if let Body::Abort(a) = &message.body {
-            let err = BlockError {
-                reason: a.reason,
-                detail: a.detail.clone(),
-            };
-            return Ok(self.fail_block(id, &mut block, err, false));
-        }
         match self.advance(&mut block, message.body) {
             Ok(Flow::Continue(bodies)) => {
                 let messages = bodies

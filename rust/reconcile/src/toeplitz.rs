@@ -49,19 +49,20 @@ pub fn clmul_poly(a: &[u64], b: &[u64]) -> Vec<u64> {
     let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
     let k = short.len();
     let mut piece = vec![0u64; 2 * k];
-    let mut padded = vec![0u64; k];
     let mut scratch = vec![0u64; scratch_words(k)];
-    for (c, chunk) in long.chunks(k).enumerate() {
-        let chunk = if chunk.len() == k {
-            chunk
-        } else {
-            padded.fill(0);
-            padded[..chunk.len()].copy_from_slice(chunk);
-            &padded[..]
-        };
+    let whole = long.len() / k * k;
+    for (c, chunk) in long[..whole].chunks_exact(k).enumerate() {
         karatsuba(short, chunk, &mut piece, &mut scratch, base);
-        let offset = c * k;
-        for (o, p) in out[offset..].iter_mut().zip(&piece) {
+        for (o, p) in out[c * k..].iter_mut().zip(&piece) {
+            *o ^= p;
+        }
+    }
+    // The shorter tail is multiplied by pieces of its own length instead of being padded
+    // to `k` words, which would waste most of a full k × k product.
+    let tail = &long[whole..];
+    if !tail.is_empty() {
+        let product = clmul_poly(short, tail);
+        for (o, p) in out[whole..].iter_mut().zip(&product) {
             *o ^= p;
         }
     }
