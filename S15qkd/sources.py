@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -31,6 +32,12 @@ import qkd_core
 log = logging.getLogger(__name__)
 
 Batch = tuple[np.ndarray, np.ndarray]
+
+
+def unix_start_ticks() -> int:
+    """Return the Unix time now in ticks of 1/8 ns, cut to whole microseconds and to the
+    49 bits of the event time."""
+    return (time.time_ns() // 1000 * 8000) % (1 << 49)
 
 
 class Source:
@@ -125,7 +132,10 @@ class DeviceSource(Source):
     """An S-Fifteen TDC1 on a serial port (``/dev/ttyACM0``, ``/dev/serial/by-id/...``).
 
     ``input_level`` is "NIM" or "TTL"; ``skew_ticks`` the per-detector skews in ticks;
-    ``reply_timeout`` and ``stall_timeout`` in seconds bound every wait."""
+    ``reply_timeout`` and ``stall_timeout`` in seconds bound every wait. Event times count
+    from ``start_ticks``; with ``absolute_time`` they count from the Unix time at start()
+    instead (in whole microseconds, as readevents4a -A does), so that epochs follow the
+    wall clock."""
 
     def __init__(
         self,
@@ -135,8 +145,10 @@ class DeviceSource(Source):
         start_ticks: int = 0,
         reply_timeout: float = 1.0,
         stall_timeout: float = 2.0,
+        absolute_time: bool = False,
     ) -> None:
         super().__init__()
+        self.absolute_time = absolute_time
         self.path = str(path)
         self.input_level = input_level
         self.skew_ticks = tuple(skew_ticks) if skew_ticks is not None else None
@@ -145,8 +157,11 @@ class DeviceSource(Source):
         self.stall_timeout = stall_timeout
 
     def _open(self) -> qkd_core.EventStream:
+        start_ticks = self.start_ticks
+        if self.absolute_time:
+            start_ticks = unix_start_ticks()
         return qkd_core.open_tdc1(
-            self.path, self.input_level, self.skew_ticks, self.start_ticks,
+            self.path, self.input_level, self.skew_ticks, start_ticks,
             self.reply_timeout, self.stall_timeout,
         )
 

@@ -167,6 +167,18 @@ def test_device_source_streams_emulated_tdc1():
     emulator.stop()
 
 
+def test_device_absolute_time_counts_from_unix_time():
+    stream = qkd_core.encode_tdc1(np.array([16, 32], np.uint64), np.array([1, 2], np.uint8))
+    emulator = qkd_core.Tdc1Emulator(stream)
+    before = (time.time_ns() // 1000 * 8000) % (1 << 49)
+    with DeviceSource(emulator.path, absolute_time=True) as source:
+        times, _ = read_until(source, 2)
+    after = (time.time_ns() // 1000 * 8000) % (1 << 49)
+    assert before + 16 <= int(times[0]) <= after + 16
+    assert int(times[1]) - int(times[0]) == 16
+    emulator.stop()
+
+
 def test_device_missing_port():
     with pytest.raises(qkd_core.DeviceError, match="not found"):
         DeviceSource("/dev/serial/by-id/usb-S-Fifteen_TDC1_absent").start()
