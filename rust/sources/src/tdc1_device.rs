@@ -1,7 +1,8 @@
 //! The S-Fifteen TDC1 time tagger over its USB serial port, as an event source.
 //!
 //! Protocol: ASCII commands ending in `\r\n`, several joined by `;`; replies are text lines
-//! ending in `\r\n`, except the event stream. Opening identifies the device (the `*IDN?` reply
+//! ending in `\r\n`, except the event stream. Opening stops any acquisition an earlier
+//! run left going (`abort`), identifies the device (the `*IDN?` reply
 //! must contain `TDC1`), then starts endless timestamping with
 //! `*RST;NIM;time 0;timestamp;counts?` (or `TTL`). The device then streams little-endian
 //! 32-bit words in 2 ns units (`qkd_formats::tdc1`), which become raw event words with the
@@ -150,6 +151,8 @@ impl Tdc1Device {
             stopped: false,
             identification: String::new(),
         };
+        // A device left streaming by an earlier run would bury the reply in event data.
+        device.send("abort")?;
         device.drain(Duration::from_millis(50))?;
         device.send("*IDN?")?;
         let idn = device.read_line("the *IDN? reply")?;

@@ -53,6 +53,8 @@ pub struct EmulatorConfig {
     pub overflow: bool,
     /// Reply to `*IDN?`.
     pub identification: String,
+    /// Stream from the start, as a device that an earlier run left acquiring.
+    pub streaming_at_start: bool,
 }
 
 impl EmulatorConfig {
@@ -65,6 +67,7 @@ impl EmulatorConfig {
             fault: None,
             overflow: false,
             identification: "S-Fifteen Instruments TDC1 emulator".into(),
+            streaming_at_start: false,
         }
     }
 }
@@ -91,6 +94,7 @@ impl Tdc1Emulator {
         })?;
         let stop = Arc::new(AtomicBool::new(false));
         let commands = Arc::new(Mutex::new(Vec::new()));
+        let streaming = config.streaming_at_start;
         let worker = Worker {
             config,
             master: Some(master),
@@ -98,9 +102,9 @@ impl Tdc1Emulator {
             stop: Arc::clone(&stop),
             commands: Arc::clone(&commands),
             input: Vec::new(),
-            mode: 0,
+            mode: 3,
             gate_ms: 1000,
-            streaming: false,
+            streaming,
             sent: 0,
             fault_done: false,
             hung: false,
@@ -261,7 +265,10 @@ impl Worker {
             }
             ("counts?", _) => {
                 if self.mode == 3 {
+                    // A new acquisition sends the recording from its start.
                     self.streaming = true;
+                    self.sent = 0;
+                    self.idle_units = None;
                 } else {
                     self.reply("0 0 0 0");
                 }

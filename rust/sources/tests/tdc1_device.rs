@@ -74,6 +74,7 @@ fn streams_recorded_events_with_skew() {
     assert!(!device.read_batch(&mut more).unwrap());
 
     let commands = emulator.commands();
+    assert_eq!(commands[0], "abort");
     for expected in [
         "*IDN?",
         "*RST",
@@ -163,4 +164,22 @@ fn fifo_overflow_reported_on_stop() {
     read_events(&mut device, 100).unwrap();
     let err = device.stop().unwrap_err();
     assert!(err.to_string().contains("FIFO overflow"), "{err}");
+}
+
+#[test]
+fn device_left_streaming_is_stopped_and_opens() {
+    let stream = simulated_stream();
+    let config = EmulatorConfig {
+        streaming_at_start: true,
+        ..EmulatorConfig::new(stream.clone())
+    };
+    let emulator = Tdc1Emulator::start(config).unwrap();
+    // Let the stale acquisition fill the port before the source opens it.
+    std::thread::sleep(Duration::from_millis(50));
+    let mut device = Tdc1Device::open(fast_config(emulator.path())).unwrap();
+    assert!(device.identification().contains("TDC1"));
+    // The new acquisition starts the recording again from its first word.
+    let expected = tdc1::decode(&stream, 0, DetectorSkew::NONE, false).unwrap();
+    let events = read_events(&mut device, 1000).unwrap();
+    assert_eq!(events[..1000], expected[..1000]);
 }
