@@ -31,8 +31,11 @@ def test_esim_command_line_writes_both_nodes(tmp_path):
     low_t, low_p = qkd_core.decode_raw_events((tmp_path / "events.lec.out").read_bytes())
     assert len(high_t) == 200_000  # lossless high-count side, no noise
     assert abs(len(low_t) - 40_000) < 5 * np.sqrt(40_000 * 0.8)
-    # The reference start time puts the first events in epoch 0x4f86.
+    # The reference start time puts the first events in epoch 0x4f86, and is taken to
+    # the nanosecond: the first event is no earlier than the start.
     assert int(high_t[0]) >> 32 == 0x4F86
+    start_ticks = (1587318692304817123 * 8) % (1 << 49)
+    assert start_ticks <= int(high_t[0]) < start_ticks + 8 * 10**6
     # Offset: each low-count event sits 34568 ticks (4.321 us) after its partner, plus drift.
     # Search 100 ticks early, far less than the 10 us mean pair spacing.
     partner = np.searchsorted(high_t, low_t - np.uint64(34_568 + 100))
@@ -66,3 +69,10 @@ def test_unwritable_output_folder(tmp_path):
     result = qkd_sim("-n", "100", "-F", str(tmp_path / "missing" / "h.out"))
     assert result.returncode == 2
     assert b"missing" in result.stderr
+
+
+def test_start_time_parsed_to_the_nanosecond():
+    from S15qkd.cli.sim import parse_nanoseconds
+
+    assert parse_nanoseconds("1587318692304817123") == 1587318692304817123
+    assert parse_nanoseconds("1.5E3") == 1500

@@ -28,13 +28,26 @@ import qkd_core
 log = logging.getLogger("S15qkd.cli.sim")
 
 
+def parse_nanoseconds(text: str) -> int:
+    """Parse a time in ns: an integer is taken exactly (a float would lose the last
+    digits of a Unix time in ns), other numbers such as 1.5E18 are rounded."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return int(round(float(text)))
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: expected ns, such as 1587318692304817123")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="qkd-sim",
         description="Simulate a two-node BBM92 link and write both nodes' raw event streams.",
     )
     p.add_argument("-s", "--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("-t", "--start-time", type=float, default=None,
+    p.add_argument("-t", "--start-time", type=parse_nanoseconds, default=None,
                    help="clock reading of the high-count node at the start, in ns since the "
                         "Unix epoch (default: the reference simulator's fixed start)")
     p.add_argument("-n", "--pairs", type=float, default=None,
@@ -137,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
         dead_time_ps=args.dead_time_ps,
     )
     if args.start_time is not None:
-        kwargs["start_ticks"] = (int(args.start_time) * 8) % (1 << 64)
+        kwargs["start_ticks"] = (args.start_time * 8) % (1 << 64)
     if args.pairs is not None:
         if args.pairs < 0:
             raise ValueError(f"invalid number of pairs {args.pairs}: expected >= 0")
