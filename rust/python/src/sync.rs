@@ -112,7 +112,7 @@ impl OffsetResult {
 /// Time offset finder by FFT cross-correlation, as the reference pfind computes it.
 ///
 /// OffsetFinder(buffer_order=17, fine_resolution_ns=2, coarse_resolution_ns=2048): 2^order
-/// bins per histogram (12 to 27; about 32 * 2^order bytes of buffers, planned once), bin
+/// bins per histogram (12 to 27; about 48 * 2^order bytes of buffers, planned once), bin
 /// widths in ns (powers of two). Reuse one finder for repeated searches.
 #[pyclass(module = "qkd_core")]
 pub struct OffsetFinder {

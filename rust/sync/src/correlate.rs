@@ -8,8 +8,10 @@
 //! from `c` here is a ratio, so it cancels. The means are removed by zeroing the DC term
 //! of the cross spectrum, which equals subtracting them before the transform.
 //!
-//! Memory: two real buffers of `Z` doubles, two spectra of `Z/2 + 1` complex doubles and
-//! the FFT scratch space, about `32·Z` bytes (256 MiB at order 23, 2 GiB at order 26).
+//! Memory: one real buffer of `Z` doubles per histogram that is transformed at the same
+//! time (one or two), two spectra of `Z/2 + 1` complex doubles and the FFT scratch space:
+//! about `24·Z` bytes sequential, `32·Z` bytes with parallel transforms (256 MiB at order
+//! 23, 2 GiB at order 26).
 
 use std::sync::Arc;
 
@@ -22,6 +24,16 @@ use crate::SyncError;
 pub const MIN_ORDER: u32 = 12;
 /// Largest supported buffer order; 2^27 bins need about 4 GiB of buffers.
 pub const MAX_ORDER: u32 = 27;
+
+/// How a correlator runs the two forward transforms of one correlation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transforms {
+    /// One after the other, through one real buffer.
+    Sequential,
+    /// On two rayon tasks with a real buffer each (one task without the `parallel`
+    /// feature).
+    Parallel,
+}
 
 /// Reusable FFT plans and buffers for correlating histograms of `2^order` bins.
 pub struct Correlator {
@@ -37,8 +49,14 @@ pub struct Correlator {
 }
 
 impl Correlator {
-    /// Plans the transforms and allocates the buffers for `2^order` bins.
+    /// Plans the transforms and allocates the buffers for `2^order` bins, with parallel
+    /// forward transforms.
     pub fn new(order: u32) -> Result<Self, SyncError> {
+        Self::with_transforms(order, Transforms::Parallel)
+    }
+
+    /// Plans the transforms and allocates the buffers for `2^order` bins.
+    pub fn with_transforms(order: u32, transforms: Transforms) -> Result<Self, SyncError> {
         if !(MIN_ORDER..=MAX_ORDER).contains(&order) {
             return Err(SyncError::InvalidParameter {
                 name: "buffer order",
@@ -51,14 +69,23 @@ impl Correlator {
         let forward = planner.plan_fft_forward(len);
         let inverse = planner.plan_fft_inverse(len);
         let scratch_len = forward.get_scratch_len().max(inverse.get_scratch_len());
+        let parallel = transforms == Transforms::Parallel;
         Ok(Correlator {
             order,
             real_h: forward.make_input_vec(),
-            real_l: forward.make_input_vec(),
+            real_l: if parallel {
+                forward.make_input_vec()
+            } else {
+                Vec::new()
+            },
             spectrum_h: forward.make_output_vec(),
             spectrum_l: forward.make_output_vec(),
             scratch_h: vec![Complex::default(); scratch_len],
-            scratch_l: vec![Complex::default(); scratch_len],
+            scratch_l: if parallel {
+                vec![Complex::default(); scratch_len]
+            } else {
+                Vec::new()
+            },
             forward,
             inverse,
         })
@@ -87,8 +114,9 @@ impl Correlator {
     /// Correlates two histograms filled by the callbacks and returns the correlation.
     ///
     /// Each callback receives a zeroed buffer of `len()` bins and adds its events' counts.
-    /// With the `parallel` feature the two fills and forward transforms run on two rayon
-    /// tasks. The returned slice stays valid until the next call.
+    /// With [`Transforms::Parallel`] and the `parallel` feature the two fills and forward
+    /// transforms run on two rayon tasks. The returned slice stays valid until the next
+    /// call.
     pub fn correlate<FH, FL>(&mut self, fill_h: FH, fill_l: FL) -> &[f64]
     where
         FH: FnOnce(&mut [f64]) + Send,
@@ -97,12 +125,17 @@ impl Correlator {
         let forward = self.forward.as_ref();
         let (real_h, spectrum_h, scratch_h) =
             (&mut self.real_h, &mut self.spectrum_h, &mut self.scratch_h);
-        let (real_l, spectrum_l, scratch_l) =
-            (&mut self.real_l, &mut self.spectrum_l, &mut self.scratch_l);
-        join(
-            || fill_and_transform(forward, real_h, spectrum_h, scratch_h, fill_h),
-            || fill_and_transform(forward, real_l, spectrum_l, scratch_l, fill_l),
-        );
+        if self.real_l.is_empty() {
+            fill_and_transform(forward, real_h, spectrum_h, scratch_h, fill_h);
+            fill_and_transform(forward, real_h, &mut self.spectrum_l, scratch_h, fill_l);
+        } else {
+            let (real_l, spectrum_l, scratch_l) =
+                (&mut self.real_l, &mut self.spectrum_l, &mut self.scratch_l);
+            join(
+                || fill_and_transform(forward, real_h, spectrum_h, scratch_h, fill_h),
+                || fill_and_transform(forward, real_l, spectrum_l, scratch_l, fill_l),
+            );
+        }
 
         cross_spectrum(&mut self.spectrum_h, &self.spectrum_l);
         self.inverse
@@ -204,6 +237,23 @@ mod tests {
                 "bin {k}"
             );
         }
+    }
+
+    #[test]
+    fn sequential_and_parallel_transforms_agree() {
+        let z = 1 << MIN_ORDER;
+        let h: Vec<f64> = (0..z).map(|i| ((i * 7919) % 13) as f64).collect();
+        let l: Vec<f64> = (0..z).map(|i| ((i * 104_729) % 11) as f64).collect();
+        let mut parallel = Correlator::with_transforms(MIN_ORDER, Transforms::Parallel).unwrap();
+        let mut sequential =
+            Correlator::with_transforms(MIN_ORDER, Transforms::Sequential).unwrap();
+        let a = parallel
+            .correlate(|b| b.copy_from_slice(&h), |b| b.copy_from_slice(&l))
+            .to_vec();
+        let b = sequential
+            .correlate(|b| b.copy_from_slice(&h), |b| b.copy_from_slice(&l))
+            .to_vec();
+        assert_eq!(a, b);
     }
 
     #[test]

@@ -18,7 +18,7 @@
 
 use std::path::Path;
 
-use crate::correlate::{Correlator, MAX_ORDER, MIN_ORDER};
+use crate::correlate::{join, Correlator, Transforms, MAX_ORDER, MIN_ORDER};
 use crate::epochs::{read_epoch_range, Deletion, TimeBase};
 use crate::{EpochKind, SyncError};
 
@@ -107,18 +107,29 @@ pub struct OffsetFinder {
     params: PfindParams,
     fine_shift: u32,
     coarse_shift: u32,
-    correlator: Correlator,
+    coarse: Correlator,
+    /// A second correlator for the fine resolution, so both resolutions run at once with
+    /// the `parallel` feature; without it the coarse one serves both in turn.
+    fine: Option<Correlator>,
 }
 
 impl OffsetFinder {
-    /// Checks the options and allocates about `32 · 2^order` bytes of buffers.
+    /// Checks the options and allocates the buffers: about `48 · 2^order` bytes with the
+    /// `parallel` feature (3 GiB at order 26), `24 · 2^order` bytes without.
     pub fn new(params: PfindParams) -> Result<Self, SyncError> {
         let (fine_shift, coarse_shift) = params.shifts()?;
+        let order = params.buffer_order;
+        let fine = if cfg!(feature = "parallel") {
+            Some(Correlator::with_transforms(order, Transforms::Sequential)?)
+        } else {
+            None
+        };
         Ok(OffsetFinder {
             params,
             fine_shift,
             coarse_shift,
-            correlator: Correlator::new(params.buffer_order)?,
+            coarse: Correlator::with_transforms(order, Transforms::Sequential)?,
+            fine,
         })
     }
 
@@ -138,8 +149,22 @@ impl OffsetFinder {
                 });
             }
         }
-        let coarse = self.peak(type1, type2, self.coarse_shift);
-        let fine = self.peak(type1, type2, self.fine_shift);
+        let (coarse_shift, fine_shift) = (self.coarse_shift, self.fine_shift);
+        let (coarse, fine) = match self.fine.as_mut() {
+            Some(fine_correlator) => {
+                let coarse_correlator = &mut self.coarse;
+                let (mut coarse, mut fine) = (None, None);
+                join(
+                    || coarse = Some(peak(coarse_correlator, type1, type2, coarse_shift)),
+                    || fine = Some(peak(fine_correlator, type1, type2, fine_shift)),
+                );
+                (coarse.expect("joined"), fine.expect("joined"))
+            }
+            None => (
+                peak(&mut self.coarse, type1, type2, coarse_shift),
+                peak(&mut self.coarse, type1, type2, fine_shift),
+            ),
+        };
         let (coarse_signed, coarse_offset_ticks, offset_ticks) = combine(
             self.params.buffer_order,
             coarse.position,
@@ -186,15 +211,16 @@ impl OffsetFinder {
                 other => other,
             })
     }
+}
 
-    fn peak(&mut self, type1: &[u64], type2: &[u64], shift: u32) -> Peak {
-        let mask = (self.correlator.len() - 1) as u64;
-        let correlation = self.correlator.correlate(
-            |bins| histogram(bins, type1, shift, mask),
-            |bins| histogram(bins, type2, shift, mask),
-        );
-        scan_peak(correlation)
-    }
+/// Correlates the histograms of both sides at bin width `2^shift` ticks and finds the peak.
+fn peak(correlator: &mut Correlator, type1: &[u64], type2: &[u64], shift: u32) -> Peak {
+    let mask = (correlator.len() - 1) as u64;
+    let correlation = correlator.correlate(
+        |bins| histogram(bins, type1, shift, mask),
+        |bins| histogram(bins, type2, shift, mask),
+    );
+    scan_peak(correlation)
 }
 
 /// Describes an epoch range for messages, e.g. "epochs 00004f87 to 00004f8a".
