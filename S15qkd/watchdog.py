@@ -60,7 +60,10 @@ class StageWorker:
         self.queue.put(item)
 
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        # A failed worker's old thread may still be returning from its last item; a
+        # restart must not wait for it.
+        running = self._thread is not None and self._thread.is_alive()
+        if running and self.state is WorkerState.RUNNING:
             return
         self.state = WorkerState.RUNNING
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.name}", daemon=True)
