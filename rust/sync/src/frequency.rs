@@ -542,6 +542,71 @@ mod tests {
         assert_eq!(significance(&[1.0; 16], 0), 0.0);
     }
 
+    /// Side H events with pseudo-random gaps, and side L seeing every second one at
+    /// `t_L = t0 + (t_H − t0)·(1 + drift) + offset`, plus as many unrelated events.
+    fn drifted_pair(drift: f64, offset: f64) -> (Vec<u64>, Vec<u64>) {
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let t0 = 1u64 << 40;
+        let (mut high, mut low) = (Vec::new(), Vec::new());
+        let mut t = t0;
+        // 40 ms at about 2e6 events/s: gaps of 1 to 8000 ticks.
+        while t < t0 + 320_000_000 {
+            t += 1 + next() % 8000;
+            high.push(t);
+            if next() % 2 == 0 {
+                let relative = (t - t0) as f64 * (1.0 + drift) + offset;
+                low.push(t0 + relative.round() as u64);
+            }
+            low.push(t0 + next() % 320_000_000);
+        }
+        low.sort_unstable();
+        (low, high)
+    }
+
+    #[test]
+    fn search_recovers_synthetic_drift() {
+        let params = FrequencySearchParams {
+            buffer_order: 16,
+            precompensations: vec![0.0],
+            ..FrequencySearchParams::default()
+        };
+        let mut finder = FrequencyFinder::new(params).unwrap();
+        for drift in [2e-5, -1e-5, 0.0] {
+            let (low, high) = drifted_pair(drift, 3000.0);
+            let found = finder.find(&low, &high).unwrap();
+            // The 10.5 ms window separation and 4 ns bins resolve the rate to about 1e-7.
+            assert!(
+                (found.relative_frequency - drift).abs() < 2e-7,
+                "drift {drift}: {found:?}"
+            );
+            assert!(
+                (found.offset_ticks - 3000.0).abs() < 16.0,
+                "drift {drift}: {found:?}"
+            );
+            assert_eq!(found.origin_ticks, low[0].max(high[0]));
+        }
+    }
+
+    #[test]
+    fn search_without_overlap_fails_clearly() {
+        let params = FrequencySearchParams {
+            buffer_order: 14,
+            precompensations: vec![0.0],
+            ..FrequencySearchParams::default()
+        };
+        let mut finder = FrequencyFinder::new(params).unwrap();
+        let high: Vec<u64> = (0..1000u64).map(|i| i * 1000).collect();
+        let low: Vec<u64> = (0..1000u64).map(|i| (1 << 40) | (i * 1000)).collect();
+        let err = finder.find(&low, &high).unwrap_err();
+        assert!(err.to_string().contains("no correlation peak"), "{err}");
+    }
+
     #[test]
     fn precompensation_beyond_maximum_is_rejected() {
         let params = FrequencySearchParams {

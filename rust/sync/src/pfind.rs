@@ -202,14 +202,23 @@ impl OffsetFinder {
             TimeBase::Pfind,
             deletion,
         )?;
-        self.find(&times.type1, &times.type2)
+        let result = self
+            .find(&times.type1, &times.type2)
             .map_err(|err| match err {
                 SyncError::NoEvents { kind, .. } => SyncError::NoEvents {
                     kind,
                     source_desc: epoch_range_text(start, count),
                 },
                 other => other,
-            })
+            })?;
+        log::info!(
+            "time offset over {}: {} ticks, fine SNR {:.2}, coarse SNR {:.2}",
+            epoch_range_text(start, count),
+            result.offset_ticks,
+            result.fine.snr,
+            result.coarse.snr
+        );
+        Ok(result)
     }
 }
 
