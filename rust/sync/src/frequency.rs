@@ -1,7 +1,7 @@
 //! Joint search of the frequency offset and time offset between the two sides' clocks,
-//! by the method of fpfind: cross-correlate an early and a late time window, read the
-//! frequency offset from how far the peak moved between them, correct, and refine at a
-//! finer bin width.
+//! by the method of fpfind. It cross-correlates an early and a late time window and reads
+//! the frequency offset from how far the peak moved between them. Then it corrects side
+//! H and refines at a finer bin width.
 //!
 //! Inputs are the event times of the reference side L (type-2) and of the target side H
 //! (type-1) in ticks of 1/8 ns. Both are taken relative to the origin
@@ -288,9 +288,8 @@ impl FrequencyFinder {
             let span = spans * r * bins;
             let mut early = self.window_peak(a, b, correction, 0.0, span, r)?;
             if iteration == 1 {
-                // Sum pairs of bins until the peak stands out; the correlation must be
-                // recomputed on a full-length histogram afterwards, which the late
-                // window and the next iteration do.
+                // Sum pairs of bins until the peak exceeds the threshold. The late window
+                // and the next iteration then bin afresh at the wider bin width.
                 let mut correlation = self.last_correlation();
                 while early.significance < threshold {
                     if early.significance == 0.0 {
@@ -350,7 +349,7 @@ impl FrequencyFinder {
             }
 
             // The early delay is an average over its window, so it belongs to the
-            // window's middle; carry it back to the origin with this step's rate.
+            // window's middle. This step's rate carries it back to the origin.
             let delay_at_origin = early.delay - df * span / 2.0;
             correction.dt += correction.f * delay_at_origin;
             correction.f *= 1.0 + df;
