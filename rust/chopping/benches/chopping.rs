@@ -3,8 +3,8 @@
 //!
 //! The input is 40 epochs of 8e5 events each (about 1.5e6 events/s), patterns cycling
 //! over the four detectors, with uniform random gaps from a fixed-seed generator. Every
-//! case reads the input from a file in 4 MiB blocks; the choppers write their epoch files
-//! to a temporary folder as in production, and the `_no_output` cases discard them.
+//! case reads the input from a file in 4 MiB blocks. The choppers write their epoch files
+//! into a fresh temporary folder per iteration, and the `_no_output` cases discard them.
 
 use std::fs::File;
 use std::hint::black_box;

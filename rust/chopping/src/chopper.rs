@@ -5,7 +5,6 @@ use std::fs;
 
 use log::{info, warn};
 use qkd_formats::bits::BitWriter;
-use qkd_formats::epoch::make_tag;
 use qkd_formats::type2::{Protocol, Type2Encoder, Type2Header};
 use qkd_formats::type3::Type3Header;
 
@@ -78,13 +77,11 @@ pub struct Chopper {
     epoch_histogram: [u32; 16],
     stats: ChopStats,
     failed: bool,
-    /// Reused buffers of the bulk path, at most [`RUN_EVENTS`] entries each.
-    scratch_words: Vec<u64>,
-    scratch_diffs: Vec<u32>,
-    scratch_patterns: Vec<u8>,
+    /// Reused buffer of the file being written.
+    file_buffer: Vec<u8>,
 }
 
-/// Events handled per bulk step; bounds the scratch buffers to about 1 MiB.
+/// Events converted per step when fed as words.
 const RUN_EVENTS: usize = 1 << 16;
 
 impl Chopper {
@@ -137,9 +134,7 @@ impl Chopper {
             epoch_histogram: [0; 16],
             stats: ChopStats::default(),
             failed: false,
-            scratch_words: Vec::new(),
-            scratch_diffs: Vec::new(),
-            scratch_patterns: Vec::new(),
+            file_buffer: Vec::new(),
         })
     }
 
@@ -168,15 +163,18 @@ impl Chopper {
     /// After an error the chopper stops: epochs finished before the failing event are on
     /// disk, and every later call returns [`ChopError::Stopped`].
     pub fn feed(&mut self, words: &[u64]) -> Result<Vec<EpochSummary>, ChopError> {
-        if self.failed {
-            return Err(ChopError::Stopped);
-        }
         let mut finished = Vec::new();
+        let mut bytes = Vec::with_capacity(8 * RUN_EVENTS.min(words.len()));
         for block in words.chunks(RUN_EVENTS) {
-            if let Err(e) = self.feed_block(block, &mut finished) {
-                self.failed = true;
-                return Err(e);
+            bytes.clear();
+            for &word in block {
+                bytes.extend_from_slice(&((word >> 32) as u32).to_le_bytes());
+                bytes.extend_from_slice(&(word as u32).to_le_bytes());
             }
+            finished.extend(self.feed_legacy_bytes(&bytes)?);
+        }
+        if words.is_empty() && self.failed {
+            return Err(ChopError::Stopped);
         }
         Ok(finished)
     }
@@ -196,46 +194,27 @@ impl Chopper {
             return Err(ChopError::Stopped);
         }
         let mut finished = Vec::new();
-        let mut words = std::mem::take(&mut self.scratch_words);
-        for block in bytes.chunks(8 * RUN_EVENTS) {
-            words.clear();
-            words.extend(block.chunks_exact(8).map(|c| {
-                let high = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-                let low = u32::from_le_bytes([c[4], c[5], c[6], c[7]]);
-                (u64::from(high) << 32) | u64::from(low)
-            }));
-            if let Err(e) = self.feed_block(&words, &mut finished) {
-                self.failed = true;
-                return Err(e);
+        let mut i = 0;
+        while i < bytes.len() {
+            i += 8 * self.accept_run(&bytes[i..]);
+            if let Some(c) = bytes.get(i..i + 8) {
+                let word = legacy_word(c.try_into().expect("8-byte record"));
+                if let Err(e) = self.process(word, &mut finished) {
+                    self.failed = true;
+                    return Err(e);
+                }
+                i += 8;
             }
         }
-        self.scratch_words = words;
         Ok(finished)
     }
 
-    /// Processes up to [`RUN_EVENTS`] words: long runs of ordinary events in bulk, every
-    /// other event one at a time.
-    fn feed_block(
-        &mut self,
-        words: &[u64],
-        finished: &mut Vec<EpochSummary>,
-    ) -> Result<(), ChopError> {
-        let mut i = 0;
-        while i < words.len() {
-            i += self.accept_run(&words[i..]);
-            if let Some(&word) = words.get(i) {
-                self.process(word, finished)?;
-                i += 1;
-            }
-        }
-        Ok(())
-    }
-
-    /// Encodes the leading events that need none of the rules' special cases: same epoch as
-    /// the open one, later than the previous event by at most the maximum gap, and after
-    /// the previous encoded offset. Returns how many it took; the caller handles the next
-    /// event one at a time. The bits are the same as event-by-event processing.
-    fn accept_run(&mut self, words: &[u64]) -> usize {
+    /// Encodes the leading events that need none of the rules'
+    /// special cases: same epoch as the open one, later than the previous event by at
+    /// most the maximum gap, and after the previous encoded offset. Returns how many it
+    /// took; the caller handles the next event one at a time. The bits are the same as
+    /// event-by-event processing.
+    fn accept_run(&mut self, bytes: &[u8]) -> usize {
         if !self.started || self.flushed {
             return 0;
         }
@@ -244,9 +223,15 @@ impl Chopper {
         let mut last = self.order.last;
         let mut previous = self.previous_offset;
         let mut counts = [0u32; 16];
-        self.scratch_diffs.clear();
-        self.scratch_patterns.clear();
-        for &word in words {
+        let proto = self.protocol;
+        let Some(mut type2) = self.type2.run_writer() else {
+            // Degenerate widths: every event goes through the reference emulation.
+            return 0;
+        };
+        let mut type3 = self.type3.run_writer(proto.type3_bits);
+        let mut n = 0;
+        for c in bytes.chunks_exact(8) {
+            let word = legacy_word(c.try_into().expect("8-byte record"));
             let time = word >> 15;
             let offset = time as u32;
             let outside = (word >> 47) != current
@@ -257,31 +242,23 @@ impl Chopper {
                 break;
             }
             let diff = offset - previous;
+            let pattern = (word & 0xF) as usize;
             // A 1-tick difference is sent as 3, as in the event-by-event path.
-            self.scratch_diffs
-                .push(if diff < 2 { diff + 2 } else { diff });
-            let pattern = (word & 0xF) as u8;
-            self.scratch_patterns.push(pattern);
-            counts[usize::from(pattern)] += 1;
+            type2.push(
+                if diff < 2 { diff + 2 } else { diff },
+                u32::from(proto.type2_values[pattern]),
+            );
+            type3.put(u32::from(proto.type3_values[pattern]));
+            counts[pattern] += 1;
             previous = offset;
             last = time;
+            n += 1;
         }
-        let n = self.scratch_diffs.len();
+        drop(type2);
+        drop(type3);
         if n == 0 {
             return 0;
         }
-        let proto = self.protocol;
-        self.type2.push_run(
-            &self.scratch_diffs,
-            &self.scratch_patterns,
-            &proto.type2_values,
-        );
-        self.type3.put_all(
-            self.scratch_patterns
-                .iter()
-                .map(|&p| u32::from(proto.type3_values[usize::from(p)])),
-            proto.type3_bits,
-        );
         for (pattern, &count) in counts.iter().enumerate() {
             self.histogram[pattern] += u64::from(count);
             self.epoch_histogram[pattern] += count;
@@ -372,7 +349,8 @@ impl Chopper {
         };
         self.packet_time_order = self.time_order;
         self.type2.reset(self.time_order, self.protocol.type2_bits);
-        self.type3 = BitWriter::new();
+        // Closing the previous epoch drained the type-3 writer.
+        debug_assert_eq!(self.type3.bit_len(), 0);
         self.previous_offset = 0;
         self.flushed = false;
         for bin in &mut self.histogram[1..] {
@@ -410,23 +388,28 @@ impl Chopper {
             base_bits: self.protocol.type2_bits,
             protocol: i32::from(self.config.protocol),
         };
-        let mut t2_bytes = t2_header.to_bytes().to_vec();
-        qkd_formats::bits::extend_le_bytes(&mut t2_bytes, self.type2.finish());
         let t3_header = Type3Header {
             extended,
             epoch: self.header_epoch,
             length: events,
             bits_per_entry: self.protocol.type3_bits,
         };
-        let mut t3_bytes = t3_header.to_bytes().to_vec();
-        qkd_formats::bits::extend_le_bytes(
-            &mut t3_bytes,
-            &std::mem::take(&mut self.type3).finish(),
-        );
-        debug_assert_eq!(t2_header.tag(), make_tag(2, extended));
 
-        let t2_path = self.t2_out.write(self.header_epoch, &t2_bytes)?;
-        if let Err(e) = self.t3_out.write(self.header_epoch, &t3_bytes) {
+        // One reused buffer holds the type-2 file, then the type-3 file, so that large
+        // epochs do not allocate (and page-fault) fresh memory every time.
+        let mut bytes = std::mem::take(&mut self.file_buffer);
+        bytes.clear();
+        bytes.extend_from_slice(&t2_header.to_bytes());
+        qkd_formats::bits::extend_le_bytes(&mut bytes, self.type2.finish());
+        let t2_written = self.t2_out.write(self.header_epoch, &bytes);
+        bytes.clear();
+        bytes.extend_from_slice(&t3_header.to_bytes());
+        self.type3.drain_le_bytes(&mut bytes);
+        let written =
+            t2_written.map(|t2_path| (t2_path, self.t3_out.write(self.header_epoch, &bytes)));
+        self.file_buffer = bytes;
+        let (t2_path, t3_written) = written?;
+        if let Err(e) = t3_written {
             // Keep the pair complete: a type-2 file without its type-3 file is useless.
             if let Some(path) = t2_path {
                 let _ = fs::remove_file(path);
@@ -515,6 +498,13 @@ impl Chopper {
             self.time_order = (self.servo_state >> 8) as u32;
         }
     }
+}
+
+#[inline]
+fn legacy_word(record: [u8; 8]) -> u64 {
+    let high = u32::from_le_bytes([record[0], record[1], record[2], record[3]]);
+    let low = u32::from_le_bytes([record[4], record[5], record[6], record[7]]);
+    (u64::from(high) << 32) | u64::from(low)
 }
 
 #[cfg(test)]

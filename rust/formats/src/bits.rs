@@ -53,6 +53,19 @@ impl BitWriter {
         }
     }
 
+    /// Returns a writer of many `width`-bit fields (1..=32) with its state in registers;
+    /// dropping it stores the state back. The bits equal those of [`BitWriter::put`].
+    #[inline]
+    pub fn run_writer(&mut self, width: u32) -> BitRunWriter<'_> {
+        debug_assert!((1..=32).contains(&width));
+        BitRunWriter {
+            acc: u64::from(self.acc) << 32,
+            filled: 32 - self.free,
+            width,
+            writer: self,
+        }
+    }
+
     /// Appends each value in `values` as a `width`-bit field (`width` in 1..=32); the same
     /// as calling [`BitWriter::put`] for each, with the state kept in registers.
     pub fn put_all(&mut self, values: impl Iterator<Item = u32>, width: u32) {
@@ -78,12 +91,54 @@ impl BitWriter {
         self.words.len() as u64 * 32 + u64::from(32 - self.free)
     }
 
+    /// Appends all words, the partial one zero-padded, to `out` as little-endian bytes and
+    /// empties the writer, keeping its buffer for reuse.
+    pub fn drain_le_bytes(&mut self, out: &mut Vec<u8>) {
+        extend_le_bytes(out, &self.words);
+        if self.free < 32 {
+            out.extend_from_slice(&self.acc.to_le_bytes());
+        }
+        self.words.clear();
+        self.acc = 0;
+        self.free = 32;
+    }
+
     /// Emits the partial word (zero-padded) and returns all words.
     pub fn finish(mut self) -> Vec<u32> {
         if self.free < 32 {
             self.words.push(self.acc);
         }
         self.words
+    }
+}
+
+/// Fast writer of fixed-width fields, from [`BitWriter::run_writer`].
+pub struct BitRunWriter<'a> {
+    /// Unwritten bits left-aligned at bit 63; `filled` counts them, below 32 between puts.
+    acc: u64,
+    filled: u32,
+    width: u32,
+    writer: &'a mut BitWriter,
+}
+
+impl BitRunWriter<'_> {
+    /// Appends `value` (below 2^width) as one field.
+    #[inline(always)]
+    pub fn put(&mut self, value: u32) {
+        self.acc |= u64::from(value) << (64 - self.filled - self.width);
+        self.filled += self.width;
+        if self.filled >= 32 {
+            self.writer.words.push((self.acc >> 32) as u32);
+            self.acc <<= 32;
+            self.filled -= 32;
+        }
+    }
+}
+
+impl Drop for BitRunWriter<'_> {
+    fn drop(&mut self) {
+        self.writer.acc = (self.acc >> 32) as u32;
+        self.writer.free = 32 - self.filled;
     }
 }
 
@@ -178,6 +233,18 @@ mod tests {
     }
 
     #[test]
+    fn drain_empties_writer() {
+        let mut w = BitWriter::new();
+        w.put(0xABC, 12);
+        let mut out = Vec::new();
+        w.drain_le_bytes(&mut out);
+        assert_eq!(out, 0xABC0_0000_u32.to_le_bytes());
+        assert_eq!(w.bit_len(), 0);
+        w.put(1, 1);
+        assert_eq!(w.finish(), vec![0x8000_0000]);
+    }
+
+    #[test]
     fn full_word_adds_no_padding_word() {
         let mut w = BitWriter::new();
         w.put(0xABCD, 16);
@@ -217,7 +284,17 @@ mod tests {
                 one.put(v, width);
             }
             all.put_all(values.iter().copied(), width);
-            prop_assert_eq!(one.finish(), all.finish());
+            let mut run = BitWriter::new();
+            run.put(0, lead);
+            {
+                let mut w = run.run_writer(width);
+                for &v in &values {
+                    w.put(v);
+                }
+            }
+            let expected = one.finish();
+            prop_assert_eq!(&expected, &all.finish());
+            prop_assert_eq!(&expected, &run.finish());
         }
     }
 }

@@ -44,7 +44,7 @@ pub const FILE_TYPE: i32 = 2;
 /// Size of the header in bytes.
 pub const HEADER_BYTES: usize = 24;
 
-/// What one protocol sends in type-2 and keeps in type-3 files, per 4-bit detector pattern.
+/// Values that one protocol sends in type-2 and keeps in type-3 files, per detector pattern.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Protocol {
     /// Protocol index as given to chopper `-p`.
@@ -371,7 +371,7 @@ impl Type2Encoder {
         self.count
     }
 
-    /// Whether no event was pushed since the last reset.
+    /// Returns whether no event was pushed since the last reset.
     pub fn is_empty(&self) -> bool {
         self.count == 0
     }
@@ -471,6 +471,25 @@ impl Type2Encoder {
         self.count += diffs.len() as u32;
     }
 
+    /// Returns a writer for many events in a row with its state in registers, or `None`
+    /// for degenerate widths (`T` > 31 or `T + D` > 32), which need [`Type2Encoder::push`].
+    /// Dropping the writer stores its state back; the bits equal those of `push`.
+    #[inline]
+    pub fn run_writer(&mut self) -> Option<Type2RunWriter<'_>> {
+        if self.time_order > 31 || self.time_order + self.base_bits > 32 {
+            return None;
+        }
+        Some(Type2RunWriter {
+            acc: u64::from(self.acc) << 32,
+            filled: (32 - self.free) as u32,
+            count: 0,
+            time_order: self.time_order,
+            base_bits: self.base_bits,
+            limit: self.mask,
+            encoder: self,
+        })
+    }
+
     /// Appends the end entry and the padding; returns the packed words.
     pub fn finish(&mut self) -> &[u32] {
         let width = (self.time_order + self.base_bits) as i32;
@@ -481,6 +500,62 @@ impl Type2Encoder {
             self.free = 32;
         }
         &self.words
+    }
+}
+
+/// Fast writer of type-2 entries for normal widths, from [`Type2Encoder::run_writer`].
+pub struct Type2RunWriter<'a> {
+    /// Unwritten bits left-aligned at bit 63; `filled` counts them and stays below 32
+    /// between entries, so an entry of up to 32 bits always fits.
+    acc: u64,
+    filled: u32,
+    count: u32,
+    time_order: u32,
+    base_bits: u32,
+    limit: u32,
+    encoder: &'a mut Type2Encoder,
+}
+
+impl Type2RunWriter<'_> {
+    #[inline(always)]
+    fn put(&mut self, value: u32, bits: u32) {
+        self.acc |= u64::from(value) << (64 - self.filled - bits);
+        self.filled += bits;
+        if self.filled >= 32 {
+            self.encoder.words.push((self.acc >> 32) as u32);
+            self.acc <<= 32;
+            self.filled -= 32;
+        }
+    }
+
+    /// Appends one event: difference `diff` in ticks and its `D`-bit value.
+    #[inline(always)]
+    pub fn push(&mut self, diff: u32, value: u32) {
+        let (t, d) = (self.time_order, self.base_bits);
+        if diff > self.limit {
+            // Escape: T zero bits, the 32-bit difference, then the value.
+            self.filled += t;
+            if self.filled >= 32 {
+                self.encoder.words.push((self.acc >> 32) as u32);
+                self.acc <<= 32;
+                self.filled -= 32;
+            }
+            self.put(diff, 32);
+            if d > 0 {
+                self.put(value, d);
+            }
+        } else {
+            self.put((diff << d) | value, t + d);
+        }
+        self.count += 1;
+    }
+}
+
+impl Drop for Type2RunWriter<'_> {
+    fn drop(&mut self) {
+        self.encoder.acc = (self.acc >> 32) as u32;
+        self.encoder.free = 32 - self.filled as i32;
+        self.encoder.count += self.count;
     }
 }
 
@@ -738,7 +813,26 @@ mod tests {
             run.push_run(&diffs[..split], &patterns[..split], &values);
             run.push_run(&diffs[split..], &patterns[split..], &values);
             prop_assert_eq!(one.len(), run.len());
-            prop_assert_eq!(one.finish(), run.finish());
+            let mut writer_encoder = Type2Encoder::new(t, d);
+            let degenerate = match writer_encoder.run_writer() {
+                Some(mut w) => {
+                    for (&diff, &p) in diffs[..split].iter().zip(&patterns) {
+                        w.push(diff, u32::from(values[p as usize]));
+                    }
+                    false
+                }
+                None => true,
+            };
+            if degenerate {
+                for (&diff, &p) in diffs[..split].iter().zip(&patterns) {
+                    writer_encoder.push(diff, u32::from(values[p as usize]));
+                }
+            }
+            writer_encoder.push_run(&diffs[split..], &patterns[split..], &values);
+            prop_assert_eq!(one.len(), writer_encoder.len());
+            let expected = one.finish().to_vec();
+            prop_assert_eq!(&expected[..], run.finish());
+            prop_assert_eq!(&expected[..], writer_encoder.finish());
         }
 
         #[test]
