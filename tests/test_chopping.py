@@ -417,3 +417,28 @@ def test_cli_exit_statuses(tmp_path):
                             capture_output=True, text=True)
     assert result.returncode == 1
     assert "none" in result.stderr
+
+
+def test_sigterm_leaves_no_partial_file(tmp_path):
+    """A chopper stopped while reading a FIFO exits 0 and leaves only whole files."""
+    import signal
+    import time
+
+    fifo = tmp_path / "rawevents"
+    os.mkfifo(fifo)
+    (tmp_path / "t1").mkdir()
+    proc = subprocess.Popen(_tool("qkd-chopper2") + ["-i", str(fifo), "-D", str(tmp_path / "t1"),
+                                                     "-V", "1", "-F"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    times = np.array([(0x20 << 32) | 5, (0x20 << 32) | 9, (0x21 << 32) | 1], dtype=np.uint64)
+    with open(fifo, "wb") as writer:
+        writer.write(qkd_core.encode_raw_events(times, np.ones(3, dtype=np.uint8)))
+        writer.flush()
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "t1" / "00000020").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == "00000020\t2\n"
+    assert sorted(p.name for p in (tmp_path / "t1").iterdir()) == ["00000020"]

@@ -8,6 +8,7 @@ They report a fatal error as one line on stderr and exit with status ``256 - cod
 from __future__ import annotations
 
 import re
+import signal
 import sys
 
 _LEADING_INT = re.compile(r"\s*([+-]?\d+)")
@@ -30,8 +31,18 @@ def c_int(text: str, option: str, status: int) -> int:
     return int(match.group(1))
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run(program: str, body) -> int:
-    """Call ``body()`` and turn ReferenceExit into its message on stderr and its status."""
+    """Call ``body()`` and turn ReferenceExit into its message on stderr and its status.
+
+    SIGTERM and SIGINT end the program with status 0, as they stop the reference. Python
+    handles them between calls into qkd_core, so an epoch file being written is finished
+    and renamed first and no temporary file is left behind.
+    """
+    signal.signal(signal.SIGTERM, _stop)
     try:
         return body()
     except ReferenceExit as exc:
