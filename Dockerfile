@@ -9,6 +9,8 @@
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
 FROM ${BASE_IMAGE} AS install
+# docker/build-image.sh removes this stage's images by this label after the build.
+LABEL org.qkdserver.stage=install
 COPY build/docker/wheels/ /tmp/wheels/
 RUN python3 -m venv /opt/qkdserver \
  && /opt/qkdserver/bin/pip install --no-cache-dir --no-index --find-links /tmp/wheels 'qkdserver[web]' \

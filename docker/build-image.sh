@@ -45,8 +45,17 @@ docker/build-wheels.sh "$base"
 if ! docker buildx version >/dev/null 2>&1; then
     export DOCKER_BUILDKIT=0
 fi
-# shellcheck disable=SC2086  # DOCKER_BUILD_ARGS holds several options
+previous_id=$(docker image inspect --format '{{.Id}}' "$image" 2>/dev/null || true)
+# shellcheck disable=SC2086  # DOCKER_BUILD_ARGS may contain several options
 docker build ${DOCKER_BUILD_ARGS:-} --build-arg "BASE_IMAGE=$base" \
     --label "org.opencontainers.image.base.name=$base" --tag "$image" .
+
+# The classic builder keeps the install stage and the image the tag pointed to before
+# as untagged images of about 250 MB each; remove them. Images still in use stay.
+docker image prune --force --filter label=org.qkdserver.stage=install >/dev/null
+current_id=$(docker image inspect --format '{{.Id}}' "$image")
+if [[ -n "$previous_id" && "$previous_id" != "$current_id" ]]; then
+    docker image rm "$previous_id" >/dev/null 2>&1 || true
+fi
 
 docker image ls "$image"

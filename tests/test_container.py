@@ -11,6 +11,8 @@ import json
 import os
 import re
 import shutil
+import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 IMAGE = os.environ.get("QKD_DOCKER_IMAGE", "")
 if not IMAGE:
     pytest.skip("QKD_DOCKER_IMAGE is not set; 'make test-docker' builds the image and runs these tests",
@@ -389,3 +392,74 @@ def test_two_containers_produce_identical_keys(tmp_path, container_names, privat
     assert stop_container(high_name) == 0
     assert high.temporary_files() == []
     assert low.temporary_files() == []
+
+
+# --- The Makefile targets ------------------------------------------------------------
+
+def make(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(["make", "--no-print-directory", "-C", str(REPO_ROOT), *arguments],
+                          capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def container_running(name: str) -> bool:
+    result = docker("container", "inspect", "-f", "{{.State.Running}}", name, check=False)
+    return result.stdout.strip() == "true"
+
+
+def test_make_default_restart_watchdog_stop(tmp_path, container_names):
+    high = NodeFolders(tmp_path, "alice")
+    low = NodeFolders(tmp_path, "bob")
+    make_certificates(high, low)
+    name = container_names("make")
+    web_port = free_port()
+    variables = [f"IMAGE={IMAGE}", f"CONTAINER={name}", f"CONFIG_DIR={high.config}",
+                 "CONFIG_FILE=qkd_engine_config.json", f"SECRETS_DIR={high.secrets}",
+                 f"KEYS_VOLUME={high.keys}", f"DATA_VOLUME={high.data}",
+                 f"WEB_PORT={web_port}", f"CHANNEL_PORT={free_port()}",
+                 "DEVICE=/dev/no-such-time-tagger", "NODE_ARGS=", "TZ=Asia/Singapore"]
+
+    result = make("default", *variables)
+    assert result.returncode != 0
+    assert "qkd_engine_config.json not found" in result.stdout
+
+    high.write_config(node_values(high, low, "high", "127.0.0.1"))
+    result = make("default", *variables)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "no timestamp device at /dev/no-such-time-tagger" in result.stdout
+    wait_for_log(name, "S15qkd.node: web page on http://")
+    status, _ = fetch(f"http://127.0.0.1:{web_port}/status_data")
+    assert status == 200
+    assert docker("exec", name, "date", "+%z").stdout.strip() == "+0800"
+
+    result = make("default", *variables)
+    assert result.returncode != 0
+    assert "already exists" in result.stdout
+
+    # make watchdog follows the log until stopped; read what it printed in a few seconds.
+    # Its own process group, so that killing it also ends the docker client it started.
+    watchdog = subprocess.Popen(["make", "--no-print-directory", "-C", str(REPO_ROOT), "watchdog", *variables],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    time.sleep(5)
+    os.killpg(watchdog.pid, signal.SIGKILL)
+    output = watchdog.communicate(timeout=30)[0]
+    assert "tail -n 100 -F /tmp/cryptostuff/watchdog.log" in output
+
+    first_id = docker("container", "inspect", "-f", "{{.Id}}", name).stdout
+    result = make("restart", *variables)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert container_running(name)
+    assert docker("container", "inspect", "-f", "{{.Id}}", name).stdout != first_id
+
+    result = make("stop", *variables)
+    assert result.returncode == 0
+    assert f"stopped {name}" in result.stdout
+    assert not container_running(name)
+    result = make("stop", *variables)
+    assert f"container {name} is not running" in result.stdout
