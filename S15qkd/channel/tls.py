@@ -9,10 +9,14 @@ not checked because the pinned certificate already identifies the peer.
 from __future__ import annotations
 
 import datetime
+import os
 import ssl
 from pathlib import Path
 
 from ..config import ConfigError
+
+# Maximum certificate validity that `qkdserver certs` accepts: 100 years.
+MAX_CERTIFICATE_DAYS = 36500
 
 
 def load_pinned_certificate(path: str) -> bytes:
@@ -56,6 +60,15 @@ def create_node_certificate(folder: str | Path, name: str, days: int = 3650) -> 
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+    # The name becomes a file name: a separator or ".." would write outside folder.
+    if not name or name in (".", "..") or "/" in name or "\0" in name or (
+            os.altsep and os.altsep in name):
+        raise ValueError(f"invalid node name {name!r}: use a plain file name such as "
+                         "'high' or 'low', without path separators")
+    # Validity beyond 100 years overflows the date arithmetic; below 1 day is expired.
+    if not 1 <= days <= MAX_CERTIFICATE_DAYS:
+        raise ValueError(f"invalid validity of {days} days: expected 1 to "
+                         f"{MAX_CERTIFICATE_DAYS}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
@@ -90,7 +103,33 @@ def create_node_certificate(folder: str | Path, name: str, days: int = 3650) -> 
     key_bytes = key.private_bytes(serialization.Encoding.PEM,
                                   serialization.PrivateFormat.PKCS8,
                                   serialization.NoEncryption())
-    key_path.touch(mode=0o600)
-    key_path.write_bytes(key_bytes)
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    # Both files or neither: a full disk must not leave a key without its certificate.
+    written: list[Path] = []
+    try:
+        for path, content, mode in ((key_path, key_bytes, 0o600),
+                                    (cert_path, certificate.public_bytes(serialization.Encoding.PEM),
+                                     0o644)):
+            _write_new_file(path, content, mode)
+            written.append(path)
+    except OSError:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return cert_path, key_path
+
+
+def _write_new_file(path: Path, content: bytes, mode: int) -> None:
+    """Write content to a file that must not exist yet, removing it again on failure."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(content)
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as error:
+        path.unlink(missing_ok=True)
+        raise OSError(error.errno, f"cannot write {path}: {error.strerror}; free space in "
+                                   "the folder or choose another --folder") from None
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise

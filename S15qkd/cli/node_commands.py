@@ -53,7 +53,9 @@ def run_certs(args: argparse.Namespace) -> int:
 
     try:
         cert, key = create_node_certificate(Path(args.folder), args.name, days=args.days)
-    except FileExistsError as error:
+    except (ValueError, OSError) as error:
+        # FileExistsError and a full or read-only folder are OSErrors; bad names and
+        # validities are ValueErrors. Each message names the value.
         print(f"qkdserver certs: {error}", file=sys.stderr)
         return 1
     print(f"certificate: {cert}\nprivate key: {key}")

@@ -1,0 +1,209 @@
+"""Hostile input to the public qkd_core API: random bytes, damaged epoch files, wrong
+dtypes, non-contiguous and empty arrays and absurd options.
+
+Every call must either succeed or raise a clear Python exception (QkdError and its
+subclasses, ValueError, TypeError, OverflowError, OSError). A PanicException (a Rust panic
+that reached Python), a hang or a crash of the interpreter fails the run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qkd_core
+
+from conftest import golden_case
+
+# OverflowError: pyo3 raises it for a Python int that does not fit the Rust integer.
+CLEAR_ERRORS = (qkd_core.QkdError, ValueError, TypeError, OverflowError, OSError)
+
+FUZZ = settings(max_examples=200, derandomize=True, deadline=None,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def call(function, *args, **kwargs):
+    """Call and return the result, or None after a clear error. Other exceptions propagate."""
+    try:
+        return function(*args, **kwargs)
+    except CLEAR_ERRORS:
+        return None
+
+
+EPOCH_READERS = (
+    qkd_core.read_type1,
+    qkd_core.read_type1_words,
+    qkd_core.read_type2,
+    qkd_core.read_type3,
+    qkd_core.read_final_key,
+    qkd_core.type2_listing,
+)
+
+
+def read_every_way(path, data: bytes) -> None:
+    path.write_bytes(data)
+    for reader in EPOCH_READERS:
+        call(reader, path)
+    call(qkd_core.read_timestamp7, path, "a1")
+    call(qkd_core.read_tdc1, path)
+    call(qkd_core.decode_raw_events, data)
+    call(qkd_core.decode_raw_events, data, "native")
+    for layout in ("a0", "a1", "a1X", "a2"):
+        call(qkd_core.decode_timestamp7, data, layout)
+    call(qkd_core.decode_tdc1, data, 2**64 - 1, [2**63 - 1, -(2**63), -1, 1], True)
+
+
+@FUZZ
+@given(data=st.binary(max_size=300))
+def test_random_bytes_give_clear_errors(tmp_path, data):
+    read_every_way(tmp_path / "00004f87", data)
+
+
+def test_damaged_golden_epoch_files_give_clear_errors(tmp_path):
+    case = golden_case("tiny")
+    target = tmp_path / "00004f87"
+    for sub in ("t1", "t2", "t3", "t4", "rawkey.lec"):
+        source = sorted((case / sub).iterdir())[0]
+        data = source.read_bytes()
+        for cut in range(0, min(len(data), 40)):
+            read_every_way(target, data[:cut])
+        for bit in range(8 * min(len(data), 28)):
+            flipped = bytearray(data)
+            flipped[bit // 8] ^= 1 << (bit % 8)
+            read_every_way(target, bytes(flipped))
+
+
+@pytest.mark.parametrize("words", [
+    [1, 0x4F87, 2**32 - 1, 49, 4, 0, 0],
+    [2, 0x4F87, 2**32 - 1, 17, 4, 1, 0x8000],
+    [3, 0x4F87, 2**32 - 1, 8, 0],
+    [7, 0x4F87, 2**32 - 1, 2**31 - 1, 0],
+])
+def test_huge_header_lengths_fail_fast(tmp_path, words):
+    data = np.array(words, dtype="<u4").tobytes()
+    read_every_way(tmp_path / "00004f87", data)
+
+
+BAD_ARRAYS = [
+    np.zeros(4, dtype=np.int64),
+    np.zeros(4, dtype=np.float64),
+    np.zeros(8, dtype=np.uint64)[::2],
+    np.zeros((2, 2), dtype=np.uint64),
+    np.zeros(0, dtype=np.uint64),
+    [1, 2, 3],
+    None,
+    b"\x00" * 8,
+]
+BAD_PATTERNS = [
+    np.zeros(4, dtype=np.int8),
+    np.zeros(8, dtype=np.uint8)[::2],
+    np.zeros(0, dtype=np.uint8),
+    np.full(4, 255, dtype=np.uint8),
+    np.zeros(5, dtype=np.uint8),
+]
+
+
+@pytest.mark.parametrize("times", BAD_ARRAYS, ids=range(len(BAD_ARRAYS)))
+@pytest.mark.parametrize("patterns", BAD_PATTERNS, ids=range(len(BAD_PATTERNS)))
+def test_event_arrays_of_wrong_kind(tmp_path, times, patterns):
+    call(qkd_core.encode_raw_events, times, patterns)
+    call(qkd_core.encode_timestamp7, times, patterns)
+    call(qkd_core.encode_tdc1, times, patterns)
+    call(qkd_core.apply_detector_skew, times, patterns, [2**63 - 1, -(2**63), 0, 1])
+    for sub in ("t1", "t2", "t3"):
+        (tmp_path / sub).mkdir(exist_ok=True)
+    chopper = qkd_core.Chopper(tmp_path / "t2", tmp_path / "t3", now=0)
+    call(chopper.feed, times, patterns)
+    call(chopper.feed_words, times)
+    call(chopper.flush)
+    chopper2 = qkd_core.Chopper2(tmp_path / "t1", now=0)
+    call(chopper2.feed, times, patterns)
+    call(chopper2.feed_words, times)
+    call(chopper2.flush)
+    call(qkd_core.write_type1, tmp_path / "w1", 0x4F87, times)
+    call(qkd_core.write_type2, tmp_path / "w2", 0x4F87, times, patterns)
+    call(qkd_core.write_type3, tmp_path / "w3", 0x4F87, patterns, 4)
+
+
+HUGE = [-1, 0, 1, 2**31, 2**32 - 1, 2**32, 2**63, 2**64 - 1, 2**64]
+
+
+@pytest.mark.parametrize("value", HUGE)
+def test_absurd_integer_options(tmp_path, value):
+    times = np.arange(0, 4000, 10, dtype=np.uint64)
+    patterns = np.ones(times.size, dtype=np.uint8)
+    call(qkd_core.Chopper, tmp_path / "a", tmp_path / "b", protocol=value)
+    call(qkd_core.Chopper, tmp_path / "a", tmp_path / "b", time_order=value)
+    call(qkd_core.Chopper, tmp_path / "a", tmp_path / "b", servo_filter=value)
+    call(qkd_core.Chopper, tmp_path / "a", tmp_path / "b", max_gap_us=value, now=value)
+    call(qkd_core.Chopper2, tmp_path / "c", max_gap_us=value, now=value)
+    call(qkd_core.write_type3, tmp_path / "w3", 1, patterns & 1, value)
+    call(qkd_core.write_type2, tmp_path / "w2", 1, times, patterns & 1, time_order=value)
+    call(qkd_core.write_type2, tmp_path / "w2", 1, times, patterns & 1, protocol=value)
+    call(qkd_core.decode_tdc1, b"\x00" * 64, start_ticks=value)
+    call(qkd_core.OffsetFinder, buffer_order=value)
+    call(qkd_core.OffsetFinder, fine_resolution_ns=value)
+    call(qkd_core.OffsetFinder, coarse_resolution_ns=value)
+    call(qkd_core.Reconciler, "initiator", sample_bits=value)
+    call(qkd_core.Reconciler, "initiator", passes=value)
+    call(qkd_core.write_final_key, tmp_path, value, value, b"\xff", value)
+
+
+@pytest.mark.parametrize("value", [-1.0, 0.0, 1e-300, float("nan"), float("inf"), 1e300])
+def test_absurd_float_options(value):
+    call(qkd_core.Reconciler, "responder", qber_limit=value)
+    call(qkd_core.Reconciler, "responder", eps_sec=value, eps_cor=value)
+    call(qkd_core.Reconciler, "responder", initial_qber=value)
+    call(qkd_core.simulated_raw_key_pair, 64, value)
+    for name in ("coarse_resolution_ns", "fine_resolution_ns", "separation", "threshold",
+                 "convergence_rate"):
+        call(qkd_core.FrequencyFinder, buffer_order=10, **{name: value})
+
+
+def test_reconciler_rejects_garbage_messages():
+    bits_a, bits_b = qkd_core.simulated_raw_key_pair(4096, 0.02, seed=1)
+    initiator = qkd_core.Reconciler("initiator", seed=2)
+    responder = qkd_core.Reconciler("responder", seed=3)
+    (start,), _ = initiator.start_block(7, bits_a)
+    responder.start_block(7, bits_b)
+    # Damage the first message of the block in every way at once: cut, flipped, extended.
+    for bad in (b"", start[:1], start[:-1], start + b"\x00", bytes(b ^ 0xFF for b in start)):
+        fresh = qkd_core.Reconciler("responder", seed=4)
+        fresh.start_block(7, bits_b)
+        call(fresh.handle_message, bad)
+    for index in range(len(start)):
+        fresh = qkd_core.Reconciler("responder", seed=4)
+        fresh.start_block(7, bits_b)
+        flipped = bytearray(start)
+        flipped[index] ^= 0x5A
+        call(fresh.handle_message, bytes(flipped))
+
+
+@FUZZ
+@given(data=st.binary(max_size=200))
+def test_reconciler_random_messages(data):
+    responder = qkd_core.Reconciler("responder", seed=3)
+    responder.start_block(1, b"\x55" * 64)
+    call(responder.handle_message, data)
+    initiator = qkd_core.Reconciler("initiator", seed=3)
+    initiator.start_block(1, b"\x55" * 64)
+    call(initiator.handle_message, data)
+
+
+def test_certs_bad_name_or_validity(tmp_path):
+    from S15qkd.channel import create_node_certificate
+    from S15qkd.cli.main import main
+
+    for name in ("", ".", "..", "../outside", "a/b"):
+        with pytest.raises(ValueError, match="node name"):
+            create_node_certificate(tmp_path / "certs", name)
+    for days in (-5, 0, 10**12):
+        with pytest.raises(ValueError, match="validity"):
+            create_node_certificate(tmp_path / "certs", "high", days=days)
+        assert main(["certs", "high", "--folder", str(tmp_path / "certs"),
+                     "--days", str(days)]) == 1
+    assert not (tmp_path / "outside.key").exists()
+    assert not list(tmp_path.rglob("*.key"))
+    assert not list(tmp_path.rglob("*.crt"))
