@@ -2,7 +2,7 @@
 
 The stand-in feeds made-up blocks through the real status contract, so these tests
 check the page itself. tests/test_web_simulated_link.py runs the same steps against
-the node's simulated two-node link.
+the node's simulated two-node link and takes the screenshots for the README.
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ from chromium_page import (  # noqa: E402,F401  (pytest finds the fixtures by na
     click,
     graph_points,
     log_in,
-    screenshot_dir,
     setting_input,
     text_of,
     wait_for,
@@ -155,7 +154,7 @@ def test_start_without_login_is_refused(browser, link):
     assert node.calls == []
 
 
-def test_status_page_follows_key_generation(browser, link, screenshot_dir):
+def test_status_page_follows_key_generation(browser, link, tmp_path):
     node, server = link
     log_in(browser, server.url)
     wait_for(browser, lambda d: text_of(d, "engine-state") == "ONLY_COMMUNICATION", "engine state not shown")
@@ -176,7 +175,7 @@ def test_status_page_follows_key_generation(browser, link, screenshot_dir):
     assert "BBM92 mode" in text_of(browser, "raw-key-card")
     assert "Last block: leaked bits" in text_of(browser, "error-correction-card")
     assert not browser.find_element(By.ID, "blinded-banner").is_displayed()
-    browser.save_screenshot(str(screenshot_dir / "status-page.png"))
+    browser.save_screenshot(str(tmp_path / "status-page.png"))
 
     node.override_status(blinded=True)
     wait_for(browser, lambda d: d.find_element(By.ID, "blinded-banner").is_displayed(), "blinded banner not shown")
@@ -186,7 +185,7 @@ def test_status_page_follows_key_generation(browser, link, screenshot_dir):
     wait_for(browser, lambda d: text_of(d, "engine-state") == "ONLY_COMMUNICATION", "stop did not take effect")
 
 
-def test_setting_change_takes_effect(browser, link, screenshot_dir):
+def test_setting_change_takes_effect(browser, link, tmp_path):
     node, server = link
     log_in(browser, server.url)
     click(browser, "start-keygen")
@@ -194,7 +193,7 @@ def test_setting_change_takes_effect(browser, link, screenshot_dir):
 
     click(browser, "nav-settings")
     field = wait_for(browser, lambda d: setting_input(d, "QBER_limit"), "QBER limit field not shown")
-    browser.save_screenshot(str(screenshot_dir / "settings-page.png"))
+    browser.save_screenshot(str(tmp_path / "settings-page.png"))
 
     field.clear()
     field.send_keys("0.7")
@@ -220,7 +219,7 @@ def test_setting_change_takes_effect(browser, link, screenshot_dir):
     assert "tracking_window" in text_of(browser, "config-note")
 
 
-def test_detectors_page_shows_counts(browser, link, screenshot_dir):
+def test_detectors_page_shows_counts(browser, link, tmp_path):
     node, server = link
     log_in(browser, server.url)
     click(browser, "start-keygen")
@@ -233,4 +232,4 @@ def test_detectors_page_shows_counts(browser, link, screenshot_dir):
     assert "HV" in text_of(browser, "basis-qber-table")
     assert "3 ticks" in text_of(browser, "skew-table")
     time.sleep(1.5)  # one more refresh so the screenshot shows settled graphs
-    browser.save_screenshot(str(screenshot_dir / "detectors-page.png"))
+    browser.save_screenshot(str(tmp_path / "detectors-page.png"))

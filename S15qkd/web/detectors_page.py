@@ -34,15 +34,17 @@ def layout() -> html.Div:
 def counts_table(snapshot: StatusSnapshot) -> html.Table:
     counts = snapshot.detectors.counts
     width = max((len(node.counts_per_epoch) for node in counts), default=0)
-    header = html.Tr([html.Th("Node"), html.Th("Epoch")] + [html.Th(f"Detector {i + 1} (1/s)") for i in range(width)]
-                     + [html.Th("Total (1/s)")])
+    header = html.Tr([html.Th("Node"), html.Th("Epoch")]
+                     + [html.Th(f"D{i + 1}", title=f"detector {i + 1}, counts per second") for i in range(width)]
+                     + [html.Th("Total")])
     rows = []
     for node in counts:
         rates = [f"{count / EPOCH_SECONDS:,.0f}" for count in node.counts_per_epoch]
         epoch = "" if node.epoch is None else f"{node.epoch:08x}"
         rows.append(html.Tr([html.Td(node.node), html.Td(epoch)] + [html.Td(rate) for rate in rates]
                             + [html.Td(f"{node.total / EPOCH_SECONDS:,.0f}")]))
-    return html.Table(className="values counts", id="counts-values", children=[html.Thead(header), html.Tbody(rows)])
+    table = html.Table(className="values counts", id="counts-values", children=[html.Thead(header), html.Tbody(rows)])
+    return html.Div(className="scroll", children=[table, html.P("Count rates in counts per second.", className="note")])
 
 
 def counts_figure(snapshot: StatusSnapshot) -> dict[str, Any]:
@@ -63,7 +65,10 @@ def histogram_figure(snapshot: StatusSnapshot) -> tuple[dict[str, Any], str]:
     histogram = snapshot.detectors.histogram
     layout = figure_layout("Time difference minus tracked offset (ns)", "Pairs")
     if histogram is None:
-        return {"data": [], "layout": layout}, "No histogram yet: it appears once coincidences are tracked."
+        layout["xaxis"]["range"] = [-5, 5]
+        layout["annotations"] = [{"text": "No histogram yet", "showarrow": False,
+                                  "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5}]
+        return {"data": [], "layout": layout}, "The histogram appears once the node tracks coincidences."
     centres = [(start + histogram.bin_width_ticks / 2) / TICKS_PER_NS for start in histogram.bin_starts_ticks()]
     data = [{"x": centres, "y": list(histogram.counts), "type": "bar", "name": "pairs",
              "marker": {"color": "#8e44ad"}}]
