@@ -9,8 +9,8 @@ status code adds on top of the HTTP round trip.
 The node is the in-memory stand-in with 100 blocks of history (the most the graphs
 show) and detector data. ``--busy-threads N`` adds N Python threads that spin, as a
 stand-in for engine threads competing for the GIL. ``--simulate`` instead serves the
-high-count node of the simulated two-node link, which runs as fast as it can (not
-paced at the wall clock) during the measurement.
+high-count node of the simulated two-node link, paced at the wall clock like a time
+tagger, with ``--pair-rate`` photon pairs per second.
 
 Run: python benches/web_status.py [--requests 300] [--busy-threads 2 | --simulate]
 """
@@ -123,7 +123,7 @@ def run(node, server: WebServer, count: int) -> bool:
 
 
 @contextlib.contextmanager
-def simulated_link(epochs: int):
+def simulated_link(epochs: int, pair_rate: float):
     """Run both nodes of the simulated link in this process; yield the high-count node in key generation."""
     from S15qkd.node import Node
     from S15qkd.simulate import node_configs, shared_simulator_factory
@@ -131,8 +131,8 @@ def simulated_link(epochs: int):
 
     with tempfile.TemporaryDirectory(prefix="qkd-web-bench-") as workdir:
         args = argparse.Namespace(
-            events_high=None, events_low=None, epochs=epochs, pair_rate=2e5, qber=0.03, seed=3,
-            real_time=False, block_bits=20000, workdir=workdir, timeout=600.0, quiet=True,
+            events_high=None, events_low=None, epochs=epochs, pair_rate=pair_rate, qber=0.03, seed=3,
+            real_time=True, block_bits=20000, workdir=workdir, timeout=600.0, quiet=True,
         )
         high_config, low_config = node_configs(Path(workdir), args)
         factory = shared_simulator_factory(high_config)
@@ -141,19 +141,22 @@ def simulated_link(epochs: int):
         high.start()
         low.start()
         try:
-            deadline = time.monotonic() + 60
+            deadline = time.monotonic() + 90
             while not high.status().connected:
                 if time.monotonic() > deadline:
-                    raise RuntimeError("the simulated nodes did not connect within 60 s")
+                    raise RuntimeError("the simulated nodes did not connect within 90 s")
                 time.sleep(0.2)
             high.start_keygen()
             while high.status().engine_state is not EngineState.KEY_GENERATION:
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"key generation not reached within 60 s: {high.engine.reason}")
+                    raise RuntimeError(f"key generation not reached within 90 s: {high.engine.reason}")
                 time.sleep(0.2)
+            before = high.status()
             yield high
-            print(f"blocks finished during the run: {high.status().error_correction.blocks}; "
-                  f"engine state at the end: {high.status().engine_state.value}")
+            after = high.status()
+            print(f"during the measurement the link finished {after.error_correction.blocks - before.error_correction.blocks} "
+                  f"blocks and received epochs {before.raw_key.last_received_epoch} to "
+                  f"{after.raw_key.last_received_epoch}; engine state at the end: {after.engine_state.value}")
         finally:
             high.close()
             low.close()
@@ -168,10 +171,12 @@ def main() -> int:
                         help="serve the high-count node of the simulated link instead of the stand-in")
     parser.add_argument("--epochs", type=int, default=2000,
                         help="epochs the simulated link may run for with --simulate (default 2000)")
+    parser.add_argument("--pair-rate", type=float, default=2e5,
+                        help="photon pairs per second of the simulated link (default 2e5)")
     args = parser.parse_args()
 
     if args.simulate:
-        with simulated_link(args.epochs) as node:
+        with simulated_link(args.epochs, args.pair_rate) as node:
             with WebServer(node, TOKEN, host="127.0.0.1", port=0) as server:
                 return 0 if run(node, server, args.requests) else 1
 
