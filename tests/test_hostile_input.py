@@ -207,3 +207,51 @@ def test_certs_bad_name_or_validity(tmp_path):
     assert not (tmp_path / "outside.key").exists()
     assert not list(tmp_path.rglob("*.key"))
     assert not list(tmp_path.rglob("*.crt"))
+
+
+@pytest.mark.parametrize("nbits", [2**26 + 1, 2**62, 2**64 - 1])
+def test_simulated_key_pair_too_long(nbits):
+    with pytest.raises(ValueError, match="nbits"):
+        qkd_core.simulated_raw_key_pair(nbits, 0.01)
+
+
+def run_qkd_sim(*args, cwd, file_size_limit=None):
+    """Run qkd-sim; with file_size_limit, writes beyond that many bytes fail (EFBIG)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run([sys.executable, "-m", "S15qkd.cli.sim", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=60,
+                          preexec_fn=limit_file_size if file_size_limit else None)
+
+
+def test_qkd_sim_failed_write_leaves_no_file(tmp_path):
+    # 10^5 pairs need about 800 kB per node; the limit stops the writes at 64 kB.
+    result = run_qkd_sim("-n", "100000", "-F", "high", "-f", "low", cwd=tmp_path,
+                         file_size_limit=65536)
+    assert result.returncode == 2
+    assert "output high" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--batch", "1e-300"), ("--offset", "1e300"), ("--offset", "nan"),
+])
+def test_qkd_sim_absurd_option_rejected(tmp_path, option, value):
+    result = run_qkd_sim("-n", "1000", "-F", "high", "-f", "low", option, value, cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"invalid {option}" in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_qkd_sim_missing_output_folder(tmp_path):
+    result = run_qkd_sim("-n", "1000", "-F", "absent/high", "-f", "low", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "cannot create output absent/high" in result.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Shortest simulated batch in seconds.
+MIN_BATCH_S = 1e-6
+# Largest clock offset in ns whose tick count (8 per ns) fits a signed 64-bit integer.
+MAX_OFFSET_NS = float(2**60)
+
+
 class Output:
     """One node's output: a temporary file renamed on success, or a stream."""
 
@@ -105,35 +111,62 @@ class Output:
             return
         self.final = path
         self.temp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        self.handle = open(self.temp, "wb")
+        try:
+            self.handle = open(self.temp, "wb")
+        except OSError as error:
+            raise OSError(error.errno, f"cannot create output {target}: {error.strerror}; "
+                                       "check that its folder exists and is writable") from None
 
     def write(self, data: bytes) -> None:
-        if self.handle is not None:
+        if self.handle is None:
+            return
+        try:
             self.handle.write(data)
+        except OSError as error:
+            raise OSError(error.errno, f"writing output {self.target} failed: "
+                                       f"{error.strerror}; free space or choose another "
+                                       "output") from None
 
     def commit(self) -> None:
         if self.handle is None:
             return
-        self.handle.flush()
-        if self.final is not None and self.temp is not None:
-            os.fsync(self.handle.fileno())
-            self.handle.close()
-            os.replace(self.temp, self.final)
-        elif self.handle is not sys.stdout.buffer:
-            self.handle.close()
+        try:
+            self.handle.flush()
+            if self.final is not None and self.temp is not None:
+                os.fsync(self.handle.fileno())
+                self.handle.close()
+                os.replace(self.temp, self.final)
+            elif self.handle is not sys.stdout.buffer:
+                self.handle.close()
+        except OSError as error:
+            raise OSError(error.errno, f"writing output {self.target} failed: "
+                                       f"{error.strerror}; free space or choose another "
+                                       "output") from None
 
     def discard(self) -> None:
-        if self.handle is not None and self.handle is not sys.stdout.buffer:
-            self.handle.close()
-        if self.temp is not None:
-            self.temp.unlink(missing_ok=True)
+        # Closing flushes buffered data, which fails again on a full disk: the temporary
+        # file is removed whatever close raises.
+        try:
+            if self.handle is not None and self.handle is not sys.stdout.buffer:
+                self.handle.close()
+        except OSError:
+            pass
+        finally:
+            if self.temp is not None:
+                self.temp.unlink(missing_ok=True)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.pairs is None and args.duration is None:
         raise ValueError("give the number of pairs (-n) or the simulated duration (-d)")
-    if args.batch <= 0:
-        raise ValueError(f"invalid --batch {args.batch}: expected seconds above 0")
+    # A batch below one microsecond lets the simulated clock stall on float rounding
+    # (1e-300 s never advances it), so the run would never end.
+    if not args.batch >= MIN_BATCH_S:
+        raise ValueError(f"invalid --batch {args.batch}: expected at least {MIN_BATCH_S} "
+                         "seconds")
+    if not abs(args.offset) <= MAX_OFFSET_NS:
+        raise ValueError(f"invalid --offset {args.offset}: expected a clock offset of at most "
+                         f"{MAX_OFFSET_NS:g} ns in magnitude")
     if args.high_output == "-" and args.low_output == "-":
         raise ValueError("only one of -F and -f can be standard output")
     kwargs = dict(

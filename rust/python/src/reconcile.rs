@@ -19,7 +19,7 @@ use pyo3::types::PyBytes;
 use qkd_formats::type7::{self, Type7File};
 use qkd_reconcile::bits::BitVec;
 use qkd_reconcile::finite_key::SecurityParams;
-use qkd_reconcile::protocol::{run_pair, Step};
+use qkd_reconcile::protocol::{run_pair, Step, MAX_BLOCK_BITS};
 use qkd_reconcile::rng::{simulated_key_pair, OsRandom, RandomSource, SeededRandom};
 use qkd_reconcile::{
     BlockOutcome as CoreOutcome, BlockResult, Config, ReconcileError as CoreError,
@@ -444,6 +444,7 @@ type BitArrayPair<'py> = (Bound<'py, PyArray1<u8>>, Bound<'py, PyArray1<u8>>);
 ///     -> (numpy uint8 array, numpy uint8 array)
 ///
 /// Returns random raw key bits and a copy with each bit flipped with probability `qber`.
+/// `nbits` is at most the largest reconciliation block, 2**26 bits.
 #[pyfunction]
 #[pyo3(signature = (nbits, qber, seed = 0))]
 fn simulated_raw_key_pair(
@@ -455,6 +456,12 @@ fn simulated_raw_key_pair(
     if !(0.0..=1.0).contains(&qber) {
         return Err(PyValueError::new_err(format!(
             "qber = {qber} is invalid: expected 0 <= qber <= 1"
+        )));
+    }
+    // Without this limit a huge nbits aborts the interpreter when the allocation fails.
+    if nbits > MAX_BLOCK_BITS {
+        return Err(PyValueError::new_err(format!(
+            "nbits = {nbits} is invalid: expected at most {MAX_BLOCK_BITS}, the largest reconciliation block"
         )));
     }
     let (a, b) = py.detach(|| {
