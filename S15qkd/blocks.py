@@ -111,9 +111,12 @@ class BlockManager:
 
     def on_raw_key(self, epoch: int, bits: np.ndarray) -> None:
         state = self.node.engine.state
-        if state is S.KEY_GENERATION and self.config["error_correction"]:
-            self.collect(epoch, bits)
-        elif state in (S.SERVICE_MODE, S.KEY_GENERATION):
+        if state is S.KEY_GENERATION:
+            if self.config["error_correction"]:
+                self.collect(epoch, bits)
+            else:
+                log.debug("raw key of epoch %08x left unused: error_correction is off", epoch)
+        elif state is S.SERVICE_MODE:
             # Disclose at most one window of epochs at a time and hold the rest until
             # the window's QBER is known: with a fast source, every epoch would
             # otherwise be disclosed before the first result comes back.

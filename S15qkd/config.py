@@ -179,13 +179,9 @@ SCHEMA: dict[str, Option] = {
     "track_filter_time_constant": Option(200000, _int_range(1, 2**31),
                                          "an integer number of microseconds",
                                          "time constant of the clock-tracking filter"),
-    "frequency_search": Option(False, _is_bool, "true or false",
-                               "search the frequency offset with the time offset"),
     # Error correction and keys.
     "error_correction": Option(True, _is_bool, "true or false",
                                "run reconciliation in key generation"),
-    "privacy_amplification": Option(True, _is_bool, "true or false",
-                                    "shorten corrected keys to the secure length"),
     "minimal_block_size": Option(20000, _int_range(256, 10_000_000),
                                  "an integer number of bits from 256 to 10000000",
                                  "raw key bits collected before one reconciliation block"),
@@ -212,6 +208,8 @@ IGNORED_KEYS = {
     "ENVIRONMENT", "max_event_time_pause", "autorestart_costream", "costream_general_log",
     "freqcd_threshold", "clock_source", "protocol", "error_correction_program_path",
     "target_bit_error", "port_num", "target_ip", "port_num_authd",
+    # Privacy amplification is always on: a key without it is not secret.
+    "privacy_amplification",
 }
 
 
