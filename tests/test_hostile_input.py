@@ -255,3 +255,41 @@ def test_qkd_sim_missing_output_folder(tmp_path):
     assert result.returncode == 2
     assert "cannot create output absent/high" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_payload_dropped_not_resent(tmp_path):
+    # A handler that rejects a payload as malformed, as the node does for CONTROL frames
+    # that are not JSON: the frame is dropped and acknowledged, so the frames behind it
+    # still arrive and the connection stays up.
+    import threading
+
+    from S15qkd.channel import FrameType, create_node_certificate
+    from S15qkd.channel.frames import decode_json
+    from test_channel import free_port, make_link
+
+    certs = {name: create_node_certificate(tmp_path, name) for name in ("high", "low")}
+    received: list[bytes] = []
+    good_arrived = threading.Event()
+
+    def handler(frame_type, payload):
+        received.append(payload)
+        decode_json(payload, "CONTROL")
+        good_arrived.set()
+
+    port = free_port()
+    high = make_link(certs, "high", port, handler)
+    low = make_link(certs, "low", port, lambda frame_type, payload: None)
+    high.start()
+    low.start()
+    try:
+        assert low.wait_connected(10)
+        low.send(FrameType.CONTROL, b"not json")
+        low.send(FrameType.CONTROL, b'{"msg": "ok"}')
+        assert good_arrived.wait(10)
+        assert received.count(b"not json") == 1
+        assert high.stats.malformed_dropped == 1
+        assert high.stats.connections == 1
+        assert "CONTROL frame 1 dropped: malformed CONTROL payload" in high.stats.last_error
+    finally:
+        low.stop()
+        high.stop()

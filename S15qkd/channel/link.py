@@ -80,6 +80,7 @@ class LinkStats:
     resets: int = 0
     retransmitted: int = 0
     duplicates_dropped: int = 0
+    malformed_dropped: int = 0
     last_error: str = ""
     connected_since: float = 0.0
     peer_address: str = ""
@@ -478,11 +479,14 @@ class Link:
         if seq > self._recv_next:
             raise FrameError(f"frame {seq} arrived while {self._recv_next} was expected")
         # A handler error leaves the frame unacknowledged: the connection closes and the
-        # peer sends the frame again after reconnecting.
+        # peer sends the frame again after reconnecting. A malformed payload (FrameError)
+        # is dropped and acknowledged instead, because sending it again cannot repair it
+        # and would close every new connection before the frames queued behind it.
         try:
             self._handler(frame_type, payload)
-        except FrameError:
-            raise
+        except FrameError as error:
+            self.stats.malformed_dropped += 1
+            self._record_error(f"{frame_type.name} frame {seq} dropped: {error}")
         except Exception as error:
             log.exception("handling %s frame %d failed", frame_type.name, seq)
             raise ChannelError(f"handling {frame_type.name} frame {seq} failed: {error}") from error
