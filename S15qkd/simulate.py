@@ -197,8 +197,15 @@ def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
             states = {"high": (high.engine.state.value, high.engine.reason),
                       "low": (low.engine.state.value, low.engine.reason)}
         finally:
-            high.close()
-            low.close()
+            # Each node sees the other close its channel; that is expected here.
+            channel_log = logging.getLogger("S15qkd.channel.link")
+            level = channel_log.level
+            channel_log.setLevel(logging.ERROR)
+            try:
+                high.close()
+                low.close()
+            finally:
+                channel_log.setLevel(level)
         return report(high, low, progress, outcome, states, time.monotonic() - started, out)
 
 
