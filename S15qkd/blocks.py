@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 S = EngineState
 
 
+# Most epochs one reconciliation block may name: 2**20 epochs of 0.537 s are about 6
+# days, and the bound keeps a start message cheap to check.
+MAX_BLOCK_EPOCHS = 1 << 20
+
+
 def encode_reconcile(header: dict, body: bytes = b"") -> bytes:
     return json.dumps(header, separators=(",", ":")).encode() + b"\n" + body
 
@@ -56,9 +61,33 @@ def decode_reconcile(payload: bytes) -> tuple[dict, bytes]:
         header = json.loads(line)
     except ValueError as error:
         raise FrameError(f"malformed RECONCILE header: {error}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("block"), int):
+    if not isinstance(header, dict) or not _is_u32(header.get("block")):
         raise FrameError(f"malformed RECONCILE header: {line[:200]!r}")
+    # The fields are checked here, on the channel thread, because a bad value raised in
+    # the error-correction worker would stop that worker instead of this one message.
+    kind = header.get("kind")
+    if kind == "start":
+        epochs, bits = header.get("epochs"), header.get("bits")
+        if (not isinstance(epochs, list) or not 0 < len(epochs) <= MAX_BLOCK_EPOCHS
+                or not all(_is_u32(e) for e in epochs)):
+            raise FrameError(f"malformed RECONCILE start of block {header['block']}: epochs "
+                             f"must be a list of 1 to {MAX_BLOCK_EPOCHS} epoch numbers")
+        if not isinstance(bits, int) or isinstance(bits, bool) or bits < 1:
+            raise FrameError(f"malformed RECONCILE start of block {header['block']}: bits "
+                             f"{bits!r} must be a positive integer")
+    elif kind == "abort":
+        if not isinstance(header.get("reason", ""), str):
+            raise FrameError(f"malformed RECONCILE abort of block {header['block']}: reason "
+                             "must be a string")
+    elif kind != "msg":
+        raise FrameError(f"malformed RECONCILE header: unknown kind {kind!r}; expected "
+                         "'start', 'msg' or 'abort'")
     return header, body
+
+
+def _is_u32(value) -> bool:
+    """Tell whether value is an epoch number or block id: an int from 0 to 2**32 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**32
 
 
 @dataclass

@@ -293,3 +293,34 @@ def test_malformed_payload_dropped_not_resent(tmp_path):
     finally:
         low.stop()
         high.stop()
+
+
+@pytest.mark.parametrize("header", [
+    b'{"block": 1, "kind": "start", "epochs": ["x"], "bits": 10}',
+    b'{"block": 1, "kind": "start", "epochs": 5, "bits": 10}',
+    b'{"block": 1, "kind": "start", "epochs": [], "bits": 10}',
+    b'{"block": 1, "kind": "start", "epochs": [-1], "bits": 10}',
+    b'{"block": 1, "kind": "start", "epochs": [4294967296], "bits": 10}',
+    b'{"block": 1, "kind": "start", "epochs": [1], "bits": "10"}',
+    b'{"block": 1, "kind": "start", "epochs": [1]}',
+    b'{"block": 1, "kind": "abort", "reason": ["x"]}',
+    b'{"block": 1, "kind": "other"}',
+    b'{"block": 1}',
+    b'{"block": true, "kind": "msg"}',
+    b'{"block": -1, "kind": "msg"}',
+])
+def test_reconcile_header_malformed(header):
+    from S15qkd.blocks import decode_reconcile
+    from S15qkd.channel import FrameError
+
+    with pytest.raises(FrameError, match="malformed RECONCILE"):
+        decode_reconcile(header + b"\n")
+
+
+def test_reconcile_header_round_trip():
+    from S15qkd.blocks import decode_reconcile, encode_reconcile
+
+    for header in ({"run": 3, "block": 7, "kind": "start", "epochs": [7, 8], "bits": 900},
+                   {"run": 3, "block": 7, "kind": "msg"},
+                   {"run": 3, "block": 7, "kind": "abort", "reason": "raw key missing"}):
+        assert decode_reconcile(encode_reconcile(header, b"\x00\n\x01")) == (header, b"\x00\n\x01")
