@@ -324,3 +324,12 @@ def test_reconcile_header_round_trip():
                    {"run": 3, "block": 7, "kind": "msg"},
                    {"run": 3, "block": 7, "kind": "abort", "reason": "raw key missing"}):
         assert decode_reconcile(encode_reconcile(header, b"\x00\n\x01")) == (header, b"\x00\n\x01")
+
+
+@pytest.mark.parametrize("step, maximum", [
+    (1e-9, 1.0), (1e-300, 1e300), (float("nan"), 1e-6), (1e-7, float("inf")), (-1e-7, 1e-6),
+])
+def test_frequency_finder_precompensation_rejected(step, maximum):
+    with pytest.raises(ValueError, match="precompensation"):
+        qkd_core.FrequencyFinder(buffer_order=12, precompensation_step=step,
+                                 precompensation_max=maximum)

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use numpy::{IntoPyArray, PyArray1, PyReadonlyArray1};
 use pyo3::prelude::*;
-use qkd_sync::frequency::flip_flop;
+use qkd_sync::frequency::precompensations;
 use qkd_sync::{
     Deletion, FrequencyCorrector as CoreCorrector, FrequencyFinder as CoreFrequencyFinder,
     FrequencyOffset as CoreFrequencyOffset, FrequencySearchParams,
@@ -288,17 +288,17 @@ fn frequency_params(
     convergence_rate: f64,
     precompensation_step: f64,
     precompensation_max: f64,
-) -> FrequencySearchParams {
-    FrequencySearchParams {
+) -> Result<FrequencySearchParams, qkd_sync::SyncError> {
+    Ok(FrequencySearchParams {
         buffer_order,
         coarse_resolution_ns,
         fine_resolution_ns,
         separation,
         threshold,
         convergence_rate,
-        precompensations: flip_flop(0.0, precompensation_step, precompensation_max),
+        precompensations: precompensations(precompensation_step, precompensation_max)?,
         ..FrequencySearchParams::default()
-    }
+    })
 }
 
 /// Frequency and time offset finder (the fpfind method); plans its FFTs once.
@@ -308,7 +308,7 @@ fn frequency_params(
 /// precompensation_max=1e-6): the defaults are the reference server's fpfind options. The
 /// late window starts separation coarse spans (coarse_resolution_ns * 2^buffer_order)
 /// after the early one; when a search fails it is retried with side H pre-compensated by
-/// 0, +step, -step, +2 step, ... up to +-precompensation_max.
+/// 0, +step, -step, +2 step, ... up to +-precompensation_max, at most 1000 steps each way.
 #[pyclass(module = "qkd_core")]
 pub struct FrequencyFinder {
     inner: CoreFrequencyFinder,
@@ -339,7 +339,8 @@ impl FrequencyFinder {
             convergence_rate,
             precompensation_step,
             precompensation_max,
-        );
+        )
+        .map_err(|e| sync_error(py, e))?;
         let inner = py
             .detach(|| CoreFrequencyFinder::new(params))
             .map_err(|e| sync_error(py, e))?;

@@ -92,6 +92,37 @@ impl Default for FrequencySearchParams {
     }
 }
 
+/// Maximum number of pre-compensation steps on each side of zero that
+/// [`precompensations`] accepts. Each step may cost a full retry of the search, and
+/// without a bound a fine step requested gigabytes for the list alone.
+pub const MAX_PRECOMPENSATION_STEPS: f64 = 1000.0;
+
+/// Returns the pre-compensations `0, +step, −step, …` up to `±max` ([`flip_flop`]) after
+/// checking that `step` and `max` are finite, not negative, and that `max / step` is at
+/// most [`MAX_PRECOMPENSATION_STEPS`]. A zero step or max gives only 0.
+pub fn precompensations(step: f64, max: f64) -> Result<Vec<f64>, SyncError> {
+    for (name, value) in [("precompensation step", step), ("precompensation max", max)] {
+        if !(value.is_finite() && value >= 0.0) {
+            return Err(SyncError::InvalidParameter {
+                name,
+                value: value.to_string(),
+                expected: "a finite value of 0 or more".into(),
+            });
+        }
+    }
+    if step > 0.0 && max / step > MAX_PRECOMPENSATION_STEPS {
+        return Err(SyncError::InvalidParameter {
+            name: "precompensation step",
+            value: step.to_string(),
+            expected: format!(
+                "at least precompensation max / {MAX_PRECOMPENSATION_STEPS} = {}; raise the step or lower the max {max}",
+                max / MAX_PRECOMPENSATION_STEPS
+            ),
+        });
+    }
+    Ok(flip_flop(0.0, step, max))
+}
+
 /// Returns `start + step·[0, +1, −1, +2, −2, …, +m, −m]` with `m = floor(stop / step)`:
 /// pre-compensations ordered by distance from `start`.
 pub fn flip_flop(start: f64, step: f64, stop: f64) -> Vec<f64> {
@@ -509,6 +540,18 @@ fn significance(c: &[f64], p: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn precompensations_reject_huge_counts() {
+        assert_eq!(precompensations(1e-7, 2e-7).unwrap().len(), 5);
+        assert_eq!(precompensations(0.0, 1e-6).unwrap(), vec![0.0]);
+        assert_eq!(precompensations(1e-7, 0.0).unwrap(), vec![0.0]);
+        assert!(precompensations(1e-9, 1.0).is_err());
+        assert!(precompensations(1e-300, 1e300).is_err());
+        assert!(precompensations(f64::NAN, 1e-6).is_err());
+        assert!(precompensations(1e-7, f64::INFINITY).is_err());
+        assert!(precompensations(-1e-7, 1e-6).is_err());
+    }
 
     #[test]
     fn flip_flop_orders_by_distance() {
