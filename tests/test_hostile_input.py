@@ -333,3 +333,28 @@ def test_frequency_finder_precompensation_rejected(step, maximum):
     with pytest.raises(ValueError, match="precompensation"):
         qkd_core.FrequencyFinder(buffer_order=12, precompensation_step=step,
                                  precompensation_max=maximum)
+
+
+def test_qkd_sim_terminated_leaves_no_file(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    process = subprocess.Popen([sys.executable, "-m", "S15qkd.cli.sim", "-d", "1000", "-e", "1e6",
+                                "-F", "high", "-f", "low"], cwd=tmp_path,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        # Wait for written events, so that the run is past its start-up imports.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if any(path.stat().st_size for path in tmp_path.iterdir()):
+                break
+            time.sleep(0.05)
+        assert any(tmp_path.iterdir()), "qkd-sim wrote no temporary file within 20 s"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=20) == 128 + signal.SIGTERM
+    finally:
+        process.kill()
+        process.wait()
+    assert list(tmp_path.iterdir()) == []

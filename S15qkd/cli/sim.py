@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import stat
 import sys
+import threading
 from pathlib import Path
 from typing import BinaryIO, Optional
 
@@ -229,15 +231,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _exit_on_sigterm(signum, frame) -> None:
+    # SystemExit unwinds through run(), which removes the temporary output files.
+    raise SystemExit(128 + signum)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    # Without a handler SIGTERM ends the process at once and leaves the temporary files.
+    # Python accepts signal handlers only in the main thread.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         return run(args)
     except (ValueError, OSError, qkd_core.QkdError) as exc:
         print(f"qkd-sim: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
