@@ -216,11 +216,40 @@ proptest! {
             }
             (BlockResult::Discarded { reason: r1, .. }, BlockResult::Discarded { reason: r2, .. }) => {
                 prop_assert_eq!(r1, r2);
-                prop_assert!(qber > 0.06, "discarded at QBER {} ({:?})", qber, r1);
+                // Four Cascade passes leave an error behind in a small fraction of blocks
+                // at any QBER; the verification tag catches it and both sides discard, which
+                // is the correct outcome. Any other discard needs a high QBER.
+                prop_assert!(
+                    *r1 == DiscardReason::VerificationFailed || qber > 0.06,
+                    "discarded at QBER {} ({:?})", qber, r1
+                );
             }
             (x, y) => prop_assert!(false, "outcomes differ: {:?} / {:?}", x, y),
         }
     }
+}
+
+/// At QBER below 1 % the 1024-bit sample of the first block often holds no error at all.
+/// Cascade blocks sized for the sample's error fraction left errors in half of these blocks,
+/// and all of them then failed verification. Sized for the sample's upper bound, each one
+/// verifies.
+#[test]
+fn first_block_at_low_qber_verifies() {
+    let mut failed = Vec::new();
+    for qber in [0.001, 0.0019, 0.004] {
+        for seed in 0..12u64 {
+            let n = 20_000 + 4_500 * seed as usize;
+            let (mut a, mut b) = peers(seed, Config::default());
+            let (ka, kb) = simulated_key_pair(n, qber, seed);
+            let run = run_pair(&mut a, &mut b, 1, ka, kb, |_, _, m| Some(m)).unwrap();
+            if verified_key(&run.initiator.result).is_none() {
+                failed.push((qber, n, seed, discard_reason(&run.initiator.result)));
+            } else {
+                assert_equal_keys(&run);
+            }
+        }
+    }
+    assert!(failed.is_empty(), "blocks discarded: {failed:?}");
 }
 
 #[test]
