@@ -15,6 +15,16 @@ from S15qkd.channel import FrameType, Link, LinkSettings, LinkState, create_node
 from S15qkd.channel.frames import HEADER, MAGIC, VERSION, Frame, FrameError, parse_header
 
 
+def wait_until(condition, timeout: float = 20.0) -> bool:
+    """Polls ``condition`` until it holds; the limit only matters on a very slow machine."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -92,7 +102,8 @@ def test_resume_after_drop_loses_and_repeats_nothing(pair):
         if index == 150:
             links["low"].drop_connection("test drop")
     assert inboxes["low"].wait_for(300, timeout=20)
-    time.sleep(0.3)
+    assert wait_until(lambda: links["high"].queued_frames == 0)
+    time.sleep(0.3)  # room for a repeated frame to show up
     received = [int.from_bytes(payload[:4], "little") for _, payload in inboxes["low"].frames]
     assert received == list(range(300))
     assert links["low"].stats.connections >= 2
@@ -124,7 +135,7 @@ def test_wrong_certificate_is_rejected(certs, caplog):
     high.start()
     intruder.start()
     try:
-        time.sleep(1.0)
+        assert wait_until(lambda: "TLS handshake" in high.stats.last_error), high.stats.last_error
         assert high.state is LinkState.DISCONNECTED
         assert intruder.state is not LinkState.CONNECTED
         assert "TLS handshake" in high.stats.last_error
@@ -142,9 +153,9 @@ def test_client_rejects_server_with_other_certificate(certs):
     high.start()
     low.start()
     try:
-        time.sleep(1.0)
+        assert wait_until(lambda: "certificate verify failed" in low.stats.last_error), \
+            low.stats.last_error
         assert low.state is not LinkState.CONNECTED
-        assert "certificate verify failed" in low.stats.last_error
     finally:
         low.stop()
         high.stop()
@@ -222,8 +233,7 @@ def test_cut_channel_resumes(proxied_pair):
     proxy.cut()
     for index in range(20):
         high.send(FrameType.CONTROL, str(index).encode())
-    time.sleep(1.5)
-    assert low.state is not LinkState.CONNECTED
+    assert wait_until(lambda: low.state is not LinkState.CONNECTED)
     proxy.restore()
     assert inboxes["low"].wait_for(20, timeout=15)
     assert [int(p) for _, p in inboxes["low"].frames] == list(range(20))
