@@ -8,8 +8,8 @@
 //! Units: times and windows in ticks of 1/8 ns; the time offset `Δ = t_L - t_H`.
 //!
 //! Pairing: both streams are walked in time order. With `diff = t1 - t2 + Δ`, the
-//! type-1 stream advances while `diff < -U`, the type-2 stream while `diff > A`; any other
-//! pair is examined once and both of its events are consumed. An examined pair counts as
+//! type-1 stream advances while `diff < -U`, the type-2 stream while `diff > A`. Any other
+//! pair is examined once, and both of its events are consumed. An examined pair counts as
 //! an accidental when `diff > A - 2W`, as a coincidence when `-W < diff < W`, and feeds the
 //! clock servo when `diff < U`.
 //!
@@ -29,7 +29,7 @@ use crate::error::{CoincidenceError, Stream};
 use crate::protocol::{CostreamProtocol, Sift};
 use crate::splicer::bit_file;
 
-/// Which epochs get output files when no event was kept.
+/// Output policy for epochs without kept events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ZeroPolicy {
     /// No files for an epoch without kept events (`-T 0`).
@@ -90,7 +90,7 @@ impl Default for CostreamConfig {
     }
 }
 
-/// What [`Costream::advance`] waits for.
+/// The input that [`Costream::advance`] waits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Need {
     /// The type-1 file of this epoch.
@@ -199,6 +199,17 @@ struct EpochEvents {
     patterns: Vec<u8>,
 }
 
+/// Raw events of one type-1 file; times are computed as they are read.
+#[derive(Debug, Default)]
+struct Type1Events {
+    epoch: u32,
+    /// Header length.
+    length: u32,
+    words: Vec<u64>,
+    /// Added to `word >> 15` so that epoch bits 15..31 come from the file label.
+    base: u64,
+}
+
 /// Per-epoch outputs and counters of the type-2 epoch being matched.
 #[derive(Debug)]
 struct OpenEpoch {
@@ -212,7 +223,7 @@ struct OpenEpoch {
     type5: BitWriter,
 }
 
-/// The clock-tracking servo. `accumulator` holds the offset correction in 1/4096 tick.
+/// The clock-tracking servo. `accumulator` is the offset correction in 1/4096 tick.
 #[derive(Debug, Clone)]
 struct ClockServo {
     filter: i64,
@@ -266,8 +277,10 @@ pub struct Costream {
     protocol: CostreamProtocol,
 
     // Type-1 stream: queued files, the file being read, and the current event.
-    queue1: VecDeque<EpochEvents>,
-    current1: EpochEvents,
+    queue1: VecDeque<Type1Events>,
+    current1: Type1Events,
+    /// Skew in ticks per detector pattern (two's complement).
+    skew: [u64; 16],
     position1: usize,
     next_epoch1: u32,
     type1_events: u32,
@@ -335,7 +348,8 @@ impl Costream {
             offset: config.time_offset,
             drift: 0,
             queue1: VecDeque::new(),
-            current1: EpochEvents::default(),
+            current1: Type1Events::default(),
+            skew: skew_table(&config.skews),
             position1: 0,
             next_epoch1: config.start_epoch,
             type1_events: 0,
@@ -408,25 +422,12 @@ impl Costream {
         let first_epoch17 = file.events.first().map_or(0, |&w| (w >> 47) as u32);
         let high = expected & 0xFFFF_8000;
         let base = u64::from(high.wrapping_sub(first_epoch17 & 0x1_8000)) << 32;
-        let mut skew = [0u64; 16];
-        for (i, s) in self.config.skews.iter().enumerate() {
-            skew[1 << i] = *s as u64;
-        }
-        let mut events = EpochEvents {
+        let events = Type1Events {
             epoch: expected,
             length: file.events.len() as u32,
-            times: Vec::with_capacity(file.events.len()),
-            patterns: Vec::with_capacity(file.events.len()),
+            words: file.events,
+            base,
         };
-        for &word in &file.events {
-            let pattern = (word & 0xF) as u8;
-            events.times.push(
-                (word >> 15)
-                    .wrapping_add(base)
-                    .wrapping_add(skew[usize::from(pattern)]),
-            );
-            events.patterns.push(pattern);
-        }
         self.queue1.push_back(events);
         Ok(())
     }
@@ -488,7 +489,7 @@ impl Costream {
         loop {
             let diff = (self.t1.wrapping_sub(self.t2) as i64).wrapping_add(self.offset);
             if self.need1 || diff < -tracking {
-                if self.position1 == self.current1.times.len() {
+                if self.position1 == self.current1.words.len() {
                     let Some(next) = self.queue1.pop_front() else {
                         return Ok(Need::Type1(self.next_epoch1));
                     };
@@ -498,16 +499,9 @@ impl Costream {
                     self.position1 = 0;
                     continue;
                 }
-                let time = self.current1.times[self.position1];
-                let pattern = self.current1.patterns[self.position1];
-                self.position1 += 1;
-                // Out-of-order events (after skew) are dropped.
-                if time <= self.t1 {
-                    continue;
+                if self.scan_type1(-tracking) {
+                    self.need1 = false;
                 }
-                self.t1 = time;
-                self.p1 = pattern;
-                self.need1 = false;
                 continue;
             }
             if self.need2 || diff > accidental {
@@ -529,9 +523,7 @@ impl Costream {
                     self.position2 = 0;
                     continue;
                 }
-                self.t2 = self.current2.times[self.position2];
-                self.p2 = self.current2.patterns[self.position2];
-                self.position2 += 1;
+                self.scan_type2(accidental);
                 self.need2 = false;
                 continue;
             }
@@ -566,6 +558,68 @@ impl Costream {
             self.need1 = true;
             self.need2 = true;
         }
+    }
+
+    /// Takes type-1 events of the current file until one is accepted with
+    /// `diff >= floor`; returns false when the file ends first.
+    ///
+    /// This is the reference's one-event-per-pass loop in one scan: events not later
+    /// than the last accepted one are dropped, every other event becomes the current
+    /// one, and the scan goes on while `diff < floor`. The offset cannot change here
+    /// because the servo only runs on examined pairs.
+    #[inline]
+    fn scan_type1(&mut self, floor: i64) -> bool {
+        let words = &self.current1.words[..];
+        let (base, skew) = (self.current1.base, &self.skew);
+        let (t2, offset) = (self.t2, self.offset);
+        let mut t1 = self.t1;
+        let mut accepted = None;
+        let mut position = self.position1;
+        let mut found = false;
+        while position < words.len() {
+            let word = words[position];
+            position += 1;
+            let time = (word >> 15)
+                .wrapping_add(base)
+                .wrapping_add(skew[(word & 0xF) as usize]);
+            // Out-of-order events (after skew) are dropped.
+            if time <= t1 {
+                continue;
+            }
+            t1 = time;
+            accepted = Some(word);
+            if (t1.wrapping_sub(t2) as i64).wrapping_add(offset) >= floor {
+                found = true;
+                break;
+            }
+        }
+        self.position1 = position;
+        if let Some(word) = accepted {
+            self.t1 = t1;
+            self.p1 = (word & 0xF) as u8;
+        }
+        found
+    }
+
+    /// Takes type-2 events of the current file until `diff <= ceiling` or the file ends.
+    /// At least one event is taken; the caller checks that one is left.
+    #[inline]
+    fn scan_type2(&mut self, ceiling: i64) {
+        let times = &self.current2.times[..];
+        let (t1, offset) = (self.t1, self.offset);
+        let mut position = self.position2;
+        loop {
+            let t2 = times[position];
+            position += 1;
+            if position == times.len()
+                || (t1.wrapping_sub(t2) as i64).wrapping_add(offset) <= ceiling
+            {
+                break;
+            }
+        }
+        self.t2 = times[position - 1];
+        self.p2 = self.current2.patterns[position - 1];
+        self.position2 = position;
     }
 
     fn open_epoch(&mut self, events: &EpochEvents) -> Result<(), CoincidenceError> {
@@ -687,4 +741,14 @@ fn push_type4(open: &mut OpenEpoch, index: u32, data: u8) -> Result<(), Coincide
             epoch: open.epoch,
             source,
         })
+}
+
+/// Returns the skew of each 4-bit detector pattern: `skews[i]` for the single detector
+/// `i + 1`, 0 for every other pattern.
+fn skew_table(skews: &[i64; 4]) -> [u64; 16] {
+    let mut table = [0u64; 16];
+    for (i, skew) in skews.iter().enumerate() {
+        table[1 << i] = *skew as u64;
+    }
+    table
 }

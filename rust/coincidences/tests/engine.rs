@@ -347,3 +347,15 @@ proptest! {
         prop_assert_eq!(a[0].coincidences, b[0].coincidences);
     }
 }
+
+#[test]
+fn equal_skews_act_like_an_offset() {
+    let files = epochs(&link(1000), 2);
+    let plain = run(config(1000, 1), &files).unwrap();
+    let mut skewed = config(1000 + 250, 1);
+    skewed.skews = [-250; 4];
+    let closed = run(skewed, &files).unwrap();
+    assert_eq!(closed[0].coincidences, plain[0].coincidences);
+    assert_eq!(closed[0].type4, plain[0].type4);
+    assert_eq!(closed[0].type3, plain[0].type3);
+}
