@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import filecmp
 import os
 import shlex
 import shutil
 import struct
-import threading
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -224,17 +227,33 @@ def test_splicer_reads_command_pipe(tiny_copy):
     os.mkfifo("splicepipe")
     args = ["-d", "t3", "-D", "t4", "-f", "rawkey.lec", "-E", "splicepipe", "-q", "2", "-e", "0x4f87",
             "-m", "genlog", "-V", "1"]
-    codes = []
-    worker = threading.Thread(target=lambda: codes.append(splicer_cli.main(args)), daemon=True)
-    worker.start()
-    with open("splicepipe", "w") as pipe:
-        pipe.write("4f87\n4f88 4f89\n")
-    worker.join(timeout=20)
-    assert codes == [0]
+    splicer = subprocess.Popen([sys.executable, "-m", "S15qkd.cli.splicer", *args])
+    try:
+        write_to_fifo("splicepipe", b"4f87\n4f88 4f89\n", timeout_s=20)
+        assert splicer.wait(timeout=30) == 0
+    finally:
+        splicer.kill()
     assert sorted(os.listdir("rawkey.lec")) == ["00004f87", "00004f88"]
     reference = qkd_reference_folder()
     assert Path("genlog").read_text() == "".join(
         (reference / "splicer.log").read_text().splitlines(keepends=True)[:2])
+
+
+def write_to_fifo(path: str, data: bytes, timeout_s: float) -> None:
+    """Write to a named pipe once a reader has opened it; fail instead of blocking."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError as exc:
+            if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 def test_splicer_rejects_non_fifo_pipe(tiny_copy):
