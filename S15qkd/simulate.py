@@ -11,7 +11,9 @@ folders and exits with status 0 only if they hold the same non-empty set of keys
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import signal
 import socket
 import sys
 import tempfile
@@ -25,6 +27,12 @@ from .node import Node
 from .stages import EPOCH_SECONDS
 
 log = logging.getLogger(__name__)
+
+#: Engine states before service mode: a run that ends in one of them never measured a QBER.
+STATES_BEFORE_SERVICE = {"OFF", "ONLY_COMMUNICATION", "INITIATING", "PEAK_FINDING"}
+
+#: Exit status after Ctrl-C or SIGTERM, as shells report a SIGINT: 128 + 2.
+EXIT_INTERRUPTED = 130
 
 
 def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -174,9 +182,45 @@ def shared_simulator_factory(config: Config):
     return factory
 
 
-def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def check_arguments(args: argparse.Namespace) -> Optional[str]:
+    """Return what is wrong with the command-line values, or None if they can run."""
     if bool(args.events_high) != bool(args.events_low):
-        print("qkdserver simulate: give both --events-high and --events-low, or neither", file=sys.stderr)
+        return "give both --events-high and --events-low, or neither"
+    if args.epochs < 1:
+        # The simulator reads 0 as "run until stopped", which would only end at --timeout.
+        return f"invalid --epochs {args.epochs}: give a number of epochs of at least 1"
+    if not args.timeout > 0:
+        return f"invalid --timeout {args.timeout}: give a number of seconds greater than 0"
+    for option, name in (("--events-high", args.events_high), ("--events-low", args.events_low)):
+        if name:
+            problem = check_events_file(Path(name))
+            if problem:
+                return f"invalid {option} {name!r}: {problem}"
+    return None
+
+
+def check_events_file(path: Path) -> Optional[str]:
+    """Return why path cannot be a raw event file (8-byte readevents words), or None."""
+    try:
+        size = path.stat().st_size
+    except OSError as error:
+        return f"{error.strerror}; give the path of a raw event file"
+    if path.is_dir():
+        return "is a folder; give the path of a raw event file"
+    if not path.is_file():
+        return None  # a named pipe or device: its length is known only when read
+    if size == 0:
+        return "the file is empty"
+    if size % 8:
+        return (f"{size} bytes is not a multiple of 8, so it is not a file of raw events "
+                "(8-byte readevents words)")
+    return None
+
+
+def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    problem = check_arguments(args)
+    if problem:
+        print(f"qkdserver simulate: {problem}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="qkd-simulate-") as temporary:
         workdir = Path(args.workdir) if args.workdir else Path(temporary)
@@ -185,6 +229,10 @@ def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         except ConfigError as error:
             print(f"qkdserver simulate: {error}", file=sys.stderr)
             return 2
+        except OSError as error:
+            print(f"qkdserver simulate: cannot create the node folders in --workdir "
+                  f"{str(workdir)!r}: {error.strerror}; give a writable folder", file=sys.stderr)
+            return 2
         progress = Progress(out, args.quiet)
         factory = shared_simulator_factory(high_config) if not args.events_high else None
         high = Node(high_config, progress=progress, auto_start=True, source_factory=factory)
@@ -192,8 +240,16 @@ def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         high.start()
         low.start()
         started = time.monotonic()
+        interrupted = False
         try:
-            outcome = wait_until_idle(high, low, progress, args.timeout)
+            with sigterm_as_interrupt():
+                outcome = wait_until_idle(high, low, progress, args.timeout)
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: close both nodes and remove the temporary folder (it
+            # contains private keys and final keys) instead of dying with a traceback.
+            outcome = "interrupted"
+            interrupted = True
+        try:
             states = {"high": (high.engine.state.value, high.engine.reason),
                       "low": (low.engine.state.value, low.engine.reason)}
         finally:
@@ -206,7 +262,25 @@ def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
                 low.close()
             finally:
                 channel_log.setLevel(level)
-        return report(high, low, progress, outcome, states, time.monotonic() - started, out)
+        status = report(high, low, progress, outcome, states, time.monotonic() - started, out)
+        return EXIT_INTERRUPTED if interrupted else status
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Turn SIGTERM into KeyboardInterrupt while the block runs, so it cleans up like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def wait_until_idle(high: Node, low: Node, progress: Progress, timeout: float,
@@ -244,6 +318,9 @@ def report(high: Node, low: Node, progress: Progress, outcome: str, states: dict
               f"{progress.key_epochs} epochs that went into keys", file=out)
     if not high_keys:
         print("FAIL: no final keys were released", file=out)
+        if outcome == "input used up" and any(states[role][0] in STATES_BEFORE_SERVICE for role in states):
+            print("the input ended before the link measured its QBER: give more --epochs "
+                  "or longer event files", file=out)
         return 1
     if high_keys != low_keys:
         only_high = sorted(set(high_keys) - set(low_keys))

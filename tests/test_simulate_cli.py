@@ -1,0 +1,122 @@
+"""Command-line checks of ``qkdserver simulate``: bad values stop it with a message, not a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from S15qkd.simulate import run_simulation
+
+
+def simulate_args(tmp_path: Path, **overrides) -> argparse.Namespace:
+    values = dict(events_high=None, events_low=None, epochs=14, pair_rate=2e5, qber=0.03,
+                  seed=7, real_time=False, block_bits=8000, workdir=str(tmp_path / "work"),
+                  timeout=120.0, quiet=True)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def run_rejected(args: argparse.Namespace, capsys) -> str:
+    """Run simulate with values it must reject; return its error message."""
+    out = io.StringIO()
+    assert run_simulation(args, out=out) == 2
+    assert out.getvalue() == ""
+    error = capsys.readouterr().err
+    assert error.startswith("qkdserver simulate: ")
+    assert "Traceback" not in error
+    return error
+
+
+@pytest.mark.parametrize("epochs", [0, -3])
+def test_epochs_below_one_rejected(tmp_path, capsys, epochs):
+    error = run_rejected(simulate_args(tmp_path, epochs=epochs), capsys)
+    assert f"invalid --epochs {epochs}" in error
+    assert "at least 1" in error
+    assert not (tmp_path / "work").exists()
+
+
+@pytest.mark.parametrize("timeout", [0.0, -1.0])
+def test_timeout_not_positive_rejected(tmp_path, capsys, timeout):
+    error = run_rejected(simulate_args(tmp_path, timeout=timeout), capsys)
+    assert "invalid --timeout" in error
+    assert "greater than 0" in error
+
+
+def test_events_file_missing(tmp_path, capsys):
+    low = tmp_path / "low.out"
+    low.write_bytes(bytes(16))
+    missing = tmp_path / "missing.out"
+    error = run_rejected(simulate_args(tmp_path, events_high=str(missing), events_low=str(low)), capsys)
+    assert f"invalid --events-high {str(missing)!r}" in error
+    assert "No such file or directory" in error
+
+
+def test_events_file_not_raw_events(tmp_path, capsys):
+    high = tmp_path / "high.out"
+    high.write_bytes(bytes(16))
+    text = tmp_path / "notes.txt"
+    text.write_text("not events\n")
+    error = run_rejected(simulate_args(tmp_path, events_high=str(high), events_low=str(text)), capsys)
+    assert f"invalid --events-low {str(text)!r}" in error
+    assert "11 bytes is not a multiple of 8" in error
+
+
+def test_events_file_empty_or_folder(tmp_path, capsys):
+    empty = tmp_path / "empty.out"
+    empty.write_bytes(b"")
+    error = run_rejected(simulate_args(tmp_path, events_high=str(empty), events_low=str(empty)), capsys)
+    assert "the file is empty" in error
+    error = run_rejected(simulate_args(tmp_path, events_high=str(tmp_path), events_low=str(empty)), capsys)
+    assert "is a folder" in error
+
+
+def test_only_one_events_file(tmp_path, capsys):
+    high = tmp_path / "high.out"
+    high.write_bytes(bytes(16))
+    error = run_rejected(simulate_args(tmp_path, events_high=str(high)), capsys)
+    assert "give both --events-high and --events-low" in error
+
+
+def test_workdir_not_writable(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    error = run_rejected(simulate_args(tmp_path, workdir=str(blocker / "work")), capsys)
+    assert "cannot create the node folders in --workdir" in error
+    assert "give a writable folder" in error
+
+
+def test_too_few_epochs_explained(tmp_path):
+    out = io.StringIO()
+    status = run_simulation(simulate_args(tmp_path, epochs=2, quiet=False), out=out)
+    text = out.getvalue()
+    assert status == 1, text
+    assert "FAIL: no final keys were released" in text
+    assert "the input ended before the link measured its QBER: give more --epochs" in text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_cleans_up(tmp_path, signum):
+    environment = dict(os.environ, TMPDIR=str(tmp_path))
+    command = [sys.executable, "-m", "S15qkd.cli.main", "simulate", "--epochs", "400"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=environment)
+    try:
+        # Wait until the nodes run, so the signal arrives mid-run.
+        for line in process.stdout:
+            if line.startswith("epoch "):
+                break
+        process.send_signal(signum)
+        out, error = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, error
+    assert "Traceback" not in error
+    assert "finished (interrupted)" in out
+    assert list(tmp_path.glob("qkd-simulate-*")) == []
