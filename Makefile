@@ -57,6 +57,8 @@ NODE_ARGS ?= --start
 # Empty: <data_root>/watchdog.log, with data_root read from the node's configuration.
 WATCHDOG_LOG ?=
 STOP_TIMEOUT ?= 30
+# Seconds of the node's console log that `make default` shows before it returns.
+START_CHECK_SECONDS ?= 4
 # DEV=1 mounts S15qkd/ and entrypoint.sh from this checkout over the installed ones, so a
 # Python change needs no rebuild. The Rust extension stays the one built into the image.
 DEV ?= 0
@@ -102,6 +104,10 @@ default:  ## run the node in container qkd: web page on port 8080, channel on 48
 	@[ -d $(SECRETS_DIR) ] || { mkdir -m 700 -p $(SECRETS_DIR) && echo "created $(SECRETS_DIR) for the node's certificates, keys and web token"; }
 	@[ -e $(DEVICE) ] || echo "no timestamp device at $(DEVICE): running without it (set DEVICE=... to pass another)"
 	$(DOCKER) run $(DOCKER_RUN_OPTIONS) $(IMAGE)
+	@# --rm deletes a container that exits, and its log with it. Showing the first seconds
+	@# of the log keeps the reason of a node that rejects its configuration on the terminal.
+	@timeout $(START_CHECK_SECONDS) $(DOCKER) logs --follow $(CONTAINER) 2>&1 || true
+	@[ "$$($(DOCKER) container inspect -f '{{.State.Running}}' $(CONTAINER) 2>/dev/null)" = true ] || { echo "container $(CONTAINER) stopped during start-up: fix the error above, then run 'make default' again"; exit 1; }
 
 restart:  ## stop the container, then start it again as 'make default' does
 	$(require_docker)
