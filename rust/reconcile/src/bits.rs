@@ -168,6 +168,9 @@ impl BitVec {
 
     /// Returns the string with the bits at the sorted positions `removed` left out.
     pub fn without_positions(&self, removed: &[usize]) -> BitVec {
+        if removed.is_empty() {
+            return self.clone();
+        }
         let mut out = BitVec::zeros(self.len - removed.len());
         let mut r = removed.iter().peekable();
         let mut j = 0;
@@ -190,6 +193,24 @@ impl BitVec {
             if let Some(last) = self.words.last_mut() {
                 *last &= (1u64 << r) - 1;
             }
+        }
+    }
+}
+
+impl BitVec {
+    /// Returns the string `out[i] = self[order[i]]` (a gather through a permutation).
+    pub fn gather(&self, order: &[u32]) -> BitVec {
+        let mut words = Vec::with_capacity(order.len().div_ceil(64));
+        for chunk in order.chunks(64) {
+            let mut w = 0u64;
+            for (i, &src) in chunk.iter().enumerate() {
+                w |= u64::from(self.get(src as usize)) << i;
+            }
+            words.push(w);
+        }
+        BitVec {
+            words,
+            len: order.len(),
         }
     }
 }
@@ -244,6 +265,16 @@ mod tests {
         assert_eq!(bytes[0] >> 7, bits[0]);
         assert_eq!(BitVec::from_msb_bytes(&bytes, 77).unwrap(), v);
         assert!(BitVec::from_msb_bytes(&bytes, 81).is_none());
+    }
+
+    #[test]
+    fn gather_follows_the_order() {
+        let bits: Vec<u8> = (0..130u32).map(|i| ((i * 11) % 3 % 2) as u8).collect();
+        let v = BitVec::from_bits(&bits);
+        let order: Vec<u32> = (0..130u32).rev().collect();
+        let expected: Vec<u8> = bits.iter().rev().copied().collect();
+        assert_eq!(v.gather(&order).to_bits(), expected);
+        assert_eq!(v.without_positions(&[]), v);
     }
 
     #[test]

@@ -165,12 +165,7 @@ impl ParityOracle {
         let mut out = Vec::with_capacity(request.answer_len(self.n));
         if let Some((pass, size)) = request.open_pass {
             let perm = permutation(pass_seed(self.shuffle_seed, pass as usize), self.n);
-            let mut shuffled = BitVec::zeros(self.n);
-            for (i, &src) in perm.iter().enumerate() {
-                if self.key.get(src as usize) {
-                    shuffled.set(i, true);
-                }
-            }
+            let shuffled = self.key.gather(&perm);
             let size = size as usize;
             for start in (0..self.n).step_by(size) {
                 out.push(shuffled.parity(start, size.min(self.n - start)));
@@ -302,13 +297,10 @@ impl Corrector {
         let k = self.sizes[p];
         let perm = permutation(pass_seed(self.shuffle_seed, p), self.n);
         let mut inv = vec![0u32; self.n];
-        let mut bits = BitVec::zeros(self.n);
         for (i, &src) in perm.iter().enumerate() {
             inv[src as usize] = i as u32;
-            if self.key.get(src as usize) {
-                bits.set(i, true);
-            }
         }
+        let bits = self.key.gather(&perm);
         let blocks = oracle_top.len();
         let stride = 2 * k.next_power_of_two();
         let mut odd = vec![false; blocks];

@@ -91,17 +91,19 @@ impl Xoshiro256 {
         result
     }
 
-    /// Returns a uniform integer in `0 .. bound` (Lemire's multiply-and-reject method).
+    /// Returns a uniform integer in `0 .. bound` (Lemire's multiply-and-reject method; the
+    /// division that sets the rejection threshold runs only in the rare candidate case).
     #[inline]
     pub fn below(&mut self, bound: u64) -> u64 {
         debug_assert!(bound > 0);
-        let threshold = bound.wrapping_neg() % bound;
-        loop {
-            let m = u128::from(self.next_u64()) * u128::from(bound);
-            if (m as u64) >= threshold {
-                return (m >> 64) as u64;
+        let mut m = u128::from(self.next_u64()) * u128::from(bound);
+        if (m as u64) < bound {
+            let threshold = bound.wrapping_neg() % bound;
+            while (m as u64) < threshold {
+                m = u128::from(self.next_u64()) * u128::from(bound);
             }
         }
+        (m >> 64) as u64
     }
 }
 

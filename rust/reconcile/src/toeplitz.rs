@@ -166,23 +166,40 @@ fn schoolbook_pclmul(a: &[u64], b: &[u64], out: &mut [u64]) {
 #[target_feature(enable = "pclmulqdq,sse2")]
 unsafe fn schoolbook_pclmul_impl(a: &[u64], b: &[u64], out: &mut [u64]) {
     use std::arch::x86_64::{
-        _mm_clmulepi64_si128, _mm_cvtsi128_si64, _mm_set_epi64x, _mm_setzero_si128,
-        _mm_unpackhi_epi64, _mm_xor_si128,
+        __m128i, _mm_clmulepi64_si128, _mm_loadu_si128, _mm_setzero_si128, _mm_slli_si128,
+        _mm_srli_si128, _mm_storeu_si128, _mm_xor_si128,
     };
-    // Product scanning: each output word pair is summed in a register, so the loop has no
-    // store-to-load dependency through `out`.
-    let (na, nb) = (a.len(), b.len());
-    for k in 0..na + nb - 1 {
-        let first = k.saturating_sub(nb - 1);
-        let last = k.min(na - 1);
-        let mut acc = _mm_setzero_si128();
-        for i in first..=last {
-            let x = _mm_set_epi64x(0, a[i] as i64);
-            let y = _mm_set_epi64x(0, b[k - i] as i64);
-            acc = _mm_xor_si128(acc, _mm_clmulepi64_si128(x, y, 0x00));
+    const MAX: usize = SCHOOLBOOK_WORDS + 1;
+    // Zero-padded even-length copies, so that the loops below take two words at a time.
+    let mut pa = [0u64; MAX];
+    let mut pb = [0u64; MAX];
+    let mut acc = [0u64; 2 * MAX + 2];
+    pa[..a.len()].copy_from_slice(a);
+    pb[..b.len()].copy_from_slice(b);
+    let (na, nb) = (a.len().div_ceil(2) * 2, b.len().div_ceil(2) * 2);
+    for i in (0..na).step_by(2) {
+        let x = _mm_loadu_si128(pa.as_ptr().add(i) as *const __m128i);
+        // Words i + j and i + j + 1 are final for this row after step j, so the upper
+        // half of each 2 x 2 block product travels in `carry` instead of through memory.
+        let mut carry = _mm_setzero_si128();
+        for j in (0..nb).step_by(2) {
+            let y = _mm_loadu_si128(pb.as_ptr().add(j) as *const __m128i);
+            let p00 = _mm_clmulepi64_si128(x, y, 0x00);
+            let p11 = _mm_clmulepi64_si128(x, y, 0x11);
+            let mid = _mm_xor_si128(
+                _mm_clmulepi64_si128(x, y, 0x01),
+                _mm_clmulepi64_si128(x, y, 0x10),
+            );
+            let low = _mm_xor_si128(_mm_xor_si128(p00, _mm_slli_si128(mid, 8)), carry);
+            carry = _mm_xor_si128(p11, _mm_srli_si128(mid, 8));
+            let slot = acc.as_mut_ptr().add(i + j) as *mut __m128i;
+            _mm_storeu_si128(slot, _mm_xor_si128(_mm_loadu_si128(slot), low));
         }
-        out[k] ^= _mm_cvtsi128_si64(acc) as u64;
-        out[k + 1] ^= _mm_cvtsi128_si64(_mm_unpackhi_epi64(acc, acc)) as u64;
+        let slot = acc.as_mut_ptr().add(i + nb) as *mut __m128i;
+        _mm_storeu_si128(slot, _mm_xor_si128(_mm_loadu_si128(slot), carry));
+    }
+    for (o, v) in out.iter_mut().zip(&acc) {
+        *o ^= v;
     }
 }
 
