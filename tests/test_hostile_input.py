@@ -358,3 +358,15 @@ def test_qkd_sim_terminated_leaves_no_file(tmp_path):
         process.kill()
         process.wait()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_import_loads_numpy_api():
+    # qkd_core loads numpy when it is imported, not on the first array, so that an
+    # exception raised during that load (e.g. by a signal handler) cannot panic later.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import sys, qkd_core; "
+                             "print('numpy' in sys.modules)"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "True", result.stderr

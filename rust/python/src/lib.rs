@@ -19,6 +19,10 @@ fn qkd_core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Route the `log` crate into Python's `logging`; loggers are named after the Rust
     // module path, e.g. `qkd_chopping::chopper`.
     let _ = pyo3_log::try_init();
+    // Load numpy and its C API now. Loaded lazily on the first array, a Python exception
+    // raised meanwhile (a signal handler's SystemExit, say) made the numpy crate panic.
+    m.py().import("numpy")?;
+    let _ = numpy::PyArray1::<u8>::zeros(m.py(), 0, false);
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     error::register(m)?;
     formats::register(m)?;
