@@ -159,7 +159,7 @@ class LinkUnderTest:
     def keys(self, side: str) -> dict:
         return (self.high if side == "high" else self.low).keystore.keys()
 
-    def wait_keys(self, count: int, timeout: float = 60.0) -> bool:
+    def wait_keys(self, count: int, timeout: float = 120.0) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if len(self.keys("high")) >= count and len(self.keys("low")) >= count:
@@ -226,7 +226,10 @@ def test_wrong_certificate_makes_no_key(tmp_path):
     high.start()
     low.start()
     try:
-        time.sleep(2.0)
+        # Wait for the refused handshake itself; a fixed pause was too short under load.
+        deadline = time.monotonic() + 30
+        while "TLS handshake" not in high.link.stats.last_error and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert high.engine.state is EngineState.OFF
         assert low.engine.state is EngineState.OFF
         assert "TLS handshake" in high.link.stats.last_error
@@ -291,7 +294,7 @@ def test_kill_and_restart_node(tmp_path):
             return 0
         return len([p for p in folder.iterdir() if is_key_file(p)])
 
-    def wait_for(count: int, timeout: float = 60) -> bool:
+    def wait_for(count: int, timeout: float = 120) -> bool:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if key_count(high_keys) >= count and key_count(low_keys) >= count:

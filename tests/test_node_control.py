@@ -50,7 +50,7 @@ def test_start_from_low_side_and_stop(nodes):
     low.start_keygen()
     assert wait_state(high, running)
     assert wait_state(low, running)
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while (low.run != high.run or low.pipeline is None) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert low.run == high.run != 0
