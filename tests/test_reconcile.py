@@ -40,19 +40,23 @@ def exchange(initiator, responder, block_id, bits_a, bits_b, tamper=None):
 
 def test_two_peers_agree_on_final_key():
     a, b = qkd_core.simulated_raw_key_pair(50_000, 0.03, seed=1)
-    assert a.dtype == np.uint8 and a.shape == (50_000,)
+    assert a.dtype == np.uint8
+    assert a.shape == (50_000,)
     initiator = qkd_core.Reconciler("initiator", seed=1)
     responder = qkd_core.Reconciler("responder", seed=2)
     out_a, out_b = exchange(initiator, responder, 0x4F87, a, b)
-    assert out_a.verified and out_b.verified
+    assert out_a.verified
+    assert out_b.verified
     assert out_a.key == out_b.key
     assert out_a.key_bits == out_b.key_bits > 10_000
     assert len(out_a.key) == (out_a.key_bits + 7) // 8
     assert 0.02 < out_b.qber < 0.04
-    assert out_b.leaked_bits > 0 and out_b.tag_bits == 128
+    assert out_b.leaked_bits > 0
+    assert out_b.tag_bits == 128
     assert "key=" not in repr(out_a)
     assert initiator.qber_estimate == pytest.approx(out_b.qber, rel=1e-6)
-    assert initiator.active_blocks == [] and responder.active_blocks == []
+    assert initiator.active_blocks == []
+    assert responder.active_blocks == []
 
 
 def test_packed_bytes_give_same_key_as_bit_arrays():
@@ -61,15 +65,18 @@ def test_packed_bytes_give_same_key_as_bit_arrays():
     by_bytes = qkd_core.reconcile_pair(
         np.packbits(a).tobytes(), np.packbits(b).tobytes(), 5, nbits=30_001, seed=9
     )
-    assert by_array[0].verified and by_bytes[0].verified
+    assert by_array[0].verified
+    assert by_bytes[0].verified
     assert by_array[0].key == by_bytes[0].key == by_bytes[1].key
 
 
 def test_high_qber_block_is_discarded_on_both_sides():
     a, b = qkd_core.simulated_raw_key_pair(40_000, 0.15, seed=4)
     out_a, out_b, messages = qkd_core.reconcile_pair(a, b, 1, seed=4)
-    assert not out_a.verified and not out_b.verified
-    assert out_a.key is None and out_b.key is None
+    assert not out_a.verified
+    assert not out_b.verified
+    assert out_a.key is None
+    assert out_b.key is None
     assert out_a.reason == out_b.reason == "qber_above_limit"
     assert "above the limit 0.11" in out_b.detail
     assert messages >= 2
@@ -188,5 +195,7 @@ def test_golden_raw_keys(case):
         assert out_a.reason == out_b.reason == "qber_above_limit"
         assert "above the limit" in out_b.detail
     else:
-        assert out_a.verified and out_b.verified
-        assert out_a.key == out_b.key and out_a.key_bits > 0
+        assert out_a.verified
+        assert out_b.verified
+        assert out_a.key == out_b.key
+        assert out_a.key_bits > 0
