@@ -1,6 +1,6 @@
 //! Cascade information reconciliation, split into the two roles of the protocol.
 //!
-//! The [`ParityOracle`] holds the reference key and only answers parity requests. The
+//! The [`ParityOracle`] keeps the reference key and only returns the parities requested of it. The
 //! [`Corrector`] holds the noisy key, decides what to ask, and flips its own bits until
 //! every block parity of every pass agrees with the oracle's.
 //!
@@ -205,14 +205,14 @@ impl Pass {
 /// (pass, block, heap index) of each requested range.
 type Outstanding = (Option<usize>, Vec<(usize, usize, usize)>);
 
-/// What the corrector does next.
+/// The corrector's next step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CorrectorStep {
     Request(ParityRequest),
     Done,
 }
 
-/// The correcting side: holds the noisy key and drives the passes.
+/// The correcting side, which keeps the noisy key and drives the passes.
 pub struct Corrector {
     n: usize,
     shuffle_seed: u64,

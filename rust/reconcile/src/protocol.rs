@@ -149,7 +149,7 @@ impl BlockStats {
 pub enum BlockResult {
     /// Both peers verified the corrected keys equal; this is the final key.
     Verified { key: BitVec },
-    /// No key; `by_peer` tells whether the peer ended the block.
+    /// No key; `by_peer` is true when the peer ended the block.
     Discarded {
         reason: DiscardReason,
         detail: String,
@@ -164,7 +164,7 @@ pub struct BlockOutcome {
     pub stats: BlockStats,
 }
 
-/// What one call produced: messages for the peer (in order) and maybe a finished block.
+/// The result of one call: messages for the peer (in order) and maybe a finished block.
 #[derive(Debug, Default)]
 pub struct Step {
     pub messages: Vec<Vec<u8>>,
