@@ -25,6 +25,8 @@ use qkd_formats::type1::Type1File;
 use qkd_formats::type2::Type2File;
 use qkd_formats::type4::Type4Encoder;
 
+use qkd_sync::FrequencyCorrector;
+
 use crate::error::{CoincidenceError, Stream};
 use crate::protocol::{CostreamProtocol, Sift};
 use crate::splicer::bit_file;
@@ -69,6 +71,11 @@ pub struct CostreamConfig {
     /// Whether test events are written to type-5 files (`-B`/`-b`, required for
     /// protocols 3 and 4).
     pub type5_output: bool,
+    /// Rescales the type-1 event times before matching, so that side H's clock runs at
+    /// side L's rate (the frequency offset search's result). `time_offset` is then the
+    /// offset between side L and the corrected side H. None matches the times as read,
+    /// as the reference does.
+    pub frequency_correction: Option<FrequencyCorrector>,
 }
 
 impl Default for CostreamConfig {
@@ -86,6 +93,7 @@ impl Default for CostreamConfig {
             zero_policy: ZeroPolicy::Type4Only,
             skews: [0; 4],
             type5_output: false,
+            frequency_correction: None,
         }
     }
 }
@@ -135,6 +143,13 @@ pub struct ClosedEpoch {
     pub coincidences: u32,
     /// Header length of the most recently loaded type-1 file.
     pub type1_events: u32,
+    /// Examined pairs by time difference from the tracked offset: bin `i` counts pairs
+    /// with `diff == HISTOGRAM_FIRST_TICK + i` ticks, [`HISTOGRAM_BINS`] bins. The
+    /// reference's `-H` histogram uses the same bins, summed over all patterns.
+    pub histogram: Vec<u32>,
+    /// Protocol 1 only: the basis of each raw key bit, in key order (0 for H/V, 1 for
+    /// the diagonal basis, as side L's type-2 entry names it). Empty for other protocols.
+    pub key_bases: Vec<u8>,
     /// The width servo step, when it ran.
     pub width_servo: Option<WidthServoStep>,
     /// Type-4 file for the peer, unless the zero policy skips it.
@@ -199,6 +214,11 @@ struct EpochEvents {
     patterns: Vec<u8>,
 }
 
+/// Number of bins of [`ClosedEpoch::histogram`], 1 tick (1/8 ns) each.
+pub const HISTOGRAM_BINS: usize = 128;
+/// Time difference in ticks of the first bin of [`ClosedEpoch::histogram`].
+pub const HISTOGRAM_FIRST_TICK: i64 = -64;
+
 /// Raw events of one type-1 file; times are computed as they are read.
 #[derive(Debug, Default)]
 struct Type1Events {
@@ -218,6 +238,8 @@ struct OpenEpoch {
     coincidences: u32,
     accidentals: u32,
     tests: u32,
+    histogram: [u32; HISTOGRAM_BINS],
+    key_bases: Vec<u8>,
     type4: Type4Encoder,
     type3: BitWriter,
     type5: BitWriter,
@@ -298,6 +320,9 @@ pub struct Costream {
     need2: bool,
     extended: Option<bool>,
 
+    /// Rescales type-1 times as they are queued; see [`CostreamConfig::frequency_correction`].
+    corrector: Option<FrequencyCorrector>,
+
     // Offsets in ticks: the one in use and the tracked drift `ft`.
     offset: i64,
     drift: i64,
@@ -345,6 +370,7 @@ impl Costream {
         let start_time = u64::from(config.start_epoch.wrapping_sub(1)) << 32;
         Ok(Costream {
             servo: ClockServo::new(config.track_filter),
+            corrector: config.frequency_correction,
             offset: config.time_offset,
             drift: 0,
             queue1: VecDeque::new(),
@@ -405,7 +431,7 @@ impl Costream {
     /// reference rejects such files.
     pub fn push_type1(&mut self, bytes: &[u8]) -> Result<(), CoincidenceError> {
         let expected = self.next_type1_epoch();
-        let file = Type1File::parse(bytes).map_err(|source| CoincidenceError::Format {
+        let mut file = Type1File::parse(bytes).map_err(|source| CoincidenceError::Format {
             stream: Stream::Type1,
             epoch: expected,
             source,
@@ -416,6 +442,12 @@ impl Costream {
                 expected,
                 found: file.header.epoch,
             });
+        }
+        // The corrected times stay in order because the rate stays within 2^-13 of 1.
+        // NOTE: an event that the correction moves across a multiple of 2^15 epochs (every
+        // 4.9 hours) gets the wrong epoch bits below, and is dropped as out of order.
+        if let Some(corrector) = &mut self.corrector {
+            corrector.correct_words(&mut file.events);
         }
         // Bits 15..31 of the epoch come from the file label, bits 0..14 from each event,
         // relative to the first event of the file.
@@ -532,6 +564,9 @@ impl Costream {
                 .open
                 .as_mut()
                 .expect("a type-2 event implies an open epoch");
+            if let Some(bin) = histogram_bin(diff) {
+                open.histogram[bin] += 1;
+            }
             if diff > accidental_floor {
                 open.accidentals += 1;
             }
@@ -542,6 +577,9 @@ impl Costream {
                     Sift::Discard => {}
                     Sift::Key { value, data } => {
                         open.type3.put(u32::from(value), self.protocol.type3_bits);
+                        if self.protocol.index == 1 {
+                            open.key_bases.push(self.p2);
+                        }
                         push_type4(open, index, data)?;
                     }
                     Sift::Test { value, data } => {
@@ -643,6 +681,8 @@ impl Costream {
             coincidences: 0,
             accidentals: 0,
             tests: 0,
+            histogram: [0; HISTOGRAM_BINS],
+            key_bases: Vec::new(),
             type4,
             type3: BitWriter::new(),
             type5: BitWriter::new(),
@@ -695,6 +735,8 @@ impl Costream {
             accidentals: open.accidentals,
             coincidences: open.coincidences,
             type1_events: self.type1_events,
+            histogram: open.histogram.to_vec(),
+            key_bases: open.key_bases,
             width_servo,
             type4,
             type3,
@@ -730,6 +772,15 @@ impl Costream {
             average_distance,
         })
     }
+}
+
+/// Returns the histogram bin of a time difference, or None outside the histogram.
+#[inline]
+fn histogram_bin(diff: i64) -> Option<usize> {
+    let bin = diff.wrapping_sub(HISTOGRAM_FIRST_TICK);
+    (0..HISTOGRAM_BINS as i64)
+        .contains(&bin)
+        .then_some(bin as usize)
 }
 
 #[inline]

@@ -36,7 +36,10 @@ pub mod splicer;
 pub mod stats;
 pub mod synthetic;
 
-pub use costream::{ClosedEpoch, Costream, CostreamConfig, Need, WidthServoStep, ZeroPolicy};
+pub use costream::{
+    ClosedEpoch, Costream, CostreamConfig, Need, WidthServoStep, ZeroPolicy, HISTOGRAM_BINS,
+    HISTOGRAM_FIRST_TICK,
+};
 pub use directories::CostreamFolders;
 pub use error::{CoincidenceError, Stream};
 pub use protocol::{CostreamProtocol, Sift, SplicerProtocol};

@@ -6,8 +6,10 @@ use proptest::prelude::*;
 use qkd_coincidences::synthetic::{LinkEpoch, SyntheticLink};
 use qkd_coincidences::{
     splice, ClosedEpoch, CoincidenceError, Costream, CostreamConfig, CostreamFolders, Need,
-    SplicerProtocol, Stream, ZeroPolicy,
+    SplicerProtocol, Stream, ZeroPolicy, HISTOGRAM_BINS, HISTOGRAM_FIRST_TICK,
 };
+use qkd_formats::type1::{self, Type1File};
+use qkd_sync::FrequencyCorrector;
 
 const START: u32 = 0x100;
 
@@ -81,6 +83,91 @@ fn raw_keys_agree_on_both_sides() {
             .map(|(a, b)| (a ^ b).count_ones())
             .sum();
         assert!(errors <= 3, "{errors} bit errors in {} bits", epoch.kept);
+    }
+}
+
+#[test]
+fn histogram_peaks_at_tracked_offset() {
+    let link = link(34_568);
+    let closed = run(config(34_568, 3), &epochs(&link, 4)).unwrap();
+    let zero = (-HISTOGRAM_FIRST_TICK) as usize;
+    for epoch in &closed {
+        assert_eq!(epoch.histogram.len(), HISTOGRAM_BINS);
+        // The synthetic jitter is at most 2 ticks each way.
+        let peak: u32 = epoch.histogram[zero - 2..=zero + 2].iter().sum();
+        assert!(
+            peak >= epoch.coincidences * 99 / 100,
+            "epoch {:08x}: {peak} pairs within 2 ticks, {} coincidences",
+            epoch.epoch,
+            epoch.coincidences
+        );
+        let total: u32 = epoch.histogram.iter().sum();
+        assert!(
+            total < epoch.coincidences + 200,
+            "{total} pairs in the histogram"
+        );
+    }
+}
+
+#[test]
+fn key_bases_follow_raw_key() {
+    let closed = run(config(34_568, 3), &epochs(&link(34_568), 4)).unwrap();
+    for epoch in &closed {
+        assert_eq!(epoch.key_bases.len() as u32, epoch.key_events());
+        let diagonal = epoch.key_bases.iter().filter(|&&b| b == 1).count() as u32;
+        assert!(epoch.key_bases.iter().all(|&b| b <= 1));
+        // Each basis carries about half of the key.
+        assert!(
+            diagonal > epoch.key_events() / 3,
+            "{diagonal} diagonal bits"
+        );
+        assert!(
+            diagonal < epoch.key_events() * 2 / 3,
+            "{diagonal} diagonal bits"
+        );
+    }
+}
+
+/// Rescales the type-1 events of `files` as a clock running fast by `drift` would
+/// read them, from the first type-1 event on; returns that event's time.
+fn drift_type1(files: &mut [LinkEpoch], drift: f64) -> u64 {
+    let first = Type1File::parse(&files[0].type1).unwrap().events[0] >> 15;
+    let mut clock = FrequencyCorrector::new(drift, Some(first)).unwrap();
+    for f in files.iter_mut() {
+        let file = Type1File::parse(&f.type1).unwrap();
+        let mut events = file.events;
+        clock.correct_words(&mut events);
+        f.type1 = type1::encode(f.epoch, file.header.extended, &events);
+    }
+    first
+}
+
+#[test]
+fn frequency_correction_recovers_drifted_clock() {
+    let link = link(34_568);
+    let mut files = epochs(&link, 4);
+    let drift = 1e-5;
+    let origin = drift_type1(&mut files, drift);
+
+    let plain = run(config(34_568, 3), &files).unwrap();
+    let last = plain.last().unwrap();
+    assert!(last.coincidences < 100, "uncorrected: {last:?}");
+
+    let corrected_config = CostreamConfig {
+        frequency_correction: Some(
+            FrequencyCorrector::new(1.0 / (1.0 + drift) - 1.0, Some(origin)).unwrap(),
+        ),
+        ..config(34_568, 3)
+    };
+    let corrected = run(corrected_config, &files).unwrap();
+    for epoch in &corrected {
+        assert!(
+            epoch.coincidences as usize >= link.pairs * 99 / 100,
+            "epoch {:08x}: {} coincidences of {} pairs",
+            epoch.epoch,
+            epoch.coincidences,
+            link.pairs
+        );
     }
 }
 

@@ -12,14 +12,20 @@ use qkd_coincidences::{
     CostreamFolders, Need, SplicedEpoch as CoreSplicedEpoch, SplicerProtocol, ZeroPolicy,
 };
 use qkd_formats::epoch::{file_path, write_atomic};
+use qkd_sync::FrequencyCorrector;
 
-use crate::error::{format_error, FormatError};
+use crate::error::{format_error, sync_error, FormatError};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Costream>()?;
     m.add_class::<CostreamEpoch>()?;
     m.add_class::<Splicer>()?;
     m.add_class::<SplicedEpoch>()?;
+    m.add("HISTOGRAM_BINS", qkd_coincidences::HISTOGRAM_BINS)?;
+    m.add(
+        "HISTOGRAM_FIRST_TICK",
+        qkd_coincidences::HISTOGRAM_FIRST_TICK,
+    )?;
     m.add_function(wrap_pyfunction!(service_qber, m)?)?;
     m.add_function(wrap_pyfunction!(detector_counts, m)?)?;
     Ok(())
@@ -72,6 +78,9 @@ fn zero_policy(value: i64) -> PyResult<ZeroPolicy> {
 /// bytes or None when the zero policy skips them: type4, type3 (raw key), type5, and
 /// log_fields, the fields of the server's log line (epoch, type2_events, kept,
 /// next_type4_width, tracked_drift, accidentals, coincidences, type1_events).
+/// histogram: examined pairs per time difference from the tracked offset, a list of
+/// HISTOGRAM_BINS counts of 1 tick starting at HISTOGRAM_FIRST_TICK ticks. key_bases:
+/// protocol 1 only, bytes with the basis (0 H/V, 1 diagonal) of each raw key bit.
 #[pyclass(module = "qkd_core", frozen, get_all)]
 pub struct CostreamEpoch {
     epoch: u32,
@@ -85,6 +94,8 @@ pub struct CostreamEpoch {
     accidentals: u32,
     coincidences: u32,
     type1_events: u32,
+    histogram: Vec<u32>,
+    key_bases: Py<PyBytes>,
     width_servo: Option<(i32, i32, u32)>,
     type4: Option<Py<PyBytes>>,
     type3: Option<Py<PyBytes>>,
@@ -128,6 +139,8 @@ impl CostreamEpoch {
             accidentals: e.accidentals,
             coincidences: e.coincidences,
             type1_events: e.type1_events,
+            key_bases: PyBytes::new(py, &e.key_bases).unbind(),
+            histogram: e.histogram,
             width_servo: e
                 .width_servo
                 .map(|s| (s.long_width, s.optimal_width, s.average_distance)),
@@ -160,6 +173,8 @@ impl CostreamEpoch {
             accidentals: self.accidentals,
             coincidences: self.coincidences,
             type1_events: self.type1_events,
+            histogram: Vec::new(),
+            key_bases: Vec::new(),
             width_servo: None,
             type4: None,
             type3: None,
@@ -173,9 +188,12 @@ impl CostreamEpoch {
 /// Costream(start_epoch, time_offset=17, *, epoch_count=0, protocol=1,
 ///          coincidence_window=8, tracking_window=40, accidental_distance=160,
 ///          track_filter=0, width_filter=0, zero_policy=1, skews=(0, 0, 0, 0),
-///          type5_output=False)
+///          type5_output=False, relative_frequency=0.0, frequency_origin_ticks=None)
 ///
 /// Times and windows are in ticks of 1/8 ns; time_offset is t_L - t_H (pfind's result).
+/// A non-zero relative_frequency rescales the type-1 times before matching, as
+/// FrequencyCorrector(relative_frequency, frequency_origin_ticks) does; pass a
+/// FrequencyOffset's relative_frequency, origin_ticks and rounded offset_ticks.
 /// track_filter > 0 averages the clock servo over that many pairs, < 0 gives its time
 /// constant in -µs, 0 turns it off. width_filter adapts the type-4 width (0: fixed at 8).
 /// zero_policy: 0 no files for epochs without kept events, 1 only a type-4 file, 2 both.
@@ -207,9 +225,12 @@ impl Costream {
         zero_policy = 1,
         skews = (0, 0, 0, 0),
         type5_output = false,
+        relative_frequency = 0.0,
+        frequency_origin_ticks = None,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
+        py: Python<'_>,
         start_epoch: u32,
         time_offset: i64,
         epoch_count: u32,
@@ -222,7 +243,17 @@ impl Costream {
         zero_policy: i64,
         skews: (i64, i64, i64, i64),
         type5_output: bool,
+        relative_frequency: f64,
+        frequency_origin_ticks: Option<u64>,
     ) -> PyResult<Costream> {
+        let frequency_correction = if relative_frequency == 0.0 {
+            None
+        } else {
+            Some(
+                FrequencyCorrector::new(relative_frequency, frequency_origin_ticks)
+                    .map_err(|e| sync_error(py, e))?,
+            )
+        };
         let config = CostreamConfig {
             start_epoch,
             epoch_count,
@@ -236,6 +267,7 @@ impl Costream {
             zero_policy: self::zero_policy(zero_policy)?,
             skews: [skews.0, skews.1, skews.2, skews.3],
             type5_output,
+            frequency_correction,
         };
         let inner = CoreCostream::new(config).map_err(coincidence_error)?;
         Ok(Costream { inner })
