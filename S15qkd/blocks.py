@@ -210,6 +210,7 @@ class BlockManager:
         self.service.clear()
         qber = total_errors / total_bits
         self.node.stats.service_qber = qber
+        self.pipeline.send_epoch_stats()
         self.node.progress("service", epochs=window, qber=qber, bits=total_bits)
         threshold = self.config["QBER_threshold"]
         if self.node.engine.state is S.SERVICE_MODE and qber <= threshold:

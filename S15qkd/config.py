@@ -148,6 +148,14 @@ SCHEMA: dict[str, Option] = {
     "source.offset_ticks": Option(34568, _int_range(-(2**40), 2**40),
                                   "an integer number of ticks of 1/8 ns",
                                   "simulated clock offset of the low-count side"),
+    "source.drift": Option(0.0, _number_range(-1e-4, 1e-4), "a relative frequency from -1e-4 to 1e-4",
+                           "simulated rate of the low-count side's clock against the "
+                           "high-count side's, minus 1 (1e-6: 1 µs per second fast)"),
+    "source.jitter_ps": Option(0.0, _number_range(0.0, 10000.0), "picoseconds from 0 to 10000",
+                              "simulated timing jitter (standard deviation) of every detection"),
+    "source.background_rate": Option(0.0, _number_range(0.0, 1e7), "counts per second, 0 to 1e7",
+                                     "simulated uncorrelated counts of each node, over its four "
+                                     "detectors"),
     "source.start_time": Option(0.0, _number_range(0.0, 1e11), "a Unix time in seconds",
                                 "simulator in real time: when both nodes' simulated clocks "
                                 "started; a node started later skips ahead to the same epoch "
@@ -169,6 +177,10 @@ SCHEMA: dict[str, Option] = {
     "qcrypto.pfind.fine_resolution": Option(4, _power_of_two,
                                             "a power of two number of nanoseconds",
                                             "fine bin width of the time offset search"),
+    "qcrypto.pfind.frequency_search": Option(False, _is_bool, "true or false",
+                                             "search the clocks' frequency offset together with "
+                                             "the time offset (the fpfind method) and correct "
+                                             "the high-count side's event times by it"),
     "FFT_buffer_order": Option(23, _int_range(12, 26), "an integer from 12 to 26",
                                "log2 of the offset search FFT length"),
     "remote_coincidence_window": Option(6, _int_range(1, 4096),
@@ -210,8 +222,6 @@ IGNORED_KEYS = {
     "target_bit_error", "port_num", "target_ip", "port_num_authd",
     # Privacy amplification is always on: a key without it is not secret.
     "privacy_amplification",
-    # NOTE: the frequency offset search is not run by the node yet; only the time offset.
-    "frequency_search",
 }
 
 

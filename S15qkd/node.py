@@ -17,6 +17,10 @@ mode            low -> high  service mode or key generation decided (``state``, 
 service_bits    low -> high  disclosed raw key of one epoch (service QBER)
 service_result  high -> low  errors counted in a disclosed epoch
 key_staged      either       final key of block ``block`` stored (``ok``) or not
+epoch_stats     either       figures of one epoch for the peer's status page: detector
+                             counts; from the high-count side also coincidences,
+                             accidentals, tracked offset, histogram, QBER per basis; from
+                             the low-count side also the service and servoed QBER
 ==============  ===========  ==============================================================
 
 Every message after ``st2`` carries the run id; messages and files of another run are
@@ -45,10 +49,11 @@ from .blocks import decode_reconcile
 from .channel import FrameType, Link, LinkSettings, LinkState, make_context
 from .channel.frames import decode_file, decode_json, encode_file, encode_json
 from .config import Config, ConfigError
-from .controller import Engine
+from .controller import Engine, TransitionError
 from .keystore import KeyStore, write_atomic
 from .pipeline import HighPipeline, LowPipeline, Pipeline
-from .status import (HISTORY_LENGTH, BlockRecord, ConfigProblem, ConfigRejected, ConfigSaveResult,
+from .stages import HISTOGRAM_FIRST_TICK
+from .status import (HISTORY_LENGTH, BlockRecord, CoincidenceHistogram, ConfigProblem, ConfigRejected, ConfigSaveResult,
                      ControlError, DetectorStatus, EngineState, ErrorCorrectionStatus, KeyProtocol,
                      NodeCounts, RawKeyStatus, Role, StatusSnapshot, UnknownConnectionError,
                      WorkerBadge, WorkerState, flatten_config)
@@ -81,9 +86,46 @@ class LiveStats:
     coincidences: Optional[int] = None
     accidentals: Optional[int] = None
     service_qber: Optional[float] = None
+    #: Relative frequency offset the high-count side corrects; None without the search.
+    frequency_offset: Optional[float] = None
+    #: costream's histogram of the last epoch (high-count side, or received from it).
+    histogram: Optional[tuple] = None
+    histogram_epoch: Optional[int] = None
+    histogram_offset_ticks: Optional[int] = None
+    histogram_from_peer: bool = False
+    #: QBER per basis over the last service epochs, computed by the high-count side.
+    basis_qber: dict = field(default_factory=dict)
+    #: The peer's detector counts of its last epoch, as it sent them.
+    peer_detector_counts: tuple = ()
+    peer_counts_epoch: Optional[int] = None
+    #: The low-count side's servoed QBER, as seen on the high-count side.
+    peer_servoed_qber: Optional[float] = None
     blocks: deque = field(default_factory=lambda: deque(maxlen=HISTORY_LENGTH))
     block_count: int = 0
     total_final_bits: int = 0
+
+    def update_from_peer(self, message: Mapping[str, Any]) -> None:
+        """Take the figures of the peer's ``epoch_stats`` message; absent ones stay."""
+        if "detector_counts" in message:
+            self.peer_detector_counts = tuple(int(count) for count in message["detector_counts"])
+            self.peer_counts_epoch = int(message["counts_epoch"])
+        if "service_qber" in message:
+            self.service_qber = _optional_float(message["service_qber"])
+            self.peer_servoed_qber = _optional_float(message["servoed_qber"])
+        if "histogram" in message:
+            self.coincidences = int(message["coincidences"])
+            self.accidentals = int(message["accidentals"])
+            self.tracked_offset_ticks = int(message["tracked_offset_ticks"])
+            self.histogram = tuple(int(count) for count in message["histogram"])
+            self.histogram_epoch = int(message["epoch"])
+            self.histogram_offset_ticks = self.tracked_offset_ticks
+            self.histogram_from_peer = True
+            self.basis_qber = {str(name): float(value)
+                               for name, value in dict(message["basis_qber"]).items()}
+
+
+def _optional_float(value: Any) -> Optional[float]:
+    return None if value is None else float(value)
 
 
 class Node:
@@ -258,7 +300,12 @@ class Node:
             self._cancel_start_timer()
         elif kind == "mode":
             state = S(message["state"])
-            self.engine.move(state, f"peer decided: {message.get('reason', '')}")
+            try:
+                self.engine.move(state, f"peer decided: {message.get('reason', '')}")
+            except TransitionError as error:
+                # The peer decided before it learned of a change here, such as a lost
+                # clock lock; the message that tells it is already on its way.
+                log.info("mode decision of the peer ignored: %s", error)
         elif kind == "key_staged" and pipeline is not None:
             pipeline.ec_worker.put(("key_staged", message))
         elif pipeline is not None:
@@ -420,6 +467,7 @@ class Node:
                                  self.link.stats.last_error)
         blocks = tuple(stats.blocks)
         servo = getattr(self.pipeline, "servo", None)
+        servoed_qber = servo.servoed if servo is not None else stats.peer_servoed_qber
         return StatusSnapshot(
             time=time.time(),
             identity=self.config["identity"],
@@ -436,17 +484,34 @@ class Node:
                 tracked_time_offset_ticks=stats.tracked_offset_ticks,
                 offset_search_snr=stats.snr_coarse, offset_search_snr_fine=stats.snr_fine,
                 coincidences_per_epoch=stats.coincidences, accidentals_per_epoch=stats.accidentals,
-                last_received_epoch=stats.last_received_epoch, service_qber=stats.service_qber),
+                last_received_epoch=stats.last_received_epoch, service_qber=stats.service_qber,
+                frequency_offset=stats.frequency_offset),
             error_correction=ErrorCorrectionStatus(
                 blocks=stats.block_count, total_final_bits=stats.total_final_bits,
-                servoed_qber=servo.servoed if servo is not None else None,
+                servoed_qber=servoed_qber,
                 qber_limit=self.config["QBER_limit"], recent_blocks=blocks),
-            detectors=DetectorStatus(
-                counts=(NodeCounts(self.config["identity"] or self.role, stats.last_local_epoch,
-                                   tuple(stats.detector_counts)),),
-                skew_corrections_ticks=tuple(self.config.skew_corrections())),
+            detectors=self._detector_status(),
             config_note=self.engine.reason,
         )
+
+    def _detector_status(self) -> DetectorStatus:
+        stats = self.stats
+        counts = [NodeCounts(self.config["identity"] or self.role, stats.last_local_epoch,
+                             tuple(stats.detector_counts))]
+        if stats.peer_detector_counts:
+            peer = self.link.stats.peer_identity or ("low" if self.role == "high" else "high")
+            counts.append(NodeCounts(peer, stats.peer_counts_epoch, stats.peer_detector_counts))
+        histogram = None
+        if stats.histogram is not None:
+            source = (f"the high-count side {self.link.stats.peer_identity}".rstrip()
+                      if stats.histogram_from_peer else "")
+            histogram = CoincidenceHistogram(
+                tracked_offset_ticks=stats.histogram_offset_ticks or 0,
+                first_bin_ticks=HISTOGRAM_FIRST_TICK, bin_width_ticks=1,
+                counts=stats.histogram, epoch=stats.histogram_epoch, computed_by=source)
+        return DetectorStatus(counts=tuple(counts),
+                              skew_corrections_ticks=tuple(self.config.skew_corrections()),
+                              histogram=histogram, basis_qber=dict(stats.basis_qber))
 
     def restart_connection(self) -> None:
         self.link.drop_connection("restart requested")

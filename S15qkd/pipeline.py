@@ -33,9 +33,11 @@ import base64
 import logging
 import shutil
 import threading
+from collections import deque
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
+import qkd_core
 
 from . import stages
 from .blocks import BlockManager
@@ -53,6 +55,14 @@ S = EngineState
 
 #: Raw key epochs kept on the high-count side while waiting for the peer to use them.
 RAW_KEY_RETENTION_EPOCHS = 256
+
+#: The clock lock counts as lost when the running mean of coincidences/(accidentals + 1)
+#: falls below this; the mean starts at INITIAL_PAIR_RATIO. Both are the reference's.
+LOCK_LOST_PAIR_RATIO = 2.5
+INITIAL_PAIR_RATIO = 10.0
+
+#: Names of the two measurement bases of BBM92, in the order of costream's basis bit.
+BASIS_NAMES = ("H/V", "diagonal")
 
 
 class Pipeline:
@@ -140,6 +150,8 @@ class Pipeline:
             self.node.stats.detector_counts = chopped.detector_counts
             self.node.progress("chopped", epoch=chopped.epoch, events=chopped.events)
             self.handle_chopped(chopped)
+            self.send_epoch_stats(counts_epoch=chopped.epoch,
+                                  detector_counts=list(chopped.detector_counts))
         if kind == "finish":
             self.source_finished.set()
             self.node.progress("source_finished", role=self.role)
@@ -147,7 +159,15 @@ class Pipeline:
     def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
         raise NotImplementedError
 
+    def send_epoch_stats(self, **fields) -> None:
+        """Send this side's figures of an epoch, for the peer's status page."""
+        self.node.send_control({"msg": "epoch_stats", **fields})
+
     # ---- messages from the peer ---------------------------------------------------------
+
+    def on_epoch_stats(self, message: dict) -> None:
+        """Store the figures the peer sent with ``epoch_stats``; absent fields keep their value."""
+        self.node.stats.update_from_peer(message)
 
     def on_file(self, file_type: int, epoch: int, content: bytes) -> None:
         raise NotImplementedError
@@ -166,9 +186,13 @@ class HighPipeline(Pipeline):
         self.t1: set[int] = set()   # epochs with a type-1 file in folders["t1"]
         self.t2: set[int] = set()   # epochs with a type-2 file in folders["t2"]
         self.raw_keys: dict[int, np.ndarray] = {}
+        self.key_bases: dict[int, np.ndarray] = {}  # basis of each raw key bit, by epoch
         self.raw_keys_lock = threading.Lock()
         self.costream: Optional[stages.Costream] = None
-        self.pair_ratio = 10.0                     # running coincidences/accidentals
+        self.search: "stages.OffsetFinder | stages.FrequencySearch | None" = None
+        self.pair_ratio = INITIAL_PAIR_RATIO       # running coincidences/(accidentals + 1)
+        # (errors, bits) per basis of the last disclosed service epochs.
+        self.basis_results: deque = deque(maxlen=self.config["service_epochs"])
         self.source_worker = self.worker("readevents", self.read_events,
                                          on_restart=lambda: self.source_worker.put("resume"))
         self.chopper_worker = self.worker("chopper2", self.chop)
@@ -194,45 +218,108 @@ class HighPipeline(Pipeline):
         self.costream_worker.put(("t2", epoch))
 
     def on_control(self, message: dict) -> None:
-        if message["msg"] == "service_bits":
+        kind = message["msg"]
+        if kind == "service_bits":
+            self.count_basis_errors(message)
             self.ec_worker.put(("service_bits", message))
+        elif kind == "epoch_stats":
+            self.on_epoch_stats(message)
+
+    def count_basis_errors(self, message: dict) -> None:
+        """Update the QBER per basis with a disclosed service epoch.
+
+        Runs before the error-correction worker takes the epoch's raw key, which only
+        happens once this message is queued.
+        """
+        epoch, count = int(message["epoch"]), int(message["count"])
+        with self.raw_keys_lock:
+            own, bases = self.raw_keys.get(epoch), self.key_bases.get(epoch)
+        if own is None or bases is None or len(own) != count or len(bases) != count:
+            return
+        wrong = own != decode_bits(message["bits"], count)
+        result = tuple((int(np.count_nonzero(wrong[bases == basis])),
+                        int(np.count_nonzero(bases == basis))) for basis in (0, 1))
+        self.basis_results.append(result)
+        qber = {}
+        for basis, name in enumerate(BASIS_NAMES):
+            errors = sum(epoch_result[basis][0] for epoch_result in self.basis_results)
+            bits = sum(epoch_result[basis][1] for epoch_result in self.basis_results)
+            if bits:
+                qber[name] = errors / bits
+        self.node.stats.basis_qber = qber
 
     # ---- costream worker ----------------------------------------------------------------
 
     def match(self, item) -> None:
         kind, epoch = item
         (self.t1 if kind == "t1" else self.t2).add(epoch)
-        if self.costream is None:
-            self.find_peak()
-        if self.costream is not None:
-            self.advance()
+        # Search again at once after a failed search or a lost lock: with a source that
+        # is faster than real time, no later file may arrive to trigger it.
+        while True:
+            if self.costream is None:
+                retry = self.find_peak()
+                if self.costream is None:
+                    if retry:
+                        continue
+                    return
+            if not self.advance():
+                return
 
-    def find_peak(self) -> None:
+    def offset_search(self):
+        """Return the configured search: frequency and time offset, or the time offset alone.
+
+        It is made once per run because it plans FFTs of 2^FFT_buffer_order bins.
+        """
+        if self.search is None:
+            order = self.config["FFT_buffer_order"]
+            fine = self.config["qcrypto.pfind.fine_resolution"]
+            coarse = self.config["qcrypto.pfind.coarse_resolution"]
+            if self.config["qcrypto.pfind.frequency_search"]:
+                self.search = stages.FrequencySearch(order, fine, coarse)
+            else:
+                self.search = stages.OffsetFinder(order, fine, coarse)
+        return self.search
+
+    def find_peak(self) -> bool:
+        """Search the offset once enough epochs overlap and start costream with it.
+
+        Returns True when it dropped the oldest epoch and a search on the next ones may
+        run at once.
+        """
+        search = self.offset_search()
         needed = self.config["pfind_epochs"]
+        if isinstance(search, stages.FrequencySearch):
+            needed = max(needed, search.epochs_needed())
         common = sorted(self.t1 & self.t2)
         # The first common epoch is usually cut short by the later start of one side,
         # so the search starts at the second one, as the reference does.
         if len(common) < needed + 1:
-            return
+            return False
         epochs = common[1:needed + 1]
         if epochs != list(range(epochs[0], epochs[0] + needed)):
             # The search needs consecutive epochs; drop the older ones and wait.
-            for store in (self.t1, self.t2):
-                store.discard(common[0])
-            self.remove_files(common[0])
-            return
-        finder = stages.OffsetFinder(self.config["FFT_buffer_order"],
-                                     self.config["qcrypto.pfind.fine_resolution"],
-                                     self.config["qcrypto.pfind.coarse_resolution"])
-        result = finder.find(self.folders["t1"], self.folders["t2"], epochs[0], needed)
+            self.drop_epoch(common[0])
+            return True
+        try:
+            result = search.find(self.folders["t1"], self.folders["t2"], epochs[0], needed)
+        except qkd_core.SyncError as error:
+            # The next attempt starts one epoch later, with one more epoch of events.
+            log.warning("offset search in epochs %08x..%08x failed: %s", epochs[0], epochs[-1],
+                        error)
+            self.node.engine.note(f"offset search failed, trying later epochs: {error}")
+            self.drop_epoch(common[0])
+            return True
         stats = self.node.stats
         stats.initial_offset_ticks = result.offset_ticks
         stats.snr_coarse, stats.snr_fine = result.snr_coarse, result.snr_fine
-        log.info("time offset %d ticks found in epochs %08x..%08x (signal to noise %.1f coarse, "
-                 "%.1f fine)", result.offset_ticks, epochs[0], epochs[-1], result.snr_coarse,
-                 result.snr_fine)
+        stats.frequency_offset = (result.frequency_offset
+                                  if isinstance(search, stages.FrequencySearch) else None)
+        log.info("time offset %d ticks, frequency offset %.4g found in epochs %08x..%08x "
+                 "(signal to noise %.1f coarse, %s fine)", result.offset_ticks,
+                 result.frequency_offset, epochs[0], epochs[-1], result.snr_coarse,
+                 "-" if result.snr_fine is None else f"{result.snr_fine:.1f}")
         start = epochs[0]
-        self.costream = stages.Costream(start, result.offset_ticks,
+        self.costream = stages.Costream(start, result,
                                         self.config["remote_coincidence_window"],
                                         self.config["tracking_window"],
                                         self.config["track_filter_time_constant"])
@@ -242,11 +329,21 @@ class HighPipeline(Pipeline):
                 self.remove_files(old)
         self.node.send_control({"msg": "peak_found", "offset_ticks": result.offset_ticks,
                                 "start_epoch": start, "snr_fine": result.snr_fine,
-                                "snr_coarse": result.snr_coarse})
+                                "snr_coarse": result.snr_coarse,
+                                "frequency_offset": stats.frequency_offset})
         self.node.engine.move(S.SERVICE_MODE, f"time offset {result.offset_ticks} ticks found")
+        return False
 
-    def advance(self) -> None:
-        """Push the epoch files costream needs next, in order, and handle the closed epochs."""
+    def drop_epoch(self, epoch: int) -> None:
+        for store in (self.t1, self.t2):
+            store.discard(epoch)
+        self.remove_files(epoch)
+
+    def advance(self) -> bool:
+        """Push the epoch files costream needs next, in order, and handle the closed epochs.
+
+        Returns True when the clock lock was lost and costream dropped.
+        """
         costream = self.costream
         assert costream is not None
         pushed = True
@@ -267,39 +364,54 @@ class HighPipeline(Pipeline):
         for result in costream.advance():
             self.match_epoch(result)
             if self.costream is None:
-                return
+                return True
+        return False
 
     def match_epoch(self, result: stages.CoincidenceEpoch) -> None:
         epoch = result.epoch
         with self.raw_keys_lock:
             self.raw_keys[epoch] = result.raw_bits
+            self.key_bases[epoch] = result.key_bases
             for old in [e for e in self.raw_keys if e < epoch - RAW_KEY_RETENTION_EPOCHS]:
                 del self.raw_keys[old]
+                self.key_bases.pop(old, None)
         if result.t4 is not None:
             self.node.send_file_bytes(4, epoch, result.t4)
         stats = self.node.stats
         stats.coincidences = result.coincidences
         stats.accidentals = result.accidentals
         stats.tracked_offset_ticks = result.tracked_offset_ticks
+        stats.histogram = result.histogram
+        stats.histogram_epoch = epoch
+        stats.histogram_offset_ticks = result.tracked_offset_ticks
+        stats.histogram_from_peer = False
         self.node.progress("epoch", role="high", epoch=epoch, coincidences=result.coincidences,
                            accidentals=result.accidentals, raw_bits=int(len(result.raw_bits)))
+        self.send_epoch_stats(epoch=epoch, coincidences=result.coincidences,
+                              accidentals=result.accidentals,
+                              tracked_offset_ticks=result.tracked_offset_ticks,
+                              histogram=list(result.histogram), basis_qber=stats.basis_qber)
         self.check_lock(result)
 
     def check_lock(self, result: stages.CoincidenceEpoch) -> None:
-        # The reference restarts when a running mean (weight 1/5, seeded at 10) of true
-        # coincidences over accidentals falls below 2.5.
-        ratio = result.coincidences / max(result.accidentals, 1)
+        # As the reference: a running mean (weight 1/5) of coincidences/(accidentals + 1)
+        # below 2.5 means the clocks are no longer locked. The + 1 lets an epoch without
+        # any pair in either window count as unlocked.
+        ratio = result.coincidences / (result.accidentals + 1)
         self.pair_ratio += (ratio - self.pair_ratio) / 5
-        if self.pair_ratio < 2.5 and result.accidentals > 0:
-            reason = (f"clock lock lost in epoch {result.epoch:08x}: coincidences/accidentals "
-                      f"running mean {self.pair_ratio:.2f} below 2.5")
+        if self.pair_ratio < LOCK_LOST_PAIR_RATIO:
+            reason = (f"clock lock lost in epoch {result.epoch:08x}: running mean of "
+                      f"coincidences/(accidentals + 1) {self.pair_ratio:.2f} below "
+                      f"{LOCK_LOST_PAIR_RATIO}")
+            log.warning("%s; searching the offset again", reason)
             self.costream = None
-            self.pair_ratio = 10.0
+            self.pair_ratio = INITIAL_PAIR_RATIO
             self.node.send_control({"msg": "lock_lost", "reason": reason})
             self.node.engine.move(S.PEAK_FINDING, reason)
 
     def take_raw_key(self, epoch: int) -> Optional[np.ndarray]:
         with self.raw_keys_lock:
+            self.key_bases.pop(epoch, None)
             return self.raw_keys.pop(epoch, None)
 
 
@@ -344,12 +456,21 @@ class LowPipeline(Pipeline):
         if kind == "peak_found":
             stats.initial_offset_ticks = message.get("offset_ticks")
             stats.snr_fine, stats.snr_coarse = message.get("snr_fine"), message.get("snr_coarse")
+            stats.frequency_offset = message.get("frequency_offset")
             self.node.engine.move(S.SERVICE_MODE, f"peer found the time offset "
                                                   f"{message.get('offset_ticks')} ticks")
         elif kind == "lock_lost":
             self.node.engine.move(S.PEAK_FINDING, message.get("reason", "peer lost the clock lock"))
         elif kind == "service_result":
             self.ec_worker.put(("service_result", message))
+        elif kind == "epoch_stats":
+            self.on_epoch_stats(message)
+
+    def send_epoch_stats(self, **fields) -> None:
+        # The link's QBER figures are computed here; the peer shows them too.
+        stats = self.node.stats
+        super().send_epoch_stats(service_qber=stats.service_qber,
+                                 servoed_qber=self.servo.servoed, **fields)
 
     # ---- splicer worker -----------------------------------------------------------------
 
@@ -370,6 +491,8 @@ class LowPipeline(Pipeline):
             bits = self.splicer.process(ready, self.take_file("t3", ready), self.t4.pop(ready))
             self.node.progress("epoch", role="low", epoch=ready, raw_bits=int(len(bits)))
             self.ec_worker.put(("raw_key", ready, bits))
+            # Carries the servoed QBER of the blocks corrected since the last one.
+            self.send_epoch_stats()
 
 
 def encode_bits(bits: np.ndarray) -> str:

@@ -46,6 +46,12 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="simulated pairs per second (default 2e5)")
     parser.add_argument("--qber", type=float, default=0.03, help="simulated QBER (default 0.03)")
     parser.add_argument("--seed", type=int, default=1, help="simulator seed (default 1)")
+    parser.add_argument("--drift", type=float, default=0.0,
+                        help="simulated rate of the low-count side's clock against the "
+                             "high-count side's, minus 1 (default 0; 1e-6 is 1 µs per second)")
+    parser.add_argument("--frequency-search", action="store_true",
+                        help="search and correct the clocks' frequency offset, as "
+                             "qcrypto.pfind.frequency_search does")
     parser.add_argument("--real-time", action="store_true",
                         help="pace the events at the wall clock, as time taggers deliver them")
     parser.add_argument("--block-bits", type=int, default=20000,
@@ -153,13 +159,15 @@ def node_configs(workdir: Path, args: argparse.Namespace) -> tuple[Config, Confi
             "data_root": str(workdir / role / "data"), "final_key_folder": str(workdir / role / "keys"),
             "minimal_block_size": args.block_bits,
             "source": {"real_time": args.real_time},
+            "qcrypto": {"pfind": {"frequency_search": getattr(args, "frequency_search", False)}},
         }
         events = args.events_high if role == "high" else args.events_low
         if events:
             values["source"].update({"kind": "file", "events_file": events})
         else:
             values["source"].update({"kind": "simulator", "seed": args.seed, "epochs": args.epochs,
-                                     "pair_rate": args.pair_rate, "qber": args.qber})
+                                     "pair_rate": args.pair_rate, "qber": args.qber,
+                                     "drift": getattr(args, "drift", 0.0)})
         configs.append(Config(values))
     return configs[0], configs[1]
 

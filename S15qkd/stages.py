@@ -12,7 +12,7 @@ is also what goes over the classical channel.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import numpy as np
@@ -20,6 +20,9 @@ import numpy as np
 import qkd_core
 
 log = logging.getLogger(__name__)
+
+#: Time difference in ticks of the first bin of costream's per-epoch histogram.
+HISTOGRAM_FIRST_TICK = getattr(qkd_core, "HISTOGRAM_FIRST_TICK", -64)
 
 #: Ticks of 1/8 ns per epoch: an epoch is the top 17 bits of the 49-bit time.
 EPOCH_TICKS = 1 << 32
@@ -59,10 +62,15 @@ class ChoppedEpoch:
 
 @dataclass
 class OffsetResult:
+    """Clock offset between the sides: ``t_L - t_H`` in ticks, after side H's times are
+    rescaled by ``1 + frequency_offset`` around ``origin_ticks`` (no rescaling when the
+    frequency offset is 0)."""
+
     offset_ticks: int
     snr_coarse: float
-    snr_fine: float
+    snr_fine: Optional[float]
     frequency_offset: float = 0.0
+    origin_ticks: Optional[int] = None
 
 
 @dataclass
@@ -75,6 +83,11 @@ class CoincidenceEpoch:
     coincidences: int
     accidentals: int
     tracked_offset_ticks: int
+    #: Examined pairs per time difference from the tracked offset, bins of 1 tick from
+    #: HISTOGRAM_FIRST_TICK on.
+    histogram: tuple[int, ...] = ()
+    #: Basis of each raw key bit (uint8, 0 for H/V, 1 for diagonal).
+    key_bases: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint8))
 
 
 # ---- adapters -------------------------------------------------------------------------------
@@ -126,20 +139,51 @@ class OffsetFinder:
         return OffsetResult(int(result.offset_ticks), float(result.coarse_snr), float(result.fine_snr))
 
 
+class FrequencySearch:
+    """Frequency and time offset together (the fpfind method) between the high side's
+    type-1 and the peer's type-2 epochs, for clocks whose rates differ by up to 1e-4."""
+
+    #: Distance of the late correlation window from the early one, in coarse spans
+    #: (coarse bin width times 2^buffer_order); the reference server passes fpfind -s 5.
+    SEPARATION = 5
+
+    def __init__(self, buffer_order: int, fine_resolution_ns: int, coarse_resolution_ns: int):
+        self.buffer_order = buffer_order
+        self.coarse_resolution_ns = coarse_resolution_ns
+        self._finder = _require("FrequencyFinder")(
+            buffer_order=buffer_order, coarse_resolution_ns=float(coarse_resolution_ns),
+            fine_resolution_ns=float(fine_resolution_ns), separation=float(self.SEPARATION))
+
+    def epochs_needed(self) -> int:
+        """Epochs that cover both windows with one span to spare, as fpfind reads them."""
+        span_ns = self.coarse_resolution_ns * 2**self.buffer_order
+        return int(np.ceil((self.SEPARATION + 2) * span_ns / 2**29)) + 1
+
+    def find(self, t1_folder, t2_folder, start_epoch: int, epochs: int) -> OffsetResult:
+        """Search epochs start_epoch .. start_epoch + epochs - 1 of the two folders."""
+        result = self._finder.find_in_folders(str(t1_folder), str(t2_folder), start_epoch, epochs)
+        # The search reports one significance, of its last (finest) peak; it is given as
+        # the coarse figure, and the fine one stays empty.
+        return OffsetResult(int(round(result.offset_ticks)), float(result.significance), None,
+                            float(result.relative_frequency), int(result.origin_ticks))
+
+
 class Costream:
     """costream on the high-count side: coincidences, clock tracking, sifting, type 4.
 
     Files are pushed in epoch order (type-1 about one epoch ahead of type-2) and
-    :meth:`advance` returns the epochs it could close.
+    :meth:`advance` returns the epochs it could close. With a frequency offset, the
+    type-1 times are rescaled by it before matching.
     """
 
-    def __init__(self, start_epoch: int, offset_ticks: int, coincidence_window: int,
+    def __init__(self, start_epoch: int, offset: OffsetResult, coincidence_window: int,
                  tracking_window: int, filter_time_constant_us: int):
         # Options as the reference server runs costream: -p 1 -T 2 -R 5 -Q -<time constant>.
         self._stage = _require("Costream")(
-            start_epoch, offset_ticks, protocol=1, coincidence_window=coincidence_window,
+            start_epoch, offset.offset_ticks, protocol=1, coincidence_window=coincidence_window,
             tracking_window=tracking_window, track_filter=-filter_time_constant_us,
-            width_filter=5, zero_policy=2)
+            width_filter=5, zero_policy=2, relative_frequency=offset.frequency_offset,
+            frequency_origin_ticks=offset.origin_ticks)
 
     @property
     def next_type1_epoch(self) -> int:
@@ -159,7 +203,9 @@ class Costream:
         closed, _need, _epoch = self._stage.advance()
         offset = self._stage.current_offset
         return [CoincidenceEpoch(item.epoch, item.type4, raw_key_bits(item.type3),
-                                 int(item.coincidences), int(item.accidentals), int(offset))
+                                 int(item.coincidences), int(item.accidentals), int(offset),
+                                 tuple(item.histogram),
+                                 np.frombuffer(item.key_bases, dtype=np.uint8))
                 for item in closed]
 
 
@@ -333,6 +379,8 @@ def simulator_arguments(config) -> dict:
     """The LinkSimulator arguments of the configuration's ``source.*`` keys."""
     return dict(seed=config["source.seed"], pair_rate=config["source.pair_rate"],
                 qber=config["source.qber"], offset_ticks=config["source.offset_ticks"],
+                drift=config["source.drift"], jitter_ps=config["source.jitter_ps"],
+                background_rate=config["source.background_rate"],
                 transmission=(1.0, 1.0 - config["source.loss_low"]))
 
 

@@ -174,12 +174,16 @@ class CoincidenceHistogram:
 
     Bin ``i`` counts pairs whose time difference minus the tracked offset lies in
     ``[first_bin_ticks + i * bin_width_ticks, first_bin_ticks + (i + 1) * bin_width_ticks)``.
+    costream computes it on the high-count side, one epoch at a time. ``computed_by`` is
+    empty when this node computed it, else it names the peer that sent it.
     """
 
     tracked_offset_ticks: int
     first_bin_ticks: int
     bin_width_ticks: int
     counts: tuple[int, ...]
+    epoch: int | None = None
+    computed_by: str = ""
 
     def bin_starts_ticks(self) -> tuple[int, ...]:
         return tuple(self.first_bin_ticks + i * self.bin_width_ticks for i in range(len(self.counts)))

@@ -128,8 +128,8 @@ fn key_bases_follow_raw_key() {
     }
 }
 
-/// Rescales the type-1 events of `files` as a clock running fast by `drift` would
-/// read them, from the first type-1 event on; returns that event's time.
+/// Rescales the type-1 events of `files` as a clock running fast by `drift` would read
+/// them, from the first type-1 event on. Returns the time of that event.
 fn drift_type1(files: &mut [LinkEpoch], drift: f64) -> u64 {
     let first = Type1File::parse(&files[0].type1).unwrap().events[0] >> 15;
     let mut clock = FrequencyCorrector::new(drift, Some(first)).unwrap();

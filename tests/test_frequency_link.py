@@ -1,0 +1,129 @@
+"""Two nodes whose clocks run at different rates, end to end on loopback.
+
+The link simulator runs the low-count side's clock fast or slow by a relative frequency
+(``source.drift``). With ``qcrypto.pfind.frequency_search`` the high-count side finds
+that frequency with the time offset and rescales its events before costream, so the
+link makes keys. Without it the clocks drift apart, so the lock-loss check fires and no
+key is made. The file also checks the accidentals and the figures each node sends its
+peer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import pytest
+
+import qkd_core
+from S15qkd.node import Node
+from S15qkd.simulate import Progress, node_configs, report, shared_simulator_factory, wait_until_idle
+
+REQUIRED = ("Chopper", "Chopper2", "OffsetFinder", "FrequencyFinder", "Costream", "Splicer",
+            "Reconciler", "LinkSimulator")
+missing = [name for name in REQUIRED if not hasattr(qkd_core, name)]
+pytestmark = pytest.mark.skipif(bool(missing), reason=f"qkd_core lacks {missing}")
+
+
+def simulate_args(tmp_path: Path, **overrides) -> argparse.Namespace:
+    values = dict(events_high=None, events_low=None, epochs=20, pair_rate=2e5, qber=0.03,
+                  seed=5, real_time=False, block_bits=8000, workdir=str(tmp_path), timeout=120.0,
+                  quiet=False, drift=0.0, frequency_search=False)
+    values.update(overrides)
+    return argparse.Namespace(**values)
+
+
+def run_link(tmp_path: Path, source: dict | None = None, **overrides):
+    """Run both nodes until the input is used up; return (status, output, high, low).
+
+    ``source`` overrides ``source.*`` keys of both nodes. The nodes are closed but keep
+    their statistics for the checks.
+    """
+    args = simulate_args(tmp_path, **overrides)
+    high_config, low_config = node_configs(tmp_path, args)
+    for config in (high_config, low_config):
+        config.update({"source": source or {}})
+    out = io.StringIO()
+    progress = Progress(out, quiet=False)
+    factory = shared_simulator_factory(high_config)
+    high = Node(high_config, progress=progress, auto_start=True, source_factory=factory)
+    low = Node(low_config, progress=progress, source_factory=factory)
+    high.start()
+    low.start()
+    try:
+        outcome = wait_until_idle(high, low, progress, args.timeout)
+        states = {"high": (high.engine.state.value, high.engine.reason),
+                  "low": (low.engine.state.value, low.engine.reason)}
+    finally:
+        high.close()
+        low.close()
+    status = report(high, low, progress, outcome, states, 0.0, out)
+    return status, out.getvalue(), high, low
+
+
+@pytest.mark.parametrize("drift", [1e-6, 1e-5, -1e-5])
+def test_drifted_link_with_search_makes_keys(tmp_path, drift):
+    status, text, high, low = run_link(tmp_path, drift=drift, frequency_search=True)
+    assert status == 0, text
+    assert "OK: both keystores hold the same" in text
+    assert "clock lock lost" not in text
+    for node in (high, low):
+        found = node.status().raw_key.frequency_offset
+        assert found is not None, node.role
+        # The simulator's clock L reads t * (1 + drift); the search finds that rate.
+        assert abs(found - drift) < 1e-8, (node.role, found)
+
+
+def test_drifted_link_without_search_fails(tmp_path):
+    status, text, high, _low = run_link(tmp_path, epochs=30, drift=1e-6)
+    assert status == 1, text
+    assert "FAIL: no final keys were released" in text
+    # The time offset search alone finds a wrong offset, and the running mean of
+    # coincidences over accidentals shows it.
+    assert "clock lock lost in epoch" in text
+    assert high.status().raw_key.frequency_offset is None
+    assert not any((tmp_path / "high" / "keys").glob("0*"))
+
+
+def test_search_off_keeps_plain_offset(tmp_path):
+    status, text, high, _low = run_link(tmp_path, epochs=14)
+    assert status == 0, text
+    assert high.status().raw_key.frequency_offset is None
+
+
+def test_accidentals_and_peer_figures(tmp_path):
+    # Uncorrelated counts on both sides: 1e5/s at the low-count side leave about 5e4
+    # type-2 events per epoch without a partner. Each meets a type-1 event in the
+    # 12-tick (1.5 ns) accidentals window with a probability of about 3e5/s * 1.5 ns.
+    status, text, high, low = run_link(tmp_path, epochs=14,
+                                       source={"background_rate": 1e5, "jitter_ps": 200.0})
+    assert status == 0, text
+    accidentals = [int(line.split("accidentals")[1].split()[0])
+                   for line in text.splitlines() if line.startswith("epoch ")]
+    assert accidentals, text
+    mean = sum(accidentals[1:]) / len(accidentals[1:])
+    assert 5 < mean < 100, accidentals
+
+    high_status, low_status = high.status(), low.status()
+    # The low-count side shows the high-count side's coincidence figures and histogram.
+    assert low_status.raw_key.accidentals_per_epoch is not None
+    assert low_status.raw_key.coincidences_per_epoch > 1000
+    histogram = low_status.detectors.histogram
+    assert histogram is not None
+    assert histogram.computed_by.startswith("the high-count side")
+    assert high_status.detectors.histogram.computed_by == ""
+    peak = max(range(len(histogram.counts)), key=histogram.counts.__getitem__)
+    # 200 ps jitter on each side: the peak sits within 2 ticks of the tracked offset.
+    assert abs(histogram.first_bin_ticks + peak) <= 2, histogram
+    # Each side shows both nodes' detector counts.
+    for snapshot in (high_status, low_status):
+        assert len(snapshot.detectors.counts) == 2
+        assert all(node.total > 0 for node in snapshot.detectors.counts)
+    # Both sides show the link's service QBER and the QBER per basis.
+    assert high_status.raw_key.service_qber == pytest.approx(low_status.raw_key.service_qber)
+    assert 0.01 < high_status.raw_key.service_qber < 0.06
+    for snapshot in (high_status, low_status):
+        assert set(snapshot.detectors.basis_qber) == {"H/V", "diagonal"}
+        assert all(0.0 < qber < 0.08 for qber in snapshot.detectors.basis_qber.values())
+    assert high_status.error_correction.servoed_qber is not None
