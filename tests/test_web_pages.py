@@ -12,6 +12,8 @@ from S15qkd.status import (  # noqa: E402
     DetectorStatus,
     InMemoryNode,
     NodeCounts,
+    RawKeyStatus,
+    Role,
     StatusSnapshot,
     ErrorCorrectionStatus,
 )
@@ -100,6 +102,59 @@ def test_histogram_figure_centres_bins_in_ns():
     figure, caption = detectors_page.histogram_figure(snapshot)
     assert figure["data"][0]["x"] == [-0.25, 0.25]
     assert "100.0 ns" in caption
+
+
+def test_histogram_caption_names_sender():
+    histogram = CoincidenceHistogram(tracked_offset_ticks=800, first_bin_ticks=-4, bin_width_ticks=4,
+                                     counts=(1, 9), epoch=0x4F87, computed_by="the high-count side alice")
+    snapshot = StatusSnapshot(time=0.0, detectors=DetectorStatus(histogram=histogram))
+    _figure, caption = detectors_page.histogram_figure(snapshot)
+    assert caption.startswith("Computed by the high-count side alice")
+    assert "epoch 00004f87" in caption
+
+
+def test_histogram_caption_own_histogram():
+    histogram = CoincidenceHistogram(tracked_offset_ticks=8, first_bin_ticks=-1, bin_width_ticks=1,
+                                     counts=(1, 9))
+    snapshot = StatusSnapshot(time=0.0, detectors=DetectorStatus(histogram=histogram))
+    _figure, caption = detectors_page.histogram_figure(snapshot)
+    assert "Computed by" not in caption
+    assert "one epoch" in caption
+
+
+@pytest.mark.parametrize("role, expected", [
+    (Role.LOW_COUNT, "costream runs on the high-count side"),
+    (Role.HIGH_COUNT, "once costream has matched its first epoch"),
+])
+def test_empty_histogram_caption_by_role(role, expected):
+    snapshot = StatusSnapshot(time=0.0, raw_key=RawKeyStatus(role=role))
+    figure, caption = detectors_page.histogram_figure(snapshot)
+    assert figure["data"] == []
+    assert expected in caption
+
+
+def test_counts_table_has_column_per_node():
+    snapshot = StatusSnapshot(time=0.0, detectors=DetectorStatus(counts=(
+        NodeCounts("alice", 5, (1, 2, 3, 4)), NodeCounts("bob", 6, (10, 20, 30, 40)))))
+    table = detectors_page.counts_table(snapshot).children[0]
+    header, body = table.children
+    assert [cell.children for cell in header.children.children] == ["", "alice", "bob"]
+    rows = [[cell.children for cell in row.children] for row in body.children]
+    assert rows[0] == ["Epoch", "00000005", "00000006"]
+    assert rows[1][0] == "Detector 1"
+    assert rows[-1][0] == "Total"
+    assert len(rows) == 6
+
+
+def test_raw_key_card_shows_corrected_frequency():
+    snapshot = StatusSnapshot(time=0.0, raw_key=RawKeyStatus(frequency_offset=-2.5e-6))
+    rows = dict(status_page.raw_key_rows(snapshot))
+    assert rows["Frequency offset (corrected)"] == "-2.5000e-06 (-2.5000 ppm)"
+
+
+def test_raw_key_card_without_frequency_search():
+    rows = dict(status_page.raw_key_rows(StatusSnapshot(time=0.0)))
+    assert "Frequency offset (corrected)" not in rows
 
 
 def test_reference_local_counts_use_own_node():

@@ -148,7 +148,9 @@ def raw_key_rows(snapshot: StatusSnapshot) -> list[tuple[str, str]]:
         ("Last received epoch", _epoch(raw.last_received_epoch)),
     ]
     if raw.frequency_offset is not None:
-        rows.append(("Frequency offset", f"{raw.frequency_offset:.3e}"))
+        # 1 ppm of relative frequency is 1 µs of drift per second.
+        rows.append(("Frequency offset (corrected)",
+                     f"{raw.frequency_offset:.4e} ({raw.frequency_offset * 1e6:.4f} ppm)"))
     if raw.service_qber is not None:
         rows.append(("Service QBER", _percent(raw.service_qber)))
     return rows
