@@ -14,6 +14,7 @@ import argparse
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import qkd_core
@@ -127,3 +128,33 @@ def test_accidentals_and_peer_figures(tmp_path):
         assert set(snapshot.detectors.basis_qber) == {"H/V", "diagonal"}
         assert all(0.0 < qber < 0.08 for qber in snapshot.detectors.basis_qber.values())
     assert high_status.error_correction.servoed_qber is not None
+
+
+def test_lock_check_fires_without_any_pairs():
+    """An epoch with no pair in either window (no light at the low-count side, or an
+    offset far off) counts as unlocked, because coincidences/(accidentals + 1) is 0."""
+    from types import SimpleNamespace
+
+    from S15qkd.controller import Engine
+    from S15qkd.pipeline import INITIAL_PAIR_RATIO, HighPipeline
+    from S15qkd.stages import CoincidenceEpoch
+    from S15qkd.status import EngineState
+
+    engine = Engine()
+    for state in (EngineState.ONLY_COMMUNICATION, EngineState.INITIATING,
+                  EngineState.PEAK_FINDING, EngineState.SERVICE_MODE):
+        engine.move(state, "test setup")
+    sent = []
+    node = SimpleNamespace(engine=engine, send_control=sent.append)
+    pipeline = SimpleNamespace(node=node, costream=object(), pair_ratio=INITIAL_PAIR_RATIO)
+    lost_after = None
+    for epoch in range(20):
+        empty = CoincidenceEpoch(epoch, None, np.zeros(0, dtype=np.uint8), 0, 0, 0)
+        HighPipeline.check_lock(pipeline, empty)
+        if pipeline.costream is None:
+            lost_after = epoch + 1
+            break
+    # The running mean falls from 10 by a factor 4/5 per epoch: below 2.5 after 7.
+    assert lost_after == 7
+    assert engine.state is EngineState.PEAK_FINDING
+    assert [message["msg"] for message in sent] == ["lock_lost"]

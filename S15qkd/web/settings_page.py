@@ -30,6 +30,8 @@ LABELS = {
     "track_filter_time_constant": "Tracking filter time constant",
     "FFT_buffer_order": "FFT buffer order (log2 of bins)",
     "pfind_epochs": "Epochs for the time offset search",
+    "qcrypto.pfind.frequency_search": "Frequency offset search and correction",
+    "source.drift": "Simulated clock rate offset (relative)",
     "error_correction": "Error correction",
     "privacy_amplification": "Privacy amplification",
     "minimal_block_size": "Minimal block size (raw bits)",
@@ -51,7 +53,7 @@ SECTIONS = {
     ),
     "Peak finding and tracking": (
         "FFT_buffer_order", "pfind_epochs", "remote_coincidence_window", "tracking_window",
-        "track_filter_time_constant", "frequency_search", "max_event_diff", "service_epochs",
+        "track_filter_time_constant", "max_event_diff", "service_epochs",
     ),
     "Error correction": (
         "error_correction", "privacy_amplification", "minimal_block_size", "QBER_limit",

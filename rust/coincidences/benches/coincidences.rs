@@ -9,6 +9,10 @@
 //! - `read_costream_input`: parse the type-1 files and decode the type-2 files.
 //! - `costream`: the same parsing plus matching, clock tracking, sifting and building
 //!   the type-3 and type-4 files of 5 epochs (the 6th type-1 file closes the 5th epoch).
+//! - `costream_frequency_corrected`: as `costream`, with every type-1 time rescaled by a
+//!   frequency correction. Its rate is one fixed-point step (about 9e-13), which moves
+//!   no event by a whole tick. So the matching does the same work, and the difference
+//!   is the cost of the correction.
 //! - `read_splicer_input`: parse the type-3 files and decode the type-4 files.
 //! - `splicer`: the same plus sifting and building the raw-key files.
 //!
@@ -24,6 +28,7 @@ use qkd_formats::type1::Type1File;
 use qkd_formats::type2::Type2File;
 use qkd_formats::type3::Type3File;
 use qkd_formats::type4::Type4File;
+use qkd_sync::FrequencyCorrector;
 
 const START: u32 = 0x4f87;
 const EPOCHS: u32 = 6;
@@ -43,9 +48,9 @@ fn config() -> CostreamConfig {
     }
 }
 
-fn run_costream(files: &[LinkEpoch]) -> Vec<qkd_coincidences::ClosedEpoch> {
+fn run_costream(files: &[LinkEpoch], config: CostreamConfig) -> Vec<qkd_coincidences::ClosedEpoch> {
     // Files arrive one epoch at a time, as in a running node.
-    let mut costream = Costream::new(config()).unwrap();
+    let mut costream = Costream::new(config).unwrap();
     let mut closed = Vec::new();
     for f in files {
         costream.push_type1(&f.type1).unwrap();
@@ -69,7 +74,11 @@ fn benches(c: &mut Criterion) {
         .collect();
     let costream_events: usize = files.iter().map(|f| f.type1_events + f.type2_events).sum();
 
-    let closed = run_costream(&files);
+    let closed = run_costream(&files, config());
+    let corrected = CostreamConfig {
+        frequency_correction: Some(FrequencyCorrector::new(1e-12, None).unwrap()),
+        ..config()
+    };
     let protocol = SplicerProtocol::new(1).unwrap();
     let splice_inputs: Vec<(u32, &[u8], Vec<u8>)> = closed
         .iter()
@@ -89,7 +98,12 @@ fn benches(c: &mut Criterion) {
             }
         })
     });
-    group.bench_function("costream", |b| b.iter(|| black_box(run_costream(&files))));
+    group.bench_function("costream", |b| {
+        b.iter(|| black_box(run_costream(&files, config())))
+    });
+    group.bench_function("costream_frequency_corrected", |b| {
+        b.iter(|| black_box(run_costream(&files, corrected.clone())))
+    });
 
     group.throughput(Throughput::Elements(splicer_events as u64));
     group.bench_function("read_splicer_input", |b| {
