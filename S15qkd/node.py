@@ -68,6 +68,10 @@ S = EngineState
 LIVE_KEYS = frozenset({"identity", "QBER_limit", "QBER_threshold", "default_QBER", "servo_blocks",
                        "service_epochs", "minimal_block_size"})
 
+#: Maximum number of histogram bins accepted from the peer. costream sends 128, and the
+#: page redraws the histogram every second.
+MAX_PEER_HISTOGRAM_BINS = 1024
+
 #: How often a start request is sent when the peer does not reply.
 START_ATTEMPTS = 5
 
@@ -113,6 +117,9 @@ class LiveStats:
             self.service_qber = _optional_float(message["service_qber"])
             self.peer_servoed_qber = _optional_float(message["servoed_qber"])
         if "histogram" in message:
+            if len(message["histogram"]) > MAX_PEER_HISTOGRAM_BINS:
+                raise ValueError(f"histogram of {len(message['histogram'])} bins, more than "
+                                 f"{MAX_PEER_HISTOGRAM_BINS}")
             self.coincidences = int(message["coincidences"])
             self.accidentals = int(message["accidentals"])
             self.tracked_offset_ticks = int(message["tracked_offset_ticks"])

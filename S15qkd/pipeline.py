@@ -319,6 +319,8 @@ class HighPipeline(Pipeline):
                  result.frequency_offset, epochs[0], epochs[-1], result.snr_coarse,
                  "-" if result.snr_fine is None else f"{result.snr_fine:.1f}")
         start = epochs[0]
+        # NOTE: the frequency is measured once per search. A rate that changes during the
+        # run is left to the tracking servo, unlike the reference's feedback to freqcd.
         self.costream = stages.Costream(start, result,
                                         self.config["remote_coincidence_window"],
                                         self.config["tracking_window"],

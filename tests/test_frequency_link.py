@@ -158,3 +158,27 @@ def test_lock_check_fires_without_any_pairs():
     assert lost_after == 7
     assert engine.state is EngineState.PEAK_FINDING
     assert [message["msg"] for message in sent] == ["lock_lost"]
+
+
+def test_peer_stats_update_and_reject():
+    from S15qkd.node import MAX_PEER_HISTOGRAM_BINS, LiveStats
+
+    stats = LiveStats()
+    stats.update_from_peer({"msg": "epoch_stats", "counts_epoch": 0x4F87,
+                            "detector_counts": [1, 2, 3, 4]})
+    assert stats.peer_detector_counts == (1, 2, 3, 4)
+    assert stats.peer_counts_epoch == 0x4F87
+    assert stats.histogram is None
+
+    message = {"epoch": 0x4F88, "coincidences": 10, "accidentals": 1, "tracked_offset_ticks": 5,
+               "histogram": [0] * (MAX_PEER_HISTOGRAM_BINS + 1), "basis_qber": {}}
+    with pytest.raises(ValueError, match="histogram of 1025 bins"):
+        stats.update_from_peer(message)
+    assert stats.histogram is None
+    assert stats.coincidences is None
+
+    message["histogram"] = [0, 7, 0]
+    stats.update_from_peer(message)
+    assert stats.histogram == (0, 7, 0)
+    assert stats.histogram_from_peer
+    assert stats.coincidences == 10
