@@ -306,7 +306,9 @@ class HighPipeline(Pipeline):
             # The next attempt starts one epoch later, with one more epoch of events.
             log.warning("offset search in epochs %08x..%08x failed: %s", epochs[0], epochs[-1],
                         error)
-            self.node.engine.note(f"offset search failed, trying later epochs: {error}")
+            # The error lists every pre-compensation tried; the log has it in full.
+            self.node.engine.note(f"offset search in epochs {epochs[0]:08x}..{epochs[-1]:08x} "
+                                  "found no peak; trying later epochs")
             self.drop_epoch(common[0])
             return True
         stats = self.node.stats

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -182,3 +183,40 @@ def test_peer_stats_update_and_reject():
     assert stats.histogram == (0, 7, 0)
     assert stats.histogram_from_peer
     assert stats.coincidences == 10
+
+
+def test_failed_search_retries_later(tmp_path):
+    """With two unrelated event streams every search fails, and the node keeps searching
+    later epochs instead of failing its costream worker."""
+    from S15qkd.stages import SimulatedSource, simulator_arguments
+
+    args = simulate_args(tmp_path, epochs=12, frequency_search=True)
+    high_config, low_config = node_configs(tmp_path, args)
+    for config in (high_config, low_config):
+        # Small FFTs keep each of the many failing searches short.
+        config.update({"FFT_buffer_order": 17})
+
+    def unrelated_source(role: str):
+        arguments = simulator_arguments(high_config)
+        arguments["seed"] = 1 if role == "high" else 2
+        return SimulatedSource(role, False, args.epochs, **arguments)
+
+    progress = Progress(io.StringIO(), quiet=True)
+    high = Node(high_config, progress=progress, auto_start=True, source_factory=unrelated_source)
+    low = Node(low_config, progress=progress, source_factory=unrelated_source)
+    high.start()
+    low.start()
+    try:
+        assert high.engine.wait_for(lambda state: state.value == "PEAK_FINDING", 30)
+        deadline = time.monotonic() + 60
+        while "found no peak" not in high.engine.reason and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert "found no peak; trying later epochs" in high.engine.reason
+        costream = high.status().worker("costream")
+        assert costream is not None
+        assert costream.restarts == 0, costream
+        assert high.engine.state.value == "PEAK_FINDING"
+    finally:
+        high.close()
+        low.close()
+    assert not any((tmp_path / "high" / "keys").glob("0*"))
