@@ -6,18 +6,33 @@
 //! Toeplitz matrices with a uniformly random seed form a 2-universal family (Krawczyk,
 //! CRYPTO '94), which the leftover hash lemma needs.
 //!
-//! The product is computed with Karatsuba's method down to blocks of
-//! [`SCHOOLBOOK_WORDS`] 64-bit words, which are multiplied with the carry-less multiply
-//! instruction (PCLMULQDQ) where the CPU has it and with a portable loop otherwise. Cost:
-//! O(n^1.58) word operations instead of the O(n·m) of a direct matrix product.
+//! Only those `m` coefficients are computed: a *middle product*. The key is cut into chunks
+//! of `L` 64-bit words (`L` at least the output length in words); each chunk times its
+//! `2L`-word window of the seed is an `L × L` Toeplitz product, and the chunks' results are
+//! XORed. A square product splits like Karatsuba's multiplication, transposed: with the key
+//! halves `x0, x1` and the seed quarters `S0 .. S3`, the two output halves are
+//! `P + MP(S0S1 ^ S1S2, x1)` and `P + MP(S1S2 ^ S2S3, x0)` with `P = MP(S1S2, x0 ^ x1)`,
+//! three half-size products instead of four. Below [`BASE_WORDS`] words the product is a
+//! direct sum of carry-less word products, with the PCLMULQDQ instruction where the CPU has
+//! it and a portable loop otherwise. Cost: O(L^1.58) word operations per chunk, about a
+//! third of a full Karatsuba product of key and seed. With the `parallel` feature the
+//! chunks and the three sub-products of the upper levels run on rayon's pool.
+//!
+//! The result is the same bit string whatever the chunking, base case or thread count.
 
 use crate::bits::BitVec;
 
-/// Below this many words per factor the quadratic product is faster than another
-/// Karatsuba level (measured with `cargo bench -p qkd-reconcile -- toeplitz`).
-const SCHOOLBOOK_WORDS: usize = 16;
+/// Largest square product computed directly; larger ones are split. 32 words measured
+/// fastest among 16, 32 and 64 (`cargo bench -p qkd-reconcile -- toeplitz`).
+const BASE_WORDS: usize = 32;
 
-type BaseMul = fn(&[u64], &[u64], &mut [u64]);
+/// Sub-products of at least this many words run as separate rayon tasks.
+#[cfg(feature = "parallel")]
+const PARALLEL_WORDS: usize = 512;
+
+/// Direct middle product: `out` (n words) = words `n .. 2n` of `s · x`, for `s` of `2n`
+/// words and `x` of `n` words.
+type BaseProduct = fn(&[u64], &[u64], &mut [u64]);
 
 /// Returns the `m`-bit Toeplitz hash of `key` (n bits) with `seed` (n + m - 1 bits).
 ///
@@ -33,102 +48,209 @@ pub fn toeplitz_hash(key: &BitVec, seed: &BitVec, m: usize) -> BitVec {
         n + m - 1,
         "Toeplitz seed must have n + m - 1 bits"
     );
-    let product = clmul_poly(key.words(), seed.words());
-    let product = BitVec::from_words(product, (key.words().len() + seed.words().len()) * 64);
-    product.slice(n - 1, m)
+    let base = base_product();
+    let key_words = key.words();
+    let (chunks, l) = plan(key_words.len(), m.div_ceil(64));
+    let chunk_product = |c: usize| -> Vec<u64> {
+        let mut x = vec![0u64; l];
+        let lo = (c * l).min(key_words.len());
+        let hi = ((c + 1) * l).min(key_words.len());
+        x[..hi - lo].copy_from_slice(&key_words[lo..hi]);
+        // Output bit i of this chunk is bit 64 l + i of window · x, so the window starts at
+        // seed bit n - 1 - 64 l (c + 1), which is negative for the last chunks (zeros).
+        let start = n as i64 - 1 - (64 * l * (c + 1)) as i64;
+        let window = seed_window(seed.words(), start, 2 * l);
+        let mut out = vec![0u64; l];
+        middle_product(&window, &x, &mut out, base);
+        out
+    };
+    let sum = xor_chunks(chunks, l, chunk_product);
+    BitVec::from_words(sum, m)
 }
 
-/// Multiplies two GF(2) polynomials given as words (bit `i` = coefficient of `z^i`).
-/// The result has `a.len() + b.len()` words.
-pub fn clmul_poly(a: &[u64], b: &[u64]) -> Vec<u64> {
-    let base = base_multiplier();
-    let mut out = vec![0u64; a.len() + b.len()];
-    if a.is_empty() || b.is_empty() {
-        return out;
-    }
-    let (short, long) = if a.len() <= b.len() { (a, b) } else { (b, a) };
-    let k = short.len();
-    let mut piece = vec![0u64; 2 * k];
-    let mut scratch = vec![0u64; scratch_words(k)];
-    let whole = long.len() / k * k;
-    for (c, chunk) in long[..whole].chunks_exact(k).enumerate() {
-        karatsuba(short, chunk, &mut piece, &mut scratch, base);
-        for (o, p) in out[c * k..].iter_mut().zip(&piece) {
-            *o ^= p;
-        }
-    }
-    // The shorter tail is multiplied by pieces of its own length instead of being padded
-    // to `k` words, which would waste most of a full k × k product.
-    let tail = &long[whole..];
-    if !tail.is_empty() {
-        let product = clmul_poly(short, tail);
-        for (o, p) in out[whole..].iter_mut().zip(&product) {
-            *o ^= p;
-        }
-    }
-    out
+#[cfg(feature = "parallel")]
+fn xor_chunks(
+    chunks: usize,
+    l: usize,
+    product: impl Fn(usize) -> Vec<u64> + Sync + Send,
+) -> Vec<u64> {
+    use rayon::prelude::*;
+    (0..chunks)
+        .into_par_iter()
+        .map(product)
+        .reduce(|| vec![0u64; l], xor_vecs)
 }
 
-/// Writes `a · b` into `out` (`2 n` words) for factors of `n` words each; `scratch` must
-/// hold at least [`scratch_words`]`(n)` words.
-fn karatsuba(a: &[u64], b: &[u64], out: &mut [u64], scratch: &mut [u64], base: BaseMul) {
-    let n = a.len();
-    out.fill(0);
-    if n <= SCHOOLBOOK_WORDS {
-        base(a, b, out);
+#[cfg(not(feature = "parallel"))]
+fn xor_chunks(chunks: usize, l: usize, product: impl Fn(usize) -> Vec<u64>) -> Vec<u64> {
+    (0..chunks).map(product).fold(vec![0u64; l], xor_vecs)
+}
+
+fn xor_vecs(mut a: Vec<u64>, b: Vec<u64>) -> Vec<u64> {
+    xor_into(&mut a, &b);
+    a
+}
+
+fn xor_into(a: &mut [u64], b: &[u64]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        *x ^= y;
+    }
+}
+
+/// Chooses the number of key chunks and the chunk length `L` in words for a key of
+/// `key_words` and an output of `out_words` words, minimising the estimated cost.
+///
+/// `L` is at least `out_words`, and of the form `b · 2^k` with an even `b <= BASE_WORDS`,
+/// so that every split halves evenly down to the base case.
+fn plan(key_words: usize, out_words: usize) -> (usize, usize) {
+    let max_chunks = (key_words / out_words).clamp(1, 1 << 16);
+    let mut best = (usize::MAX, 1, 0);
+    for c in 1..=max_chunks {
+        let l = split_length(key_words.div_ceil(c).max(out_words));
+        let chunks = key_words.div_ceil(l);
+        let cost = chunks.saturating_mul(product_cost(l));
+        if cost < best.0 {
+            best = (cost, chunks, l);
+        }
+    }
+    (best.1, best.2)
+}
+
+/// Rounds `words` up to `b · 2^k` with `b` even and at most `BASE_WORDS`.
+fn split_length(words: usize) -> usize {
+    let mut levels = 0;
+    while words.div_ceil(1 << levels) > BASE_WORDS {
+        levels += 1;
+    }
+    let b = words.div_ceil(1 << levels);
+    (b + b % 2) << levels
+}
+
+/// Word products of an `l`-word middle product: three half-size products per level, and
+/// `b · (b + 1)` in a base case of `b` words.
+fn product_cost(l: usize) -> usize {
+    if l <= BASE_WORDS || l % 2 == 1 {
+        l * (l + 1)
+    } else {
+        3 * product_cost(l / 2)
+    }
+}
+
+/// Returns `count` words of `src` starting at bit `start` (which may be negative); bits
+/// outside `src` read as zero.
+fn seed_window(src: &[u64], start: i64, count: usize) -> Vec<u64> {
+    let word = |w: i64| -> u64 {
+        if w < 0 {
+            0
+        } else {
+            src.get(w as usize).copied().unwrap_or(0)
+        }
+    };
+    let (q, r) = (start.div_euclid(64), start.rem_euclid(64));
+    (0..count as i64)
+        .map(|k| {
+            let w = q + k;
+            if r == 0 {
+                word(w)
+            } else {
+                (word(w) >> r) | (word(w + 1) << (64 - r))
+            }
+        })
+        .collect()
+}
+
+/// Writes words `n .. 2n` of `s · x` into `out` (n words), for `s` of `2n` words.
+fn middle_product(s: &[u64], x: &[u64], out: &mut [u64], base: BaseProduct) {
+    let n = x.len();
+    debug_assert_eq!(s.len(), 2 * n);
+    debug_assert_eq!(out.len(), n);
+    #[cfg(feature = "parallel")]
+    if n >= PARALLEL_WORDS && n % 2 == 0 {
+        return middle_product_parallel(s, x, out, base);
+    }
+    let mut scratch = vec![0u64; scratch_words(n)];
+    middle_product_into(s, x, out, &mut scratch, base);
+}
+
+/// One split level with the three sub-products on rayon tasks, each with its own buffers.
+#[cfg(feature = "parallel")]
+fn middle_product_parallel(s: &[u64], x: &[u64], out: &mut [u64], base: BaseProduct) {
+    let h = x.len() / 2;
+    let (x0, x1) = x.split_at(h);
+    let mut x_sum = x0.to_vec();
+    xor_into(&mut x_sum, x1);
+    let mut s_low = s[..2 * h].to_vec();
+    xor_into(&mut s_low, &s[h..3 * h]);
+    let mut s_high = s[h..3 * h].to_vec();
+    xor_into(&mut s_high, &s[2 * h..]);
+    let mut p = vec![0u64; h];
+    let (out0, out1) = out.split_at_mut(h);
+    rayon::join(
+        || middle_product(&s[h..3 * h], &x_sum, &mut p, base),
+        || {
+            rayon::join(
+                || middle_product(&s_low, x1, out0, base),
+                || middle_product(&s_high, x0, out1, base),
+            )
+        },
+    );
+    xor_into(out0, &p);
+    xor_into(out1, &p);
+}
+
+/// Sequential split down to the base case; `scratch` holds [`scratch_words`]`(n)` words.
+fn middle_product_into(
+    s: &[u64],
+    x: &[u64],
+    out: &mut [u64],
+    scratch: &mut [u64],
+    base: BaseProduct,
+) {
+    let n = x.len();
+    if n <= BASE_WORDS || n % 2 == 1 {
+        out.fill(0);
+        base(s, x, out);
         return;
     }
-    let h = n.div_ceil(2);
-    let (a0, a1) = a.split_at(h);
-    let (b0, b1) = b.split_at(h);
-    let (sums, rest) = scratch.split_at_mut(4 * h);
-    let (sum_a, sums) = sums.split_at_mut(h);
-    let (sum_b, middle) = sums.split_at_mut(h);
-    {
-        let (low, high) = out.split_at_mut(2 * h);
-        karatsuba(a0, b0, low, rest, base);
-        karatsuba(a1, b1, high, rest, base);
+    let h = n / 2;
+    let (x0, x1) = x.split_at(h);
+    let (x_sum, rest) = scratch.split_at_mut(h);
+    let (s_sum, rest) = rest.split_at_mut(2 * h);
+    let (p, rest) = rest.split_at_mut(h);
+    for ((d, a), b) in x_sum.iter_mut().zip(x0).zip(x1) {
+        *d = a ^ b;
     }
-    sum_a.copy_from_slice(a0);
-    sum_b.copy_from_slice(b0);
-    for (x, y) in sum_a.iter_mut().zip(a1) {
-        *x ^= y;
+    middle_product_into(&s[h..3 * h], x_sum, p, rest, base);
+    let (out0, out1) = out.split_at_mut(h);
+    for ((d, a), b) in s_sum.iter_mut().zip(&s[..2 * h]).zip(&s[h..3 * h]) {
+        *d = a ^ b;
     }
-    for (x, y) in sum_b.iter_mut().zip(b1) {
-        *x ^= y;
+    middle_product_into(s_sum, x1, out0, rest, base);
+    xor_into(out0, p);
+    for ((d, a), b) in s_sum.iter_mut().zip(&s[h..3 * h]).zip(&s[2 * h..]) {
+        *d = a ^ b;
     }
-    karatsuba(sum_a, sum_b, middle, rest, base);
-    for (m, p0) in middle.iter_mut().zip(&out[..2 * h]) {
-        *m ^= p0;
-    }
-    for (m, p2) in middle.iter_mut().zip(&out[2 * h..]) {
-        *m ^= p2;
-    }
-    // The middle term has fewer than 2n - h non-zero words, so the words `zip` cuts off at
-    // the end of `out` are zero.
-    for (o, m) in out[h..].iter_mut().zip(middle.iter()) {
-        *o ^= m;
-    }
+    middle_product_into(s_sum, x0, out1, rest, base);
+    xor_into(out1, p);
 }
 
-/// Scratch words [`karatsuba`] needs for factors of `n` words: 4h per level, h = ceil(n/2).
+/// Scratch words of [`middle_product_into`] for `n` words: 4h per level, h = n / 2.
 fn scratch_words(n: usize) -> usize {
-    if n <= SCHOOLBOOK_WORDS {
+    if n <= BASE_WORDS || n % 2 == 1 {
         0
     } else {
-        let h = n.div_ceil(2);
-        4 * h + scratch_words(h)
+        2 * n + scratch_words(n / 2)
     }
 }
 
-fn base_multiplier() -> BaseMul {
+fn base_product() -> BaseProduct {
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("pclmulqdq") {
-            return schoolbook_pclmul;
+            return middle_base_pclmul;
         }
     }
-    schoolbook_portable
+    middle_base_portable
 }
 
 /// Carry-less product of two words, (low, high) halves, without special instructions.
@@ -146,60 +268,64 @@ fn clmul_portable(a: u64, b: u64) -> (u64, u64) {
     (lo, hi)
 }
 
-fn schoolbook_portable(a: &[u64], b: &[u64], out: &mut [u64]) {
-    for (i, &x) in a.iter().enumerate() {
-        for (j, &y) in b.iter().enumerate() {
-            let (lo, hi) = clmul_portable(x, y);
-            out[i + j] ^= lo;
-            out[i + j + 1] ^= hi;
+/// Direct middle product. `Q_k = XOR_j s[k + n - 1 - j] · x[j]` (128 bits) for
+/// `k = 0 ..= n`; output word `k` is the high half of `Q_k` XOR the low half of `Q_(k+1)`.
+fn middle_base_portable(s: &[u64], x: &[u64], out: &mut [u64]) {
+    let n = x.len();
+    let mut prev_high = 0u64;
+    for k in 0..=n {
+        let (mut lo, mut hi) = (0u64, 0u64);
+        for (j, &xj) in x.iter().enumerate() {
+            let (l, h) = clmul_portable(s[k + n - 1 - j], xj);
+            lo ^= l;
+            hi ^= h;
         }
+        if k > 0 {
+            out[k - 1] ^= prev_high ^ lo;
+        }
+        prev_high = hi;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-fn schoolbook_pclmul(a: &[u64], b: &[u64], out: &mut [u64]) {
-    // SAFETY: only selected by `base_multiplier` after the CPU reported PCLMULQDQ.
-    unsafe { schoolbook_pclmul_impl(a, b, out) }
+fn middle_base_pclmul(s: &[u64], x: &[u64], out: &mut [u64]) {
+    if x.len() % 2 == 1 {
+        return middle_base_portable(s, x, out);
+    }
+    // SAFETY: only selected by `base_product` after the CPU reported PCLMULQDQ; the
+    // length checks above and in `middle_product_into` keep every load inside `s` and `x`.
+    unsafe { middle_base_pclmul_impl(s, x, out) }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "pclmulqdq,sse2")]
-unsafe fn schoolbook_pclmul_impl(a: &[u64], b: &[u64], out: &mut [u64]) {
+unsafe fn middle_base_pclmul_impl(s: &[u64], x: &[u64], out: &mut [u64]) {
     use std::arch::x86_64::{
-        __m128i, _mm_clmulepi64_si128, _mm_loadu_si128, _mm_setzero_si128, _mm_slli_si128,
-        _mm_srli_si128, _mm_storeu_si128, _mm_xor_si128,
+        __m128i, _mm_clmulepi64_si128, _mm_cvtsi128_si64, _mm_loadu_si128, _mm_setzero_si128,
+        _mm_unpackhi_epi64, _mm_xor_si128,
     };
-    const MAX: usize = SCHOOLBOOK_WORDS + 1;
-    // Zero-padded even-length copies, so that the loops below take two words at a time.
-    let mut pa = [0u64; MAX];
-    let mut pb = [0u64; MAX];
-    let mut acc = [0u64; 2 * MAX + 2];
-    pa[..a.len()].copy_from_slice(a);
-    pb[..b.len()].copy_from_slice(b);
-    let (na, nb) = (a.len().div_ceil(2) * 2, b.len().div_ceil(2) * 2);
-    for i in (0..na).step_by(2) {
-        let x = _mm_loadu_si128(pa.as_ptr().add(i) as *const __m128i);
-        // Words i + j and i + j + 1 are final for this row after step j, so the upper
-        // half of each 2 x 2 block product travels in `carry` instead of through memory.
-        let mut carry = _mm_setzero_si128();
-        for j in (0..nb).step_by(2) {
-            let y = _mm_loadu_si128(pb.as_ptr().add(j) as *const __m128i);
-            let p00 = _mm_clmulepi64_si128(x, y, 0x00);
-            let p11 = _mm_clmulepi64_si128(x, y, 0x11);
-            let mid = _mm_xor_si128(
-                _mm_clmulepi64_si128(x, y, 0x01),
-                _mm_clmulepi64_si128(x, y, 0x10),
-            );
-            let low = _mm_xor_si128(_mm_xor_si128(p00, _mm_slli_si128(mid, 8)), carry);
-            carry = _mm_xor_si128(p11, _mm_srli_si128(mid, 8));
-            let slot = acc.as_mut_ptr().add(i + j) as *mut __m128i;
-            _mm_storeu_si128(slot, _mm_xor_si128(_mm_loadu_si128(slot), low));
+    let n = x.len();
+    assert!(n % 2 == 0 && s.len() == 2 * n && out.len() == n);
+    let mut prev_high = 0u64;
+    for k in 0..=n {
+        // Two words of x and the matching two words of s per step: x[j] pairs with
+        // s[t] and x[j + 1] with s[t - 1], where t = k + n - 1 - j.
+        let mut acc0 = _mm_setzero_si128();
+        let mut acc1 = _mm_setzero_si128();
+        for j in (0..n).step_by(2) {
+            let t = k + n - 1 - j;
+            let xv = _mm_loadu_si128(x.as_ptr().add(j) as *const __m128i);
+            let sv = _mm_loadu_si128(s.as_ptr().add(t - 1) as *const __m128i);
+            acc0 = _mm_xor_si128(acc0, _mm_clmulepi64_si128(xv, sv, 0x10));
+            acc1 = _mm_xor_si128(acc1, _mm_clmulepi64_si128(xv, sv, 0x01));
         }
-        let slot = acc.as_mut_ptr().add(i + nb) as *mut __m128i;
-        _mm_storeu_si128(slot, _mm_xor_si128(_mm_loadu_si128(slot), carry));
-    }
-    for (o, v) in out.iter_mut().zip(&acc) {
-        *o ^= v;
+        let q = _mm_xor_si128(acc0, acc1);
+        let lo = _mm_cvtsi128_si64(q) as u64;
+        let hi = _mm_cvtsi128_si64(_mm_unpackhi_epi64(q, q)) as u64;
+        if k > 0 {
+            out[k - 1] ^= prev_high ^ lo;
+        }
+        prev_high = hi;
     }
 }
 
@@ -227,27 +353,46 @@ mod tests {
         out
     }
 
+    /// Words `n .. 2n` of the full carry-less product, one word product at a time.
+    fn naive_middle(s: &[u64], x: &[u64]) -> Vec<u64> {
+        let n = x.len();
+        let mut full = vec![0u64; 3 * n + 1];
+        for (i, &a) in s.iter().enumerate() {
+            for (j, &b) in x.iter().enumerate() {
+                let (lo, hi) = clmul_portable(a, b);
+                full[i + j] ^= lo;
+                full[i + j + 1] ^= hi;
+            }
+        }
+        full[n..2 * n].to_vec()
+    }
+
     #[test]
-    fn portable_and_pclmul_products_agree() {
+    fn base_products_match_the_full_product() {
         let mut rng = SeededRandom::new(3);
-        for words in [1usize, 2, 5, 16, 17, 40, 100] {
-            let a: Vec<u64> = (0..words).map(|_| rng.next_u64().unwrap()).collect();
-            let b: Vec<u64> = (0..words).map(|_| rng.next_u64().unwrap()).collect();
-            let mut slow = vec![0u64; 2 * words];
-            schoolbook_portable(&a, &b, &mut slow);
-            assert_eq!(clmul_poly(&a, &b), slow, "{words} words");
+        for words in [1usize, 2, 5, 16, 31, 32] {
+            let s: Vec<u64> = (0..2 * words).map(|_| rng.next_u64().unwrap()).collect();
+            let x: Vec<u64> = (0..words).map(|_| rng.next_u64().unwrap()).collect();
+            let expected = naive_middle(&s, &x);
+            let mut portable = vec![0u64; words];
+            middle_base_portable(&s, &x, &mut portable);
+            assert_eq!(portable, expected, "portable, {words} words");
+            let mut fast = vec![0u64; words];
+            base_product()(&s, &x, &mut fast);
+            assert_eq!(fast, expected, "selected base, {words} words");
         }
     }
 
     #[test]
-    fn uneven_factors_multiply_correctly() {
+    fn split_products_match_the_full_product() {
         let mut rng = SeededRandom::new(4);
-        let a: Vec<u64> = (0..37).map(|_| rng.next_u64().unwrap()).collect();
-        let b: Vec<u64> = (0..90).map(|_| rng.next_u64().unwrap()).collect();
-        let mut slow = vec![0u64; 127];
-        schoolbook_portable(&a, &b, &mut slow);
-        assert_eq!(clmul_poly(&a, &b), slow);
-        assert_eq!(clmul_poly(&b, &a), slow);
+        for words in [64usize, 96, 256, 1024] {
+            let s: Vec<u64> = (0..2 * words).map(|_| rng.next_u64().unwrap()).collect();
+            let x: Vec<u64> = (0..words).map(|_| rng.next_u64().unwrap()).collect();
+            let mut out = vec![0u64; words];
+            middle_product(&s, &x, &mut out, base_product());
+            assert_eq!(out, naive_middle(&s, &x), "{words} words");
+        }
     }
 
     #[test]
@@ -258,9 +403,14 @@ mod tests {
             (10, 3),
             (64, 64),
             (65, 1),
+            (127, 63),
             (300, 200),
             (1000, 577),
             (2000, 1),
+            (2049, 2049),
+            (4099, 1031),
+            (5003, 4001),
+            (6000, 300),
         ] {
             let key = random_bits(&mut rng, n);
             let seed = random_bits(&mut rng, n + m - 1);
@@ -269,6 +419,43 @@ mod tests {
                 naive_toeplitz(&key, &seed, m),
                 "n={n} m={m}"
             );
+        }
+    }
+
+    #[test]
+    fn large_hash_is_linear_in_the_key() {
+        // Sizes that take the split and (with the feature) parallel paths, too large for
+        // the naive product: T·(a ^ b) must equal T·a ^ T·b, and one key bit must select
+        // the seed window of its column.
+        let mut rng = SeededRandom::new(6);
+        let (n, m) = (200_003, 90_001);
+        let a = random_bits(&mut rng, n);
+        let b = random_bits(&mut rng, n);
+        let seed = random_bits(&mut rng, n + m - 1);
+        let mut ab_words = a.words().to_vec();
+        xor_into(&mut ab_words, b.words());
+        let ab = BitVec::from_words(ab_words, n);
+        let mut sum = toeplitz_hash(&a, &seed, m).words().to_vec();
+        xor_into(&mut sum, toeplitz_hash(&b, &seed, m).words());
+        assert_eq!(toeplitz_hash(&ab, &seed, m).words(), &sum[..]);
+        for j in [0usize, 1, 777, n - 1] {
+            let mut unit = BitVec::zeros(n);
+            unit.set(j, true);
+            // Column j of T is seed bits n - 1 - j .. n - 1 - j + m.
+            assert_eq!(
+                toeplitz_hash(&unit, &seed, m),
+                seed.slice(n - 1 - j, m),
+                "column {j}"
+            );
+        }
+    }
+
+    #[test]
+    fn plan_covers_the_key() {
+        for (kw, mw) in [(1, 1), (15625, 7813), (156250, 78125), (100, 3), (7, 100)] {
+            let (chunks, l) = plan(kw, mw);
+            assert!(l >= mw && chunks * l >= kw, "{kw} {mw}: {chunks} x {l}");
+            assert_eq!(split_length(l), l);
         }
     }
 
