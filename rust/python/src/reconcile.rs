@@ -243,7 +243,7 @@ fn step_to_py(py: Python<'_>, step: Step) -> StepResult<'_> {
 /// One peer of the reconciliation protocol, for any number of concurrent blocks.
 ///
 /// `Reconciler(role, *, qber_limit=0.11, eps_sec=1e-10, eps_cor=1e-10, initial_qber=None,
-/// sample_bits=1024, passes=4, seed=None)`
+/// sample_bits=1024, passes=64, seed=None)`
 ///
 /// role: "initiator" (reference key; starts every block) or "responder" (corrects its key).
 /// qber_limit, eps_sec, eps_cor must be equal on both peers (a mismatch discards the block).
@@ -281,7 +281,7 @@ impl Reconciler {
 #[pymethods]
 impl Reconciler {
     #[new]
-    #[pyo3(signature = (role, *, qber_limit = 0.11, eps_sec = 1e-10, eps_cor = 1e-10, initial_qber = None, sample_bits = 1024, passes = 4, seed = None))]
+    #[pyo3(signature = (role, *, qber_limit = 0.11, eps_sec = 1e-10, eps_cor = 1e-10, initial_qber = None, sample_bits = 1024, passes = 64, seed = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         role: &str,
@@ -392,13 +392,13 @@ impl Reconciler {
 
 /// reconcile_pair(bits_initiator, bits_responder, block_id=0, *, nbits=None,
 ///     qber_limit=0.11, eps_sec=1e-10, eps_cor=1e-10, initial_qber=None, sample_bits=1024,
-///     passes=4, seed=0) -> (BlockOutcome, BlockOutcome, int)
+///     passes=64, seed=0) -> (BlockOutcome, BlockOutcome, int)
 ///
 /// Runs one block between two in-process peers and returns both outcomes (initiator,
 /// responder) and the number of messages exchanged. `seed` seeds both peers' generators
 /// (tests and simulations only).
 #[pyfunction]
-#[pyo3(signature = (bits_initiator, bits_responder, block_id = 0, *, nbits = None, qber_limit = 0.11, eps_sec = 1e-10, eps_cor = 1e-10, initial_qber = None, sample_bits = 1024, passes = 4, seed = 0))]
+#[pyo3(signature = (bits_initiator, bits_responder, block_id = 0, *, nbits = None, qber_limit = 0.11, eps_sec = 1e-10, eps_cor = 1e-10, initial_qber = None, sample_bits = 1024, passes = 64, seed = 0))]
 #[allow(clippy::too_many_arguments)]
 fn reconcile_pair(
     py: Python<'_>,

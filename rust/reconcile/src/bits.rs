@@ -58,11 +58,10 @@ impl BitVec {
         }
         let mut v = BitVec::zeros(len);
         for (w, chunk) in v.words.iter_mut().zip(bytes.chunks(8)) {
-            let mut word = 0u64;
-            for (i, &b) in chunk.iter().enumerate() {
-                word |= u64::from(b.reverse_bits()) << (8 * i);
-            }
-            *w = word;
+            let mut be = [0u8; 8];
+            be[..chunk.len()].copy_from_slice(chunk);
+            // Bit 7 of byte 0 (the first bit) becomes bit 0 of the word.
+            *w = u64::from_be_bytes(be).reverse_bits();
         }
         v.clear_tail();
         Some(v)
@@ -72,7 +71,7 @@ impl BitVec {
     pub fn to_msb_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.len.div_ceil(8));
         for &w in &self.words {
-            out.extend(w.to_le_bytes().iter().map(|b| b.reverse_bits()));
+            out.extend_from_slice(&w.reverse_bits().to_be_bytes());
         }
         out.truncate(self.len.div_ceil(8));
         out

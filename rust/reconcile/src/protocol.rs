@@ -59,7 +59,8 @@ pub struct Config {
     /// Bits disclosed to estimate the QBER when no earlier block gives an estimate; at most
     /// a tenth of the block is used.
     pub sample_bits: usize,
-    /// Cascade passes.
+    /// Largest number of Cascade passes: two shuffled passes, then half passes until
+    /// [`crate::cascade::CONFIRM_PASSES`] of them in a row find no error.
     pub passes: usize,
 }
 
@@ -99,7 +100,11 @@ impl Config {
             }
         }
         if self.passes == 0 || self.passes > crate::cascade::MAX_PASSES {
-            return bad("passes", self.passes as f64, "1 ..= 32");
+            return bad(
+                "passes",
+                self.passes as f64,
+                &format!("1 ..= {}", crate::cascade::MAX_PASSES),
+            );
         }
         Ok(())
     }
@@ -659,7 +664,7 @@ impl Reconciler {
         let key = raw.without_positions(&positions);
         block.stats.key_bits = key.len() as u64;
         let sizes = block_sizes(key.len(), estimate.min(0.25), self.config.passes);
-        let mut corrector = Corrector::new(key, start.shuffle_seed, sizes);
+        let mut corrector = Corrector::new(key, start.shuffle_seed, sizes, self.config.passes);
         match corrector.start() {
             CorrectorStep::Request(req) => {
                 block.phase = Phase::Correcting { corrector };

@@ -107,16 +107,88 @@ impl Xoshiro256 {
     }
 }
 
-/// Returns a uniformly random permutation of `0 .. n` (Fisher-Yates) derived from `seed`:
-/// entry `i` is the original position placed at position `i`.
+/// Elements per bucket of [`permutation`]: 32 KiB of `u32`, so that each bucket's shuffle
+/// stays in the L1/L2 cache.
+const PERMUTATION_BUCKET: usize = 8192;
+
+/// Returns a uniformly random permutation of `0 .. n` derived from `seed`: entry `i` is the
+/// original position placed at position `i`.
+///
+/// Each element first goes to a uniformly random bucket (in order), then every bucket is
+/// shuffled with Fisher-Yates and the buckets are concatenated. Every arrangement is equally
+/// likely, as with one Fisher-Yates shuffle of the whole range, but the random swaps stay in
+/// the cache: about 3 times faster at 10^6 elements than one shuffle of 4 MB.
 pub fn permutation(seed: u64, n: usize) -> Vec<u32> {
-    let mut rng = Xoshiro256::new(seed);
-    let mut p: Vec<u32> = (0..n as u32).collect();
-    for i in (1..n).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        p.swap(i, j);
+    assert!(
+        n.div_ceil(PERMUTATION_BUCKET) <= 1 << 16,
+        "permutation of {n} elements"
+    );
+    let mut rng = Draws32::new(seed);
+    let buckets = n.div_ceil(PERMUTATION_BUCKET).max(1) as u32;
+    // At most 2^26 / 8192 buckets for the largest block, so an id fits 16 bits.
+    let bucket_of: Vec<u16> = (0..n).map(|_| rng.below(buckets) as u16).collect();
+    let mut offsets = vec![0usize; buckets as usize + 1];
+    for &b in &bucket_of {
+        offsets[b as usize + 1] += 1;
+    }
+    for b in 0..buckets as usize {
+        offsets[b + 1] += offsets[b];
+    }
+    let mut cursor = offsets.clone();
+    let mut p = vec![0u32; n];
+    for (i, &b) in bucket_of.iter().enumerate() {
+        p[cursor[b as usize]] = i as u32;
+        cursor[b as usize] += 1;
+    }
+    for b in 0..buckets as usize {
+        let slice = &mut p[offsets[b]..offsets[b + 1]];
+        for i in (1..slice.len()).rev() {
+            let j = rng.below(i as u32 + 1) as usize;
+            slice.swap(i, j);
+        }
     }
     p
+}
+
+/// 32-bit draws, two per xoshiro256** output, for bounds below 2^32.
+struct Draws32 {
+    rng: Xoshiro256,
+    spare: Option<u32>,
+}
+
+impl Draws32 {
+    fn new(seed: u64) -> Self {
+        Draws32 {
+            rng: Xoshiro256::new(seed),
+            spare: None,
+        }
+    }
+
+    #[inline]
+    fn next_u32(&mut self) -> u32 {
+        match self.spare.take() {
+            Some(v) => v,
+            None => {
+                let w = self.rng.next_u64();
+                self.spare = Some((w >> 32) as u32);
+                w as u32
+            }
+        }
+    }
+
+    /// Uniform integer in `0 .. bound` (Lemire's method, 32-bit).
+    #[inline]
+    fn below(&mut self, bound: u32) -> u32 {
+        debug_assert!(bound > 0);
+        let mut m = u64::from(self.next_u32()) * u64::from(bound);
+        if (m as u32) < bound {
+            let threshold = bound.wrapping_neg() % bound;
+            while (m as u32) < threshold {
+                m = u64::from(self.next_u32()) * u64::from(bound);
+            }
+        }
+        (m >> 32) as u32
+    }
 }
 
 /// Returns `count` distinct positions in `0 .. n`, sorted, derived from `seed`.
