@@ -14,9 +14,10 @@
 //!   opened [`CONFIRM_PASSES`] at a time, and the correction ends once that many half
 //!   passes in a row found no error, or after `max_passes` passes.
 //! - The odd blocks of the lowest pass that has any, and of the pass after it, are bisected
-//!   in parallel, so one round trip serves all of them; an error found in one pass re-opens
-//!   the block that contains it in every other pass (the cascade), and later passes wait
-//!   until the lower ones are even again.
+//!   in parallel, so one round trip serves all of them. Later passes wait until the lower
+//!   ones are even again.
+//! - An error found in one pass re-opens the block that contains it in every other pass
+//!   (the cascade).
 //! - Every parity the oracle disclosed is remembered, so the parity of a second half
 //!   (parent XOR first half) and any sub-block parity revealed earlier are never asked for
 //!   again (sub-block reuse).
@@ -39,8 +40,8 @@ pub const MAX_PASSES: usize = 128;
 pub const DEFAULT_PASSES: usize = 64;
 
 /// Half passes in a row without an error that end the correction. A residual error pattern
-/// survives each half pass with probability 1/2, so at most `2^-16` of the blocks with an
-/// error left after the shuffled passes reach the verification hash with it, which then
+/// survives each half pass with probability 1/2. So at most `2^-16` of the blocks with an
+/// error left after the fixed-size passes reach the verification hash with it, which then
 /// discards the block. Each such pass discloses one parity bit.
 pub const CONFIRM_PASSES: usize = 16;
 
@@ -125,8 +126,8 @@ enum Order {
     /// (sifted detections seconds apart), so a shuffle would change nothing but cost two
     /// permutations of the whole key per block.
     Identity,
-    /// A Fisher-Yates permutation: position `i` holds original bit `perm[i]`; `inv` is the
-    /// inverse, which only the corrector needs.
+    /// A random permutation: position `i` contains original bit `perm[i]`. Only the
+    /// corrector needs the inverse `inv`.
     Shuffled { perm: Vec<u32>, inv: Vec<u32> },
     /// A random half: the bits set in `mask` first, then the others, each in key order.
     /// `rank[w]` counts the mask bits in words `0 .. w`.
@@ -184,7 +185,7 @@ impl Order {
         }
     }
 
-    /// The key in this pass's order.
+    /// Returns the key in this pass's order.
     fn gather(&self, key: &BitVec) -> BitVec {
         match self {
             Order::Identity => key.clone(),
@@ -247,7 +248,7 @@ impl Order {
         }
     }
 
-    /// Block size of this pass for the requested size `k` (shuffled) .
+    /// Returns the block size of this pass: `k` as requested, or the larger side of a half.
     fn block_size(&self, k: usize, n: usize) -> usize {
         match self {
             Order::Identity | Order::Shuffled { .. } => k,
@@ -321,7 +322,7 @@ fn split_gather_with(
     BitVec::from_words(out, n)
 }
 
-/// The bits of `x` selected by `m`, packed into the low bits (what BMI2's PEXT does).
+/// Packs the bits of `x` selected by `m` into the low bits (what BMI2's PEXT does).
 fn extract_portable(x: u64, mut m: u64) -> u64 {
     let mut out = 0u64;
     let mut i = 0;
@@ -369,7 +370,8 @@ fn check_open(open: &[(u8, u32)], next: usize, n: usize) -> Result<usize, Cascad
         if pass != expected || pass >= MAX_PASSES {
             return Err(CascadeError::PassOrder { pass, expected });
         }
-        // The first pass must be shuffled: its block parities give the key parity.
+        // The first pass must have fixed-size blocks, because its block parities give the
+        // key parity.
         if size > n || (pass == 0 && size == HALF_PASS as usize) {
             return Err(CascadeError::BlockSize { pass, size, n });
         }
@@ -511,7 +513,7 @@ impl Pass {
     }
 }
 
-/// The request awaiting its answer: the passes being opened (index, block size, order), and
+/// The request awaiting its reply: the passes being opened (index, block size, order), and
 /// the bisection node (pass, block, heap index) of each requested range.
 struct Outstanding {
     open: Vec<(usize, usize, Order)>,
@@ -544,8 +546,8 @@ pub struct Corrector {
 }
 
 impl Corrector {
-    /// Starts a corrector for `key` with the shuffled passes' block sizes `sizes` (see
-    /// [`block_sizes`]) followed by half passes, at most `max_passes` passes in all.
+    /// Starts a corrector for `key` with the block sizes `sizes` of the fixed-size passes
+    /// (see [`block_sizes`]) followed by half passes, at most `max_passes` passes in all.
     pub fn new(key: BitVec, shuffle_seed: u64, sizes: Vec<usize>, max_passes: usize) -> Self {
         Corrector {
             n: key.len(),

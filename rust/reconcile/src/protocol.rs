@@ -59,7 +59,7 @@ pub struct Config {
     /// Bits disclosed to estimate the QBER when no earlier block gives an estimate; at most
     /// a tenth of the block is used.
     pub sample_bits: usize,
-    /// Largest number of Cascade passes: two shuffled passes, then half passes until
+    /// Largest number of Cascade passes: three of fixed-size blocks, then half passes until
     /// [`crate::cascade::CONFIRM_PASSES`] of them in a row find no error.
     pub passes: usize,
 }

@@ -7,9 +7,9 @@
 //! CRYPTO '94), which the leftover hash lemma needs.
 //!
 //! Only those `m` coefficients are computed: a *middle product*. The key is cut into chunks
-//! of `L` 64-bit words (`L` at least the output length in words); each chunk times its
-//! `2L`-word window of the seed is an `L × L` Toeplitz product, and the chunks' results are
-//! XORed. A square product splits like Karatsuba's multiplication, transposed: with the key
+//! of `L` 64-bit words, where `L` is at least the output length in words. Each chunk times
+//! its `2L`-word window of the seed is an `L × L` Toeplitz product, and the chunks' results
+//! are XORed. A square product splits like Karatsuba's multiplication, transposed: with the key
 //! halves `x0, x1` and the seed quarters `S0 .. S3`, the two output halves are
 //! `P + MP(S0S1 ^ S1S2, x1)` and `P + MP(S1S2 ^ S2S3, x0)` with `P = MP(S1S2, x0 ^ x1)`,
 //! three half-size products instead of four. Below [`BASE_WORDS`] words the product is a
@@ -172,7 +172,8 @@ fn middle_product(s: &[u64], x: &[u64], out: &mut [u64], base: BaseProduct) {
     middle_product_into(s, x, out, &mut scratch, base);
 }
 
-/// One split level with the three sub-products on rayon tasks, each with its own buffers.
+/// Splits one level and runs the three sub-products on rayon tasks, each with its own
+/// buffers.
 #[cfg(feature = "parallel")]
 fn middle_product_parallel(s: &[u64], x: &[u64], out: &mut [u64], base: BaseProduct) {
     let h = x.len() / 2;
@@ -198,7 +199,7 @@ fn middle_product_parallel(s: &[u64], x: &[u64], out: &mut [u64], base: BaseProd
     xor_into(out1, &p);
 }
 
-/// Sequential split down to the base case; `scratch` holds [`scratch_words`]`(n)` words.
+/// Splits down to the base case on this thread. `scratch` has [`scratch_words`]`(n)` words.
 fn middle_product_into(
     s: &[u64],
     x: &[u64],
@@ -305,7 +306,9 @@ unsafe fn middle_base_pclmul_impl(s: &[u64], x: &[u64], out: &mut [u64]) {
         _mm_unpackhi_epi64, _mm_xor_si128,
     };
     let n = x.len();
-    assert!(n % 2 == 0 && s.len() == 2 * n && out.len() == n);
+    assert!(n % 2 == 0, "odd length {n}");
+    assert_eq!(s.len(), 2 * n);
+    assert_eq!(out.len(), n);
     let mut prev_high = 0u64;
     for k in 0..=n {
         // Two words of x and the matching two words of s per step: x[j] pairs with
@@ -454,7 +457,8 @@ mod tests {
     fn plan_covers_the_key() {
         for (kw, mw) in [(1, 1), (15625, 7813), (156250, 78125), (100, 3), (7, 100)] {
             let (chunks, l) = plan(kw, mw);
-            assert!(l >= mw && chunks * l >= kw, "{kw} {mw}: {chunks} x {l}");
+            assert!(l >= mw, "{kw} {mw}: chunks of {l} words");
+            assert!(chunks * l >= kw, "{kw} {mw}: {chunks} x {l}");
             assert_eq!(split_length(l), l);
         }
     }
