@@ -63,7 +63,7 @@ def make_link(certs, role, port, inbox, *, local=None, remote=None, resets=None,
     settings = LinkSettings(role=role, host="127.0.0.1", port=port,
                             server_context=context if role == "high" else None,
                             client_context=context if role == "low" else None,
-                            remote_cert=remote_cert, identity=role,
+                            remote_cert=remote_cert, local_cert=str(cert), identity=role,
                             reconnect_min_s=0.05, reconnect_max_s=0.5, **extra)
     reset_log = resets if resets is not None else []
     return Link(settings, inbox, on_link_reset=reset_log.append)
@@ -153,8 +153,9 @@ def test_client_rejects_server_with_other_certificate(certs):
     high.start()
     low.start()
     try:
-        assert wait_until(lambda: "certificate verify failed" in low.stats.last_error), \
+        assert wait_until(lambda: "this node rejected the peer's certificate" in low.stats.last_error), \
             low.stats.last_error
+        assert f"not remote_cert ({certs['high'][0]})" in low.stats.last_error
         assert low.state is not LinkState.CONNECTED
     finally:
         low.stop()

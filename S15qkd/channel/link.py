@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import logging
 import secrets
 import socket
@@ -43,7 +44,7 @@ from typing import Callable, Optional
 
 from .frames import (HEADER_SIZE, SEQUENCED, Frame, FrameError, FrameType, decode_json,
                      encode_json, parse_header)
-from .tls import load_pinned_certificate
+from .tls import describe_handshake_error, load_pinned_certificate, peer_rejected_ours
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ class LinkSettings:
     server_context: Optional[ssl.SSLContext] = None
     client_context: Optional[ssl.SSLContext] = None
     remote_cert: str = ""
+    local_cert: str = ""            # path named in messages about a rejected certificate
     identity: str = ""
     max_frame_bytes: int = 16 << 20
     reconnect_min_s: float = 0.2
@@ -137,14 +139,22 @@ class Link:
         self._listener: Optional[socket.socket] = None
         self._ack_due = False        # an ACK of _recv_next - 1 is owed to the peer
         self._resend_from = 1        # first frame to transmit on the current connection
+        self._listen_error = ""      # why the high-count side could not listen, if it could not
+        self._last_logged_error = ""
+        self._error_repeats = 0
 
     # ---- public API, callable from any thread -------------------------------------------
 
     def start(self) -> None:
+        """Start the channel thread; raise ChannelError if the high-count side cannot listen."""
         self._thread = threading.Thread(target=self._thread_main, name=f"link-{self.settings.role}",
                                         daemon=True)
         self._thread.start()
         self._started.wait()
+        if self._listen_error:
+            self._thread.join()
+            self._set_state(LinkState.STOPPED)
+            raise ChannelError(self._listen_error)
 
     def stop(self, timeout: float = 5.0) -> None:
         loop = self._loop
@@ -257,8 +267,8 @@ class Link:
         try:
             listener = socket.create_server((settings.host, settings.port), reuse_port=False)
         except OSError as error:
-            self.stats.last_error = f"cannot listen on {settings.host}:{settings.port}: {error}"
-            log.error("classical channel %s", self.stats.last_error)
+            self._listen_error = _describe_listen_error(error, settings.host, settings.port)
+            self.stats.last_error = self._listen_error
             self._started.set()
             return
         listener.setblocking(False)
@@ -296,7 +306,10 @@ class Link:
                 lambda: protocol, connection, ssl=self.settings.server_context,
                 ssl_handshake_timeout=self.settings.handshake_timeout_s)
         except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
-            self._record_error(f"TLS handshake with {address} failed: {_describe(error)}")
+            # The peer's port number changes with every attempt; the host alone lets
+            # repeated failures be counted as one message.
+            host = address.rsplit(":", 1)[0]
+            self._record_error(f"TLS handshake with {host} failed: {self._describe_tls(error)}")
             connection.close()
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -310,20 +323,26 @@ class Link:
         settings = self.settings
         assert self._stopping is not None
         delay = settings.reconnect_min_s
+        address = f"{settings.host}:{settings.port}"
+        log.info("classical channel connecting to %s", address)
         while not self._stopping.is_set():
-            address = f"{settings.host}:{settings.port}"
             connected = False
+            established = self.stats.connections
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(settings.host, settings.port,
                                             ssl=settings.client_context, server_hostname=None),
                     settings.handshake_timeout_s)
                 connected = True
-                delay = settings.reconnect_min_s
                 await self._run_connection(reader, writer, address)
             except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
                 if not connected:
-                    self._record_error(f"cannot connect to {address}: {_describe(error)}")
+                    self._record_error(f"cannot connect to {address}: {self._describe_tls(error)}")
+            # Only a connection that got past the HELLO exchange resets the backoff. A
+            # peer that rejects this node's certificate completes the TLS handshake and
+            # closes the connection afterwards, so it must not be retried at full rate.
+            if self.stats.connections > established:
+                delay = settings.reconnect_min_s
             if self._stopping.is_set():
                 break
             log.info("reconnecting to %s in %.2f s", address, delay)
@@ -334,15 +353,32 @@ class Link:
             delay = min(delay * 2, settings.reconnect_max_s)
 
     def _record_error(self, message: str) -> None:
+        """Store and log a channel error; repeats of the same message are logged as a count."""
         self.stats.last_error = message
-        log.error("classical channel: %s", message)
+        if message != self._last_logged_error:
+            self._last_logged_error = message
+            self._error_repeats = 0
+            log.error("classical channel: %s", message)
+            return
+        self._error_repeats += 1
+        # Powers of two keep a peer that fails every attempt to a few lines per hour.
+        if self._error_repeats & (self._error_repeats - 1) == 0:
+            log.error("classical channel: %s (%d times so far)", message, self._error_repeats + 1)
+
+    def _describe_tls(self, error: BaseException) -> str:
+        if isinstance(error, asyncio.TimeoutError):
+            return "timed out"
+        return describe_handshake_error(error, self.settings.local_cert, self.settings.remote_cert)
 
     async def _run_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                               address: str) -> None:
         writer_task = read_task = None
+        hello_done = False
         try:
             self._check_pinned(writer, address)
             await self._exchange_hello(reader, writer, address)
+            hello_done = True
+            self._last_logged_error = ""
             self._current_writer = writer
             self.stats.connections += 1
             self.stats.connected_since = time.time()
@@ -358,11 +394,20 @@ class Link:
                 task.result()  # re-raise what ended the connection
         except (FrameError, ChannelError) as error:
             self._record_error(f"connection to {address} closed: {error}")
-        except asyncio.IncompleteReadError:
-            log.warning("classical channel: peer %s closed the connection", address)
-            self.stats.last_error = f"peer {address} closed the connection"
-        except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
-            self._record_error(f"connection to {address} lost: {_describe(error)}")
+        except (asyncio.IncompleteReadError, ssl.SSLError, OSError, asyncio.TimeoutError) as error:
+            if self._stopping is not None and self._stopping.is_set():
+                log.debug("classical channel to %s closed while stopping: %s", address, error)
+            elif not hello_done:
+                # In TLS 1.3 the server checks the client's certificate after the client
+                # has finished its handshake, so a rejected client sees the connection
+                # close before the peer's HELLO arrives.
+                self._record_error(f"connection to {address} closed before the peer's HELLO: "
+                                   f"{self._describe_closed_before_hello(error)}")
+            elif isinstance(error, asyncio.IncompleteReadError):
+                log.warning("classical channel: peer %s closed the connection", address)
+                self.stats.last_error = f"peer {address} closed the connection"
+            else:
+                self._record_error(f"connection to {address} lost: {_describe(error)}")
         finally:
             for task in (writer_task, read_task):
                 if task is None:
@@ -377,12 +422,22 @@ class Link:
                 self._set_state(LinkState.DISCONNECTED)
             writer.close()
 
+    def _describe_closed_before_hello(self, error: BaseException) -> str:
+        if isinstance(error, asyncio.TimeoutError):
+            return "timed out"
+        if isinstance(error, (asyncio.IncompleteReadError, ConnectionResetError)):
+            if self.settings.role == "low":
+                return peer_rejected_ours(self.settings.local_cert, certain=False)
+            return "the peer closed the connection"
+        return self._describe_tls(error)
+
     def _check_pinned(self, writer: asyncio.StreamWriter, address: str) -> None:
         ssl_object = writer.get_extra_info("ssl_object")
         peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         if peer_der != self._pinned_der:
             raise ChannelError(f"peer {address} presented a certificate other than "
-                               f"remote_cert ({self.settings.remote_cert})")
+                               f"remote_cert ({self.settings.remote_cert}); check that "
+                               "remote_cert is a copy of the peer's local_cert")
 
     async def _exchange_hello(self, reader, writer, address: str) -> None:
         with self._lock:
@@ -549,6 +604,20 @@ def _run_callback(callback: Optional[Callable[[], None]], what: str) -> None:
         callback()
     except Exception:
         log.exception("channel %s callback failed", what)
+
+
+def _describe_listen_error(error: OSError, host: str, port: int) -> str:
+    """Return why the channel cannot listen on host:port and which setting to change."""
+    where = f"cannot listen on {host}:{port}"
+    if error.errno == errno.EADDRINUSE:
+        return (f"{where}: another process uses the port; stop it, or set port_authd "
+                "on both nodes to a free port")
+    if error.errno == errno.EADDRNOTAVAIL or isinstance(error, socket.gaierror):
+        return (f"{where}: {error.strerror}; set listen_address to an address of this "
+                "machine, or 0.0.0.0 for all of them")
+    if error.errno == errno.EACCES:
+        return f"{where}: {error.strerror}; ports below 1024 need root, so set port_authd above 1023"
+    return f"{where}: {error.strerror or error}"
 
 
 def _describe(error: BaseException) -> str:

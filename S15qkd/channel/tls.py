@@ -18,6 +18,45 @@ from ..config import ConfigError
 # Maximum certificate validity that `qkdserver certs` accepts: 100 years.
 MAX_CERTIFICATE_DAYS = 36500
 
+# OpenSSL reasons of a TLS alert by which the peer rejects the certificate this node sent.
+PEER_REJECTED_REASONS = frozenset({
+    "SSLV3_ALERT_BAD_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_UNKNOWN", "TLSV1_ALERT_UNKNOWN_CA",
+    "SSLV3_ALERT_UNSUPPORTED_CERTIFICATE", "SSLV3_ALERT_CERTIFICATE_EXPIRED",
+    "TLSV13_ALERT_CERTIFICATE_REQUIRED", "TLSV1_ALERT_DECRYPT_ERROR",
+})
+
+
+def peer_rejected_ours(local_cert: str, certain: bool = True) -> str:
+    """Return the advice for a peer that rejected (or may have rejected) this node's certificate."""
+    verb = "rejected" if certain else "may have rejected"
+    return (f"the peer {verb} this node's certificate (local_cert {local_cert}); check that "
+            "remote_cert on the peer is a copy of that file")
+
+
+def we_rejected_peer(remote_cert: str) -> str:
+    """Return the advice for a peer certificate that this node rejected."""
+    return (f"this node rejected the peer's certificate because it is not remote_cert "
+            f"({remote_cert}); check that remote_cert is a copy of the peer's local_cert")
+
+
+def describe_handshake_error(error: BaseException, local_cert: str, remote_cert: str) -> str:
+    """Return why a TLS handshake failed, naming the side that rejected which certificate.
+
+    asyncio closes a failed connection without sending the TLS alert, so a peer running
+    this software shows up as a closed connection. Only other TLS stacks send the alert
+    that makes the cause certain.
+    """
+    reason = getattr(error, "reason", None) or ""
+    if reason == "CERTIFICATE_VERIFY_FAILED":
+        return we_rejected_peer(remote_cert)
+    if reason in PEER_REJECTED_REASONS:
+        return peer_rejected_ours(local_cert)
+    closed = isinstance(error, (ConnectionResetError, ssl.SSLEOFError, EOFError))
+    if closed or reason == "UNEXPECTED_EOF_WHILE_READING":
+        return ("the peer closed the connection during the TLS handshake, so "
+                + peer_rejected_ours(local_cert, certain=False))
+    return str(error) or type(error).__name__
+
 
 def load_pinned_certificate(path: str) -> bytes:
     """Return the DER bytes of the PEM certificate at ``path``."""
