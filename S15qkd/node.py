@@ -31,6 +31,7 @@ auto start, the high-count side starts a new run.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import re
@@ -46,10 +47,11 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from .blocks import decode_reconcile
-from .channel import FrameType, Link, LinkSettings, LinkState, make_context
+from .channel import ChannelError, FrameType, Link, LinkSettings, LinkState, make_context
 from .channel.frames import decode_file, decode_json, encode_file, encode_json
 from .config import Config, ConfigError
 from .controller import Engine, TransitionError
+from .folder_lock import FolderInUseError, FolderLock
 from .keystore import KeyStore, write_atomic
 from .pipeline import HighPipeline, LowPipeline, Pipeline
 from .stages import HISTOGRAM_FIRST_TICK
@@ -148,6 +150,13 @@ class Node:
         self._progress = progress
         self.data_root = Path(config["data_root"])
         self.data_root.mkdir(parents=True, exist_ok=True)
+        # The lock comes before any change in data_root, because a second node there
+        # would delete this node's epoch files.
+        try:
+            self._data_root_lock = FolderLock(self.data_root, "node.lock")
+        except FolderInUseError as error:
+            raise FolderInUseError(error.folder, error.holder, label="data_root",
+                                   advice="give each node its own data_root") from None
         self._drop_stale_runs()
         self.keystore = KeyStore(config["final_key_folder"], self.data_root,
                                  config["local_connection_id"], config["remote_connection_id"])
@@ -175,15 +184,22 @@ class Node:
             port=config["port_authd"],
             server_context=context if server else None,
             client_context=None if server else context,
-            remote_cert=config["remote_cert"], identity=config["identity"],
+            remote_cert=config["remote_cert"], local_cert=config["local_cert"],
+            identity=config["identity"],
             max_frame_bytes=config["max_frame_bytes"],
             reconnect_min_s=config["reconnect_min_s"], reconnect_max_s=config["reconnect_max_s"])
         return Link(settings, self._on_frame, on_link_reset=self._on_link_reset,
                     on_state=self._on_link_state)
 
     def start(self) -> None:
-        self.watchdog.record(f"node {self.config['identity'] or self.role} started as "
-                             f"{self.role}-count side")
+        """Start the channel; raise ChannelError if the high-count side cannot listen."""
+        name = self.config["identity"] or self.role
+        self.watchdog.record(f"node {name} started as {self.role}-count side")
+        settings = self.link.settings
+        channel = ("listening on" if self.role == "high" else "connecting to")
+        log.info("node %s: %s-count side, data_root %s, final keys in %s, channel %s %s:%d",
+                 name, self.role, self.data_root, self.config["final_key_folder"], channel,
+                 settings.host, settings.port)
         self.link.start()
 
     def close(self) -> None:
@@ -193,6 +209,7 @@ class Node:
         self.link.stop()
         self.watchdog.close()
         self.watchdog.record("node stopped")
+        self._data_root_lock.release()
 
     def _drop_stale_runs(self) -> None:
         # Epoch files of an earlier process belong to a run that the peer no longer has.
@@ -594,29 +611,41 @@ def run_node_until_signal(config: Config, start: bool = False, web_port: Optiona
         signal.signal(signal_number, lambda *_: stop.set())
     try:
         node = Node(config, auto_start=start)
-    except ConfigError as error:
-        log.error("%s", error)
-        print(f"qkdserver node: {error}")
-        return 2
-    node.start()
+    except (ConfigError, FolderInUseError) as error:
+        return _start_failed(str(error))
+    except OSError as error:
+        return _start_failed(f"cannot use {error.filename}: {error.strerror}; check data_root "
+                             "and final_key_folder")
     web = None
     try:
+        # The web page starts first, so a taken port stops the node before it connects.
         if web_port is not None:
             from .web.server import serve
 
             try:
                 web = serve(node, secrets_dir=node.data_root, host=web_host, port=web_port,
                             certfile=web_certfile, keyfile=web_keyfile)
-            except OSError as error:
-                # Port in use, or a certificate or key that is missing or invalid.
-                log.error("cannot start the web page on %s:%d: %s", web_host, web_port, error)
-                print(f"qkdserver node: cannot start the web page on {web_host}:{web_port}: {error}",
-                      file=sys.stderr)
-                return 2
+            except (OSError, ValueError) as error:
+                # Port in use, a certificate or key that is missing or invalid, or a web
+                # token that is too short.
+                if getattr(error, "errno", None) == errno.EADDRINUSE:
+                    error = "another process uses the port; stop it, or choose another --web-port"
+                return _start_failed(f"cannot start the web page on {web_host}:{web_port}: {error}")
             log.info("web page on %s", web.url)
+        try:
+            node.start()
+        except ChannelError as error:
+            return _start_failed(f"classical channel: {error}")
         stop.wait()
     finally:
         if web is not None:
             web.stop()
         node.close()
+    log.info("node stopped")
     return 0
+
+
+def _start_failed(message: str) -> int:
+    """Print why the node cannot start, once, and return the exit status 2."""
+    print(f"qkdserver node: {message}", file=sys.stderr)
+    return 2

@@ -14,7 +14,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "-v", "--verbose", action="count", default=0,
-        help="more log output (-v: info, -vv: debug)",
+        help="more log output (-v: info, -vv: debug). `qkdserver node` logs its own "
+             "start-up, connection, engine state and block lines without -v",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     from . import node_commands
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.verbose == 0 and getattr(args, "log_node_events", False):
+        # A node is a long-running service: its operator needs the start-up, connection,
+        # state and block lines by default. The Rust stages' per-epoch lines stay at -v.
+        logging.getLogger("S15qkd").setLevel(logging.INFO)
     if args.command is None:
         parser.print_help()
         return 2

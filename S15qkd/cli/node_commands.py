@@ -34,7 +34,7 @@ def add_commands(subparsers) -> None:
                       help="PEM certificate (chain) of the web page: serve HTTPS instead of HTTP; "
                            "needs --web-key")
     node.add_argument("--web-key", metavar="FILE", help="PEM private key of --web-cert")
-    node.set_defaults(handler=run_node)
+    node.set_defaults(handler=run_node, log_node_events=True)
 
     simulate = subparsers.add_parser(
         "simulate", help="run both nodes of a link on this machine and compare their keys",
