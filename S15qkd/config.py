@@ -18,9 +18,12 @@ the site file while that peer is selected, as the reference's ``/set_conn/<id>``
 from __future__ import annotations
 
 import copy
+import difflib
+import ipaddress
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
@@ -66,8 +69,35 @@ def _power_of_two(value: Any) -> bool:
     return _is_int(value) and 1 <= value <= 1 << 20 and value & (value - 1) == 0
 
 
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
+# Longest path or name accepted, as Linux's PATH_MAX.
+MAX_TEXT_LENGTH = 4096
+
+
+def _is_line(value: Any) -> bool:
+    # Values end up in log lines, file names and the web page, so they must be one line
+    # of printable text.
+    return (isinstance(value, str) and len(value) <= MAX_TEXT_LENGTH
+            and not any(ord(c) < 32 or ord(c) == 127 for c in value))
+
+
+def _is_path(value: Any) -> bool:
+    return _is_line(value) and value != ""
+
+
+def _is_host(value: Any) -> bool:
+    # Empty is allowed: only the low-count side needs a peer host.
+    return _is_line(value) and re.fullmatch(r"[A-Za-z0-9._:\[\]-]*", value) is not None
+
+
+def _is_ip_address(value: Any) -> bool:
+    # ipaddress also accepts integers, which a site file must not give.
+    if not _is_line(value):
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _is_bool(value: Any) -> bool:
@@ -81,7 +111,7 @@ def _one_of(*choices: str) -> Callable[[Any], bool]:
 def _is_connection_id(value: Any) -> bool:
     # The id is written into the key manager's notification line, so it must be one
     # word: no white space, no line break.
-    return isinstance(value, str) and not any(c.isspace() for c in value)
+    return _is_line(value) and not any(c.isspace() for c in value)
 
 
 PORT = _int_range(1, 65535)
@@ -89,27 +119,30 @@ PORT = _int_range(1, 65535)
 #: Every known key with its default. Dotted names are nested mappings in the file.
 SCHEMA: dict[str, Option] = {
     # Identity and role.
-    "identity": Option("", _is_str, "a string", "name of this node shown on the web page"),
+    "identity": Option("", _is_line, "one line of text, at most 4096 characters",
+                       "name of this node shown on the web page"),
     "role": Option("high", _one_of(*ROLES), "'high' or 'low'",
                    "high-count side (chopper2, offset search, costream; accepts the peer's "
                    "connection) or low-count side (chopper, splicer; connects to the peer)"),
-    "local_connection_id": Option("", _is_connection_id, "a string without white space",
+    "local_connection_id": Option("", _is_connection_id,
+                                  "a string without white space or control characters",
                                   "this node's id in key notifications and key direction"),
-    "remote_connection_id": Option("", _is_connection_id, "a string without white space",
+    "remote_connection_id": Option("", _is_connection_id,
+                                   "a string without white space or control characters",
                                    "the peer's id in key notifications and key direction"),
     # Classical channel.
-    "target_hostname": Option("", _is_str, "a host name or IP address",
+    "target_hostname": Option("", _is_host, "a host name or IP address, without spaces",
                               "peer host that the low-count side connects to"),
     "port_authd": Option(4853, PORT, "a TCP port number from 1 to 65535",
                          "TLS port of the classical channel (listen on the high-count side, "
                          "connect on the low-count side)"),
-    "listen_address": Option("0.0.0.0", _is_str, "an IP address",
+    "listen_address": Option("0.0.0.0", _is_ip_address, "an IP address such as 0.0.0.0",
                              "address the high-count side listens on"),
-    "local_cert": Option("", _is_str, "a path to a PEM certificate",
+    "local_cert": Option("", _is_line, "a path to a PEM certificate, on one line",
                          "this node's certificate, presented to the peer"),
-    "local_key": Option("", _is_str, "a path to a PEM private key",
+    "local_key": Option("", _is_line, "a path to a PEM private key, on one line",
                         "private key of local_cert"),
-    "remote_cert": Option("", _is_str, "a path to a PEM certificate",
+    "remote_cert": Option("", _is_line, "a path to a PEM certificate, on one line",
                           "the peer's certificate: the only one the channel accepts"),
     "max_frame_bytes": Option(16 << 20, _int_range(1 << 16, 1 << 30),
                               "an integer from 65536 to 1073741824",
@@ -121,23 +154,24 @@ SCHEMA: dict[str, Option] = {
     "reply_timeout_s": Option(10.0, _number_range(0.5, 600.0), "a number of seconds, 0.5 to 600",
                               "how long a start request waits for the peer's reply"),
     # Folders.
-    "data_root": Option("/tmp/cryptostuff", _is_str, "a folder path",
+    "data_root": Option("/tmp/cryptostuff", _is_path, "a folder path, on one line and not empty",
                         "working folder: epoch files, channel outbox, node state"),
-    "final_key_folder": Option("/epoch_files", _is_str, "a folder path",
+    "final_key_folder": Option("/epoch_files", _is_path, "a folder path, on one line and not empty",
                                "final keys (type-7 files), notify.pipe and notified"),
     # Event source.
     "source.kind": Option("simulator", _one_of(*SOURCE_KINDS),
                           "'simulator', 'file', 'tdc1' or 'pipe'",
                           "where the timestamps come from"),
-    "source.events_file": Option("", _is_str, "a path to a raw event file or named pipe",
+    "source.events_file": Option("", _is_line, "a path to a raw event file or named pipe, on one line",
                                  "recorded raw events (readevents -X legacy words), or the "
                                  "named pipe of source.kind 'pipe'"),
-    "source.device": Option("/dev/ttyACM0", _is_str, "a serial device path",
+    "source.device": Option("/dev/ttyACM0", _is_path, "a serial device path, on one line and not empty",
                             "TDC1 time tagger"),
     "source.real_time": Option(True, _is_bool, "true or false",
                                "pace recorded or simulated events at the epoch rate "
                                "(one epoch per 0.537 s) instead of as fast as possible"),
-    "source.seed": Option(1, _int_range(0, 2**63 - 1), "a non-negative integer",
+    "source.seed": Option(1, _int_range(0, 2**63 - 1),
+                          "an integer from 0 to 9223372036854775807",
                           "simulator seed, equal on both nodes"),
     "source.pair_rate": Option(1e5, _number_range(1.0, 1e8), "pairs per second, 1 to 1e8",
                                "simulated entangled-pair rate"),
@@ -146,7 +180,8 @@ SCHEMA: dict[str, Option] = {
     "source.loss_low": Option(0.8, _number_range(0.0, 0.999), "a fraction from 0 to 0.999",
                               "simulated photon loss towards the low-count side"),
     "source.offset_ticks": Option(34568, _int_range(-(2**40), 2**40),
-                                  "an integer number of ticks of 1/8 ns",
+                                  "an integer number of ticks of 1/8 ns from "
+                                  "-1099511627776 to 1099511627776",
                                   "simulated clock offset of the low-count side"),
     "source.drift": Option(0.0, _number_range(-1e-4, 1e-4), "a relative frequency from -1e-4 to 1e-4",
                            "simulated rate of the low-count side's clock against the "
@@ -156,26 +191,31 @@ SCHEMA: dict[str, Option] = {
     "source.background_rate": Option(0.0, _number_range(0.0, 1e7), "counts per second, 0 to 1e7",
                                      "simulated uncorrelated counts of each node, over its four "
                                      "detectors"),
-    "source.start_time": Option(0.0, _number_range(0.0, 1e11), "a Unix time in seconds",
+    "source.start_time": Option(0.0, _number_range(0.0, 1e11),
+                                "a Unix time in seconds from 0 to 1e11",
                                 "simulator in real time: when both nodes' simulated clocks "
                                 "started; a node started later skips ahead to the same epoch "
                                 "(0: when the source opens)"),
-    "source.epochs": Option(0, _int_range(0, 2**31), "a non-negative integer",
+    "source.epochs": Option(0, _int_range(0, 2**31), "an integer from 0 to 2147483648",
                             "stop the source after this many epochs (0: run until stopped)"),
     **{f"local_detector_skew_correction.det{detector}corr":
-       Option(0, _int_range(-100000, 100000), "an integer number of ticks of 1/8 ns",
+       Option(0, _int_range(-100000, 100000),
+              "an integer number of ticks of 1/8 ns from -100000 to 100000",
               f"delay added to the times of detector {detector}")
        for detector in range(1, 5)},
     # Chopping, offset search, coincidences.
-    "max_event_diff": Option(20000, _int_range(1, 2**31), "an integer number of microseconds",
+    "max_event_diff": Option(20000, _int_range(1, 2**31),
+                             "an integer number of microseconds from 1 to 2147483648",
                              "larger gaps between events are treated as timing errors"),
     "pfind_epochs": Option(4, _int_range(1, 64), "an integer from 1 to 64",
                            "epochs used by the time offset search"),
     "qcrypto.pfind.coarse_resolution": Option(32, _power_of_two,
-                                              "a power of two number of nanoseconds",
+                                              "a power of two number of nanoseconds "
+                                              "from 1 to 1048576",
                                               "coarse bin width of the time offset search"),
     "qcrypto.pfind.fine_resolution": Option(4, _power_of_two,
-                                            "a power of two number of nanoseconds",
+                                            "a power of two number of nanoseconds "
+                                            "from 1 to 1048576",
                                             "fine bin width of the time offset search"),
     "qcrypto.pfind.frequency_search": Option(False, _is_bool, "true or false",
                                              "search the clocks' frequency offset together with "
@@ -184,12 +224,14 @@ SCHEMA: dict[str, Option] = {
     "FFT_buffer_order": Option(23, _int_range(12, 26), "an integer from 12 to 26",
                                "log2 of the offset search FFT length"),
     "remote_coincidence_window": Option(6, _int_range(1, 4096),
-                                        "an integer number of ticks of 1/8 ns",
+                                        "an integer number of ticks of 1/8 ns from 1 to 4096",
                                         "coincidence window of costream"),
-    "tracking_window": Option(30, _int_range(1, 65536), "an integer number of ticks of 1/8 ns",
+    "tracking_window": Option(30, _int_range(1, 65536),
+                              "an integer number of ticks of 1/8 ns from 1 to 65536",
                               "window of the clock-tracking servo"),
     "track_filter_time_constant": Option(200000, _int_range(1, 2**31),
-                                         "an integer number of microseconds",
+                                         "an integer number of microseconds from 1 to "
+                                         "2147483648",
                                          "time constant of the clock-tracking filter"),
     # Error correction and keys.
     "error_correction": Option(True, _is_bool, "true or false",
@@ -208,7 +250,8 @@ SCHEMA: dict[str, Option] = {
                            "blocks in the QBER running mean"),
     "service_epochs": Option(2, _int_range(1, 1000), "an integer from 1 to 1000",
                              "service-mode epochs measured before deciding on key generation"),
-    "connections": Option({}, lambda value: isinstance(value, dict), "a mapping",
+    "connections": Option({}, lambda value: isinstance(value, dict),
+                          "a mapping of connection ids to partial configurations",
                           "per-peer overrides, selected by connection id"),
 }
 
@@ -257,27 +300,44 @@ class Config:
                 if top in IGNORED_KEYS:
                     log.info("configuration key %r is not used by this node; ignored", key)
                     continue
-                raise ConfigError(f"unknown configuration key {key!r}; known keys: "
-                                  f"{', '.join(sorted(SCHEMA))}")
+                raise ConfigError(_unknown_key_message(key, value))
             option = SCHEMA[key]
             if isinstance(option.default, float) and _is_int(value):
                 value = float(value)
             if not option.check(value):
                 raise ConfigError(f"invalid value for {key!r}: expected {option.expected}, "
-                                  f"got {value!r}")
+                                  f"got {_shorten(value)}")
             staged[key] = value
         self._values = staged
         self._check_consistency()
 
     def _check_consistency(self) -> None:
-        if self["reconnect_min_s"] > self["reconnect_max_s"]:
-            raise ConfigError(f"invalid value for 'reconnect_min_s': expected at most "
-                              f"reconnect_max_s ({self['reconnect_max_s']}), "
-                              f"got {self['reconnect_min_s']}")
+        for smaller, larger in (("reconnect_min_s", "reconnect_max_s"),
+                                ("qcrypto.pfind.fine_resolution",
+                                 "qcrypto.pfind.coarse_resolution")):
+            if self[smaller] > self[larger]:
+                raise ConfigError(f"invalid value for {smaller!r}: expected at most {larger} "
+                                  f"({self[larger]}), got {self[smaller]}")
         for conn_id, override in self["connections"].items():
-            if not isinstance(override, Mapping):
-                raise ConfigError(f"invalid value for 'connections.{conn_id}': "
-                                  f"expected a mapping, got {override!r}")
+            self._check_connection(conn_id, override)
+
+    def _check_connection(self, conn_id: Any, override: Any) -> None:
+        """Raise ConfigError unless ``connections.<conn_id>`` would apply without error."""
+        name = f"connections.{conn_id}"
+        if not _is_connection_id(conn_id) or not conn_id:
+            raise ConfigError(f"invalid key {name!r}: expected a connection id without white "
+                              "space")
+        if not isinstance(override, Mapping):
+            raise ConfigError(f"invalid value for {name!r}: expected a mapping, "
+                              f"got {_shorten(override)}")
+        if "connections" in override:
+            raise ConfigError(f"invalid key {name + '.connections'!r}: a connection cannot "
+                              "contain connections")
+        selected = {key: value for key, value in self.as_dict().items() if key != "connections"}
+        try:
+            Config(selected).update(override)
+        except ConfigError as error:
+            raise ConfigError(f"in {name}: {error}") from None
 
     def __getitem__(self, key: str) -> Any:
         try:
@@ -327,6 +387,35 @@ class Config:
                               "connects to the peer and needs its host name or address")
 
 
+def _shorten(value: Any, limit: int = 80) -> str:
+    """Return repr(value), cut to about ``limit`` characters for an error message."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _unknown_key_message(key: str, value: Any) -> str:
+    section = [known for known in SCHEMA if known.startswith(key + ".")]
+    if section:
+        names = ", ".join(known[len(key) + 1:] for known in section)
+        return (f"invalid value for {key!r}: expected a mapping with the keys {names}, "
+                f"got {_shorten(value)}")
+    close = difflib.get_close_matches(key, list(SCHEMA) + sorted(IGNORED_KEYS), n=1, cutoff=0.75)
+    if close:
+        return f"unknown configuration key {key!r}; did you mean {close[0]!r}?"
+    return f"unknown configuration key {key!r}; known keys: {', '.join(sorted(SCHEMA))}"
+
+
+def _describe_yaml_error(error: Exception) -> str:
+    """Return PyYAML's problem and position on one line (its own message spans several)."""
+    problem = getattr(error, "problem", None)
+    mark = getattr(error, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} at line {mark.line + 1}, column {mark.column + 1}"
+    return " ".join(str(error).split())
+
+
 def read_site_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml, .yml) or JSON site file into a mapping."""
     path = Path(path)
@@ -334,6 +423,11 @@ def read_site_file(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as error:
         raise ConfigError(f"cannot read configuration file {str(path)!r}: {error.strerror}") from None
+    except UnicodeDecodeError as error:
+        line = error.object.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"configuration file {str(path)!r} is not UTF-8 text: byte "
+                          f"0x{error.object[error.start]:02x} at line {line} (offset "
+                          f"{error.start}); save it as UTF-8 YAML or JSON") from None
     if path.suffix.lower() in (".yaml", ".yml"):
         try:
             import yaml
@@ -343,7 +437,7 @@ def read_site_file(path: str | Path) -> dict[str, Any]:
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ConfigError(f"invalid YAML in {str(path)!r}: {error}") from None
+            raise ConfigError(f"invalid YAML in {str(path)!r}: {_describe_yaml_error(error)}") from None
     else:
         try:
             data = json.loads(text)
