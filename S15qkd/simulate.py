@@ -22,7 +22,9 @@ import time
 from pathlib import Path
 from typing import Optional, TextIO
 
+from .channel import ChannelError
 from .config import Config, ConfigError
+from .folder_lock import FolderInUseError, FolderLock
 from .node import Node
 from .stages import EPOCH_SECONDS
 
@@ -233,45 +235,89 @@ def run_simulation(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
     with tempfile.TemporaryDirectory(prefix="qkd-simulate-") as temporary:
         workdir = Path(args.workdir) if args.workdir else Path(temporary)
         try:
-            high_config, low_config = node_configs(workdir, args)
-        except ConfigError as error:
-            print(f"qkdserver simulate: {error}", file=sys.stderr)
+            workdir.mkdir(parents=True, exist_ok=True)
+            lock = FolderLock(workdir, "simulate.lock")
+        except FolderInUseError as error:
+            print(f"qkdserver simulate: --workdir {str(workdir)!r} is in use by {error.holder}; "
+                  "give each simulation its own --workdir", file=sys.stderr)
             return 2
         except OSError as error:
             print(f"qkdserver simulate: cannot create the node folders in --workdir "
                   f"{str(workdir)!r}: {error.strerror}; give a writable folder", file=sys.stderr)
             return 2
-        progress = Progress(out, args.quiet)
-        factory = shared_simulator_factory(high_config) if not args.events_high else None
-        high = Node(high_config, progress=progress, auto_start=True, source_factory=factory)
-        low = Node(low_config, progress=progress, source_factory=factory)
-        high.start()
-        low.start()
-        started = time.monotonic()
-        interrupted = False
         try:
-            with sigterm_as_interrupt():
-                outcome = wait_until_idle(high, low, progress, args.timeout)
-        except KeyboardInterrupt:
-            # Ctrl-C or SIGTERM: close both nodes and remove the temporary folder (it
-            # contains private keys and final keys) instead of dying with a traceback.
-            outcome = "interrupted"
-            interrupted = True
-        try:
-            states = {"high": (high.engine.state.value, high.engine.reason),
-                      "low": (low.engine.state.value, low.engine.reason)}
+            return simulate_in(workdir, args, out)
         finally:
-            # Each node sees the other close its channel; that is expected here.
-            channel_log = logging.getLogger("S15qkd.channel.link")
-            level = channel_log.level
-            channel_log.setLevel(logging.ERROR)
-            try:
-                high.close()
-                low.close()
-            finally:
-                channel_log.setLevel(level)
-        status = report(high, low, progress, outcome, states, time.monotonic() - started, out)
-        return EXIT_INTERRUPTED if interrupted else status
+            lock.release()
+
+
+def earlier_run_state(workdir: Path) -> str:
+    """Describe the node folders that an earlier run left in workdir, or return ""."""
+    found = []
+    for role in ("high", "low"):
+        folder = workdir / role
+        if folder.is_dir() and any(folder.iterdir()):
+            found.append(f"{folder}")
+    return ", ".join(found)
+
+
+def simulate_in(workdir: Path, args: argparse.Namespace, out: TextIO) -> int:
+    """Run the simulation with both nodes' folders in workdir, which this process has locked."""
+    earlier = earlier_run_state(workdir)
+    if earlier:
+        print(f"qkdserver simulate: --workdir {str(workdir)!r} holds the state of an earlier "
+              f"run ({earlier}); its keys would be counted with this run's and its used epochs "
+              "would be skipped. Give an empty --workdir, or delete its high and low folders",
+              file=sys.stderr)
+        return 2
+    try:
+        high_config, low_config = node_configs(workdir, args)
+    except ConfigError as error:
+        print(f"qkdserver simulate: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        print(f"qkdserver simulate: cannot create the node folders in --workdir "
+              f"{str(workdir)!r}: {error.strerror}; give a writable folder", file=sys.stderr)
+        return 2
+    progress = Progress(out, args.quiet)
+    factory = shared_simulator_factory(high_config) if not args.events_high else None
+    high = Node(high_config, progress=progress, auto_start=True, source_factory=factory)
+    low = Node(low_config, progress=progress, source_factory=factory)
+    try:
+        high.start()
+    except ChannelError as error:
+        # The port came from free_port(), so another process took it in between.
+        high.close()
+        low.close()
+        print(f"qkdserver simulate: classical channel: {error}; run the command again",
+              file=sys.stderr)
+        return 2
+    low.start()
+    started = time.monotonic()
+    interrupted = False
+    try:
+        with sigterm_as_interrupt():
+            outcome = wait_until_idle(high, low, progress, args.timeout)
+    except KeyboardInterrupt:
+        # Ctrl-C or SIGTERM: close both nodes and remove the temporary folder (it
+        # contains private keys and final keys) instead of dying with a traceback.
+        outcome = "interrupted"
+        interrupted = True
+    try:
+        states = {"high": (high.engine.state.value, high.engine.reason),
+                  "low": (low.engine.state.value, low.engine.reason)}
+    finally:
+        # Each node sees the other close its channel; that is expected here.
+        channel_log = logging.getLogger("S15qkd.channel.link")
+        level = channel_log.level
+        channel_log.setLevel(logging.ERROR)
+        try:
+            high.close()
+            low.close()
+        finally:
+            channel_log.setLevel(level)
+    status = report(high, low, progress, outcome, states, time.monotonic() - started, out)
+    return EXIT_INTERRUPTED if interrupted else status
 
 
 @contextlib.contextmanager

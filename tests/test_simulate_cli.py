@@ -120,3 +120,52 @@ def test_interrupt_cleans_up(tmp_path, signum):
     assert "Traceback" not in error
     assert "finished (interrupted)" in out
     assert list(tmp_path.glob("qkd-simulate-*")) == []
+
+
+SIMULATE = [sys.executable, "-m", "S15qkd.cli.main", "simulate"]
+
+
+def test_workdir_in_use_rejected(tmp_path):
+    workdir = tmp_path / "work"
+    first = subprocess.Popen(SIMULATE + ["--workdir", str(workdir), "--epochs", "400", "--real-time"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in first.stdout:
+            if "count side:" in line:  # the nodes run, so the first run has locked the folder
+                break
+        second = subprocess.run(SIMULATE + ["--workdir", str(workdir), "--epochs", "4"],
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=60)
+    assert second.returncode == 2, second.stderr
+    assert "Traceback" not in second.stderr
+    assert second.stdout == ""
+    assert (f"qkdserver simulate: --workdir {str(workdir)!r} is in use by process {first.pid} "
+            in second.stderr)
+    assert "give each simulation its own --workdir" in second.stderr
+
+
+def test_workdir_of_earlier_run_rejected(tmp_path):
+    workdir = tmp_path / "work"
+    (workdir / "high" / "keys").mkdir(parents=True)
+    (workdir / "high" / "keys" / "00004f89").write_bytes(bytes(20))
+    result = subprocess.run(SIMULATE + ["--workdir", str(workdir), "--epochs", "4"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    assert f"holds the state of an earlier run ({workdir / 'high'})" in result.stderr
+    assert "delete its high and low folders" in result.stderr
+    assert (workdir / "high" / "keys" / "00004f89").exists()
+
+
+def test_workdir_with_certificates_only_runs(tmp_path, capsys):
+    # Certificates of an earlier run are reused, so they do not count as its state.
+    workdir = tmp_path / "work"
+    from S15qkd.channel.tls import create_node_certificate
+
+    for name in ("high", "low"):
+        create_node_certificate(workdir / "certs", name)
+    out = io.StringIO()
+    assert run_simulation(simulate_args(tmp_path, workdir=str(workdir)), out=out) == 0, out.getvalue()
