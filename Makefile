@@ -2,10 +2,13 @@
 
 PYTHON ?= python3
 CARGO ?= cargo
+QKDSERVER ?= qkdserver
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-rust test-python lint fmt bench
 .PHONY: build base-image default restart stop exec watchdog logs test-docker
+.PHONY: generate-config check-config certs qkd-status keygen-status keygen-start keygen-stop
+.PHONY: savelog build-fresh
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 16
@@ -35,6 +38,51 @@ fmt:  ## format the Rust code
 bench:  ## criterion benchmarks of the hot paths; see docs/benchmarks.md
 	$(CARGO) bench --workspace --exclude qkd-python
 
+# --- Node set-up and control, the reference deployment's verbs ---------------------------
+# NAME of the node whose key and certificate `make certs` creates in SECRETS_DIR.
+NAME ?= high
+# The node's web page, as the host sees it; with HTTPS, e.g. WEB_URL=https://localhost:8080
+# CURL_OPTIONS='--cacert secrets/certs/cert.crt'.
+WEB_URL ?= http://localhost:$(WEB_PORT)
+CURL_OPTIONS ?=
+# File with the node's web token. Empty: <data_root>/web_token inside container CONTAINER.
+WEB_TOKEN_FILE ?=
+
+generate-config:  ## write CONFIG_DIR/CONFIG_FILE: every key with its default and meaning
+	@mkdir -p $(CONFIG_DIR)
+	@$(QKDSERVER) config --output $(CONFIG_DIR)/$(CONFIG_FILE)
+
+check-config:  ## validate CONFIG_DIR/CONFIG_FILE and print the configuration in force
+	@$(QKDSERVER) config --config $(CONFIG_DIR)/$(CONFIG_FILE)
+
+certs:  ## create NAME.key and the self-signed NAME.crt in SECRETS_DIR (NAME=high)
+	@$(QKDSERVER) certs $(NAME) --folder $(SECRETS_DIR)
+
+qkd-status:  ## HTTP status of WEB_URL/status_qkd: 200 while costream or splicer runs
+	@curl -sS $(CURL_OPTIONS) -o /dev/null -w 'status_qkd: %{http_code}\n' $(WEB_URL)/status_qkd
+
+keygen-status:  ## key rate in bit/s of the last block while error correction runs, else 404
+	@curl -sS $(CURL_OPTIONS) -w ' (status_keygen: %{http_code})\n' $(WEB_URL)/status_keygen
+
+keygen-start:  ## start key generation on both nodes (needs the node's web token)
+	@$(call web_control,start_keygen)
+
+keygen-stop:  ## stop key generation on both nodes; the channel stays up
+	@$(call web_control,stop_keygen)
+
+# The token goes to curl on stdin, so it never shows in the process list.
+define web_control
+token=$$($(read_web_token)) || exit 1; \
+printf 'Authorization: Bearer %s\n' "$$token" | \
+	curl -sS $(CURL_OPTIONS) --fail-with-body -X POST -H @- $(WEB_URL)/$(1) && echo "$(1): done"
+endef
+define read_web_token
+if [ -n '$(WEB_TOKEN_FILE)' ]; then cat '$(WEB_TOKEN_FILE)'; \
+else root=$$($(container_data_root)) && $(DOCKER) exec $(CONTAINER) cat "$$root/web_token"; fi
+endef
+# data_root of the node in the container, read from its configuration.
+container_data_root = $(DOCKER) exec $(CONTAINER) python -c 'import os; from S15qkd.config import load_config; print(load_config(os.environ["QKD_CONFIG"])["data_root"])'
+
 # --- Container ------------------------------------------------------------------------
 # The image and container names are the reference deployment's, so scripts and the key
 # manager that address them keep working. Override any variable on the command line,
@@ -57,6 +105,8 @@ NODE_ARGS ?= --start
 # Empty: <data_root>/watchdog.log, with data_root read from the node's configuration.
 WATCHDOG_LOG ?=
 STOP_TIMEOUT ?= 30
+# Folder of the archives that `make savelog` writes.
+LOG_DIR ?= $(CURDIR)/logs
 # Seconds of the node's console log that `make default` shows before it returns.
 START_CHECK_SECONDS ?= 4
 # DEV=1 mounts S15qkd/ and entrypoint.sh from this checkout over the installed ones, so a
@@ -91,6 +141,11 @@ endef
 build:  ## build the Docker image from wheels (offline base image if the pull fails)
 	$(require_docker)
 	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) OFFLINE_BASE_IMAGE=$(OFFLINE_BASE_IMAGE) PYTHON=$(PYTHON) docker/build-image.sh
+
+build-fresh:  ## build the Docker image without Docker's layer cache
+	$(require_docker)
+	IMAGE=$(IMAGE) BASE_IMAGE=$(BASE_IMAGE) OFFLINE_BASE_IMAGE=$(OFFLINE_BASE_IMAGE) PYTHON=$(PYTHON) \
+		DOCKER_BUILD_ARGS="--no-cache $(DOCKER_BUILD_ARGS)" docker/build-image.sh
 
 base-image:  ## build the Debian base image offline with debootstrap
 	$(require_docker)
@@ -135,11 +190,22 @@ watchdog:  ## follow the watchdog log of the running node
 	$(require_container)
 	@log='$(WATCHDOG_LOG)'; \
 	if [ -z "$$log" ]; then \
-		log=$$($(DOCKER) exec $(CONTAINER) python -c 'import os; from S15qkd.config import load_config; print(load_config(os.environ["QKD_CONFIG"])["data_root"])' 2>/dev/null)/watchdog.log || exit 1; \
+		log=$$($(container_data_root) 2>/dev/null)/watchdog.log || exit 1; \
 	fi; \
 	$(DOCKER) exec $(CONTAINER) test -e "$$log" || echo "no watchdog log at $$log yet; waiting for the node to write it"; \
 	echo "$(DOCKER) exec $(CONTAINER) tail -n 100 -F $$log"; \
 	$(DOCKER) exec $(CONTAINER) tail -n 100 -F "$$log"
+
+savelog:  ## archive the console and watchdog logs as a .tar.gz in LOG_DIR (no key material)
+	$(require_docker)
+	$(require_container)
+	@name=$$(date +%Y%m%d_%H%M%S)_qkdlog_$$(hostname); folder='$(LOG_DIR)'/$$name; \
+	mkdir -p "$$folder" && \
+	$(DOCKER) logs $(CONTAINER) > "$$folder/console.log" 2>&1 && \
+	root=$$($(container_data_root)) && \
+	$(DOCKER) cp $(CONTAINER):"$$root/watchdog.log" "$$folder/watchdog.log" && \
+	tar -czf "$$folder.tar.gz" -C '$(LOG_DIR)' "$$name" && rm -r "$$folder" && \
+	echo "saved $$folder.tar.gz"
 
 logs:  ## follow the node's console log (docker logs)
 	$(require_docker)

@@ -15,6 +15,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import tarfile
 import time
 import urllib.request
 import uuid
@@ -450,6 +451,22 @@ def test_make_default_restart_watchdog_stop(tmp_path, container_names):
     os.killpg(watchdog.pid, signal.SIGKILL)
     output = watchdog.communicate(timeout=30)[0]
     assert "tail -n 100 -F /tmp/cryptostuff/watchdog.log" in output
+
+    # Without WEB_TOKEN_FILE the control verbs read the token inside the container.
+    result = make("keygen-stop", *variables)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stop_keygen: done" in result.stdout
+    result = make("qkd-status", *variables)
+    assert result.stdout.strip() == "status_qkd: 404"
+
+    log_dir = tmp_path / "logs"
+    result = make("savelog", *variables, f"LOG_DIR={log_dir}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    archives = list(log_dir.glob("*_qkdlog_*.tar.gz"))
+    assert len(archives) == 1, result.stdout
+    with tarfile.open(archives[0]) as archive:
+        saved = sorted(Path(member.name).name for member in archive.getmembers() if member.isfile())
+    assert saved == ["console.log", "watchdog.log"]
 
     first_id = docker("container", "inspect", "-f", "{{.Id}}", name).stdout
     result = make("restart", *variables)

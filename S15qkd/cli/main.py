@@ -18,9 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
              "start-up, connection, engine state and block lines without -v",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from . import node_commands
+    from . import config_command, node_commands
 
     node_commands.add_commands(subparsers)
+    config_command.add_command(subparsers)
     return parser
 
 
