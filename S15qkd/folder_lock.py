@@ -34,6 +34,7 @@ class FolderLock:
 
     def __init__(self, folder: str | Path, name: str):
         self.path = Path(folder) / name
+        self._descriptor: int | None = None
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -49,7 +50,11 @@ class FolderLock:
         started = time.strftime("%Y-%m-%d %H:%M:%S %Z")
         os.ftruncate(descriptor, 0)
         os.write(descriptor, f"process {os.getpid()} ({command}), started {started}\n".encode())
-        self._descriptor: int | None = descriptor
+        self._descriptor = descriptor
+
+    def __del__(self) -> None:
+        # A node whose construction failed after taking the lock never calls release().
+        self.release()
 
     def release(self) -> None:
         """Free the lock. The file is kept, so the next process locks the same file."""
