@@ -553,7 +553,10 @@ class Node:
         self.config = selected
         self.keystore.remote_id = selected["remote_connection_id"]
         self.link = self._make_link(selected)
-        self.link.start()
+        try:
+            self.link.start()
+        except ChannelError as error:
+            raise ControlError(f"cannot switch to connection {conn_id}: {error}") from None
 
     def get_config(self) -> dict[str, Any]:
         return self.config.as_dict()

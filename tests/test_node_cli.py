@@ -13,6 +13,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -254,3 +256,27 @@ def test_rejected_certificate_named_with_backoff(tmp_path, certs):
     # Every attempt is counted, but the same error is logged once per power of two.
     errors = [line for line in low.lines if "closed before the peer's HELLO" in line]
     assert len(errors) < len(delays)
+
+
+def test_set_conn_to_taken_port_rejected(tmp_path, certs):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        taken_port = taken.getsockname()[1]
+        config = write_config(tmp_path / "high.json", certs, "high", free_port(),
+                              connections={"QKDE0003": {"port_authd": taken_port}})
+        web_port = free_port()
+        node = NodeProcess("node", "--config", str(config), "--web-port", str(web_port),
+                           "--web-host", "127.0.0.1")
+        try:
+            node.wait_for("web page on")
+            token = (tmp_path / "high-data" / "web_token").read_text().strip()
+            request = urllib.request.Request(f"http://127.0.0.1:{web_port}/set_conn/QKDE0003",
+                                             headers={"Authorization": f"Bearer {token}"})
+            with pytest.raises(urllib.error.HTTPError) as caught:
+                urllib.request.urlopen(request, timeout=START_LIMIT_S)
+            body = caught.value.read().decode()
+        finally:
+            node.stop()
+    assert caught.value.code == 409
+    assert f"cannot switch to connection QKDE0003: cannot listen on 127.0.0.1:{taken_port}" in body
