@@ -232,7 +232,7 @@ def test_rejected_certificate_named_with_backoff(tmp_path, certs):
     port = free_port()
     high_config = write_config(tmp_path / "high.json", certs, "high", port)
     low_config = write_config(tmp_path / "low.json", certs, "low", port, local="intruder",
-                              reconnect_min_s=0.2, reconnect_max_s=1.6)
+                              reconnect_min_s=0.2, reconnect_max_s=3.2)
     high = NodeProcess("node", "--config", str(high_config))
     try:
         high.wait_for("listening on")

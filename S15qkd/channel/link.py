@@ -345,7 +345,10 @@ class Link:
                 delay = settings.reconnect_min_s
             if self._stopping.is_set():
                 break
-            log.info("reconnecting to %s in %.2f s", address, delay)
+            # At the longest delay a peer that stays away would add a line every few
+            # seconds for hours; its errors are still logged by _record_error.
+            level = logging.INFO if delay < settings.reconnect_max_s else logging.DEBUG
+            log.log(level, "reconnecting to %s in %.2f s", address, delay)
             try:
                 await asyncio.wait_for(self._stopping.wait(), delay)
             except asyncio.TimeoutError:
