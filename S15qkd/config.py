@@ -386,6 +386,23 @@ class Config:
             raise ConfigError("missing value for 'target_hostname': the low-count side "
                               "connects to the peer and needs its host name or address")
 
+    def require_event_source(self) -> None:
+        """Raise ConfigError unless the event file or named pipe of source.kind exists.
+
+        A time tagger (source.kind 'tdc1') may be plugged in after the node starts, so
+        its device is only looked for when key generation starts.
+        """
+        kind, path = self["source.kind"], self["source.events_file"]
+        if kind not in ("file", "pipe"):
+            return
+        if not path:
+            raise ConfigError(f"missing value for 'source.events_file': source.kind {kind!r} "
+                              "reads events from this file")
+        if not Path(path).exists():
+            raise ConfigError(f"invalid value for 'source.events_file': {path!r} not found")
+        if Path(path).is_dir():
+            raise ConfigError(f"invalid value for 'source.events_file': {path!r} is a folder")
+
 
 def _shorten(value: Any, limit: int = 80) -> str:
     """Return repr(value), cut to about ``limit`` characters for an error message."""

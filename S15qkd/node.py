@@ -145,6 +145,8 @@ class Node:
         self.config = config
         #: Builds the event source of a run from the role; None: from the configuration.
         self.source_factory = source_factory
+        if source_factory is None:
+            config.require_event_source()
         self.role = config["role"]
         self.auto_start = auto_start
         self._progress = progress

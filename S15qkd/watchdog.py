@@ -105,7 +105,11 @@ class StageWorker:
                 self.items_done += 1
             except Exception as error:
                 self.last_error = f"{type(error).__name__}: {error}"
-                log.exception("stage worker %s failed", self.name)
+                if isinstance(error, OSError):
+                    # A missing file or device: the message says which, a traceback does not help.
+                    log.error("stage worker %s failed: %s", self.name, self.last_error)
+                else:
+                    log.exception("stage worker %s failed", self.name)
                 self.state = WorkerState.FAILED
                 if self.watchdog is not None:
                     self.watchdog.report_failure(self, self.last_error)

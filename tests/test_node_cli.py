@@ -280,3 +280,32 @@ def test_set_conn_to_taken_port_rejected(tmp_path, certs):
             node.stop()
     assert caught.value.code == 409
     assert f"cannot switch to connection QKDE0003: cannot listen on 127.0.0.1:{taken_port}" in body
+
+
+def test_missing_events_file_named(tmp_path, certs):
+    events = tmp_path / "absent.out"
+    config = write_config(tmp_path / "high.json", certs, "high", free_port(),
+                          source={"kind": "file", "events_file": str(events)})
+    line = assert_one_line_error(run_node(config))
+    assert f"invalid value for 'source.events_file': {str(events)!r} not found" in line
+
+
+def test_events_file_gone_logged_without_traceback(tmp_path, certs):
+    events = tmp_path / "events.out"
+    events.write_bytes(bytes(8 * 16))
+    port = free_port()
+    high_config = write_config(tmp_path / "high.json", certs, "high", port,
+                               source={"kind": "file", "events_file": str(events)})
+    high = NodeProcess("node", "--start", "--config", str(high_config))
+    try:
+        high.wait_for("listening on")
+        events.unlink()
+        low = NodeProcess("node", "--config", str(write_config(tmp_path / "low.json", certs, "low", port)))
+        try:
+            line = high.wait_for("stage worker readevents failed")
+        finally:
+            low.stop()
+    finally:
+        high.stop()
+    assert f"cannot open event file {str(events)!r}" in line
+    assert not any("Traceback" in line for line in high.lines)
