@@ -32,11 +32,17 @@ use std::collections::HashMap;
 use crate::bits::BitVec;
 use crate::rng::{permutation, Xoshiro256};
 
-/// Largest number of passes a block may use (the pass index is one byte on the wire).
-pub const MAX_PASSES: usize = 128;
+/// Largest number of passes a block may use. Every pass keeps `n` bits on each side, so
+/// this bounds the memory a peer's requests can make the other side allocate: 512 MiB for
+/// the largest block of 2^26 bits.
+pub const MAX_PASSES: usize = 64;
+
+/// Passes of fixed-size blocks before the half passes. Only these may be permuted, which
+/// costs 8 bytes per key bit on the corrector's side.
+pub const FIXED_PASSES: usize = 3;
 
 /// Default largest number of passes: three passes of fixed-size blocks and up to 61 half
-/// passes. Blocks of the benchmark table (docs/benchmarks.md) used about 20.
+/// passes. Blocks of the benchmark table (docs/benchmarks.md) used 19 to 31.
 pub const DEFAULT_PASSES: usize = 64;
 
 /// Half passes in a row without an error that end the correction. A residual error pattern
@@ -100,7 +106,7 @@ pub struct ParityRequest {
 pub enum CascadeError {
     #[error("request opens pass {pass}, but the next pass is {expected}")]
     PassOrder { pass: usize, expected: usize },
-    #[error("block size {size} of pass {pass} is invalid: it must be 1 ..= {n} (the key length), or 0 (a half pass) after the first pass")]
+    #[error("block size {size} of pass {pass} is invalid: passes 0 to 2 need 1 ..= {n} (the key length), later passes 0 (a half pass)")]
     BlockSize { pass: usize, size: usize, n: usize },
     #[error(
         "range {start}+{len} of pass {pass} is invalid for a {n}-bit key with {passes} open passes"
@@ -370,9 +376,8 @@ fn check_open(open: &[(u8, u32)], next: usize, n: usize) -> Result<usize, Cascad
         if pass != expected || pass >= MAX_PASSES {
             return Err(CascadeError::PassOrder { pass, expected });
         }
-        // The first pass must have fixed-size blocks, because its block parities give the
-        // key parity.
-        if size > n || (pass == 0 && size == HALF_PASS as usize) {
+        let fixed = pass < FIXED_PASSES;
+        if (fixed && (size == HALF_PASS as usize || size > n)) || (!fixed && size != 0) {
             return Err(CascadeError::BlockSize { pass, size, n });
         }
         expected += 1;
@@ -942,6 +947,24 @@ mod tests {
             oracle.answer(&half_too_early),
             Err(CascadeError::BlockSize { .. })
         ));
+        let fixed_too_late = ParityRequest {
+            open: vec![(0, 8), (1, 16), (2, 32), (3, 64)],
+            ranges: vec![],
+        };
+        assert!(matches!(
+            oracle.answer(&fixed_too_late),
+            Err(CascadeError::BlockSize { .. })
+        ));
+        let too_many = ParityRequest {
+            open: (0..=MAX_PASSES as u8)
+                .map(|p| (p, if p < 3 { 8 } else { HALF_PASS }))
+                .collect(),
+            ranges: vec![],
+        };
+        assert!(matches!(
+            oracle.answer(&too_many),
+            Err(CascadeError::PassOrder { .. })
+        ));
         let outside = ParityRequest {
             open: vec![(0, 8)],
             ranges: vec![ParityRange {
@@ -967,12 +990,13 @@ mod tests {
         };
         assert_eq!(oracle.answer(&first).unwrap().len(), 10);
         let more = ParityRequest {
-            open: vec![(1, 30), (2, HALF_PASS), (3, HALF_PASS)],
+            open: vec![(1, 30), (2, 50), (3, HALF_PASS), (4, HALF_PASS)],
             ranges: vec![],
         };
-        // 4 blocks of pass 1 and 2 of each half pass, all but the last of each disclosed.
-        assert_eq!(oracle.answer(&more).unwrap().len(), 3 + 1 + 1);
-        assert_eq!(oracle.disclosed(), 15);
+        // 4 blocks of pass 1, 2 of pass 2 and 2 of each half pass, all but the last of each
+        // disclosed.
+        assert_eq!(oracle.answer(&more).unwrap().len(), 3 + 1 + 1 + 1);
+        assert_eq!(oracle.disclosed(), 16);
     }
 
     #[test]
