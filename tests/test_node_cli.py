@@ -200,9 +200,11 @@ def test_second_node_same_data_root_rejected(tmp_path, certs):
 def test_restart_after_kill_takes_the_lock(tmp_path, certs):
     config = write_config(tmp_path / "high.json", certs, "high", free_port())
     killed = NodeProcess("node", "--config", str(config))
-    killed.wait_for("listening on")
-    killed.process.send_signal(signal.SIGKILL)
-    killed.process.wait(timeout=START_LIMIT_S)
+    try:
+        killed.wait_for("listening on")
+    finally:
+        killed.process.send_signal(signal.SIGKILL)
+        killed.process.wait(timeout=START_LIMIT_S)
     restarted = NodeProcess("node", "--config", str(config))
     try:
         restarted.wait_for("listening on")
