@@ -433,13 +433,24 @@ def _describe_yaml_error(error: Exception) -> str:
     return " ".join(str(error).split())
 
 
+#: Largest site file read. `qkdserver config` writes every key with comments in about 7 kB.
+MAX_SITE_FILE_BYTES = 1 << 20
+
+
 def read_site_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (.yaml, .yml) or JSON site file into a mapping."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            # Bounded, so a device such as /dev/zero given by mistake cannot fill the memory.
+            content = handle.read(MAX_SITE_FILE_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"cannot read configuration file {str(path)!r}: {error.strerror}") from None
+    if len(content) > MAX_SITE_FILE_BYTES:
+        raise ConfigError(f"configuration file {str(path)!r} is larger than "
+                          f"{MAX_SITE_FILE_BYTES} bytes, so it is not a site file; check --config")
+    try:
+        text = content.decode("utf-8")
     except UnicodeDecodeError as error:
         line = error.object.count(b"\n", 0, error.start) + 1
         raise ConfigError(f"configuration file {str(path)!r} is not UTF-8 text: byte "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -195,6 +196,17 @@ def test_bad_file_one_line_error(tmp_path, name, content, message):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("qkdserver node: ")
     assert message in lines[0]
+
+
+def test_endless_or_huge_file_rejected(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    huge.write_text("# padding\n" * 200_000)
+    for path in (Path("/dev/zero"), huge):
+        result = subprocess.run([sys.executable, "-m", "S15qkd.cli.main", "node", "--config", str(path)],
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr
+        assert f"configuration file {str(path)!r} is larger than 1048576 bytes" in result.stderr
 
 
 def test_config_folder_or_missing_file(tmp_path):
