@@ -9,10 +9,10 @@ use qkd_formats::type2::{Protocol, Type2Encoder, Type2Header};
 use qkd_formats::type3::Type3Header;
 
 use crate::common::{
-    extended_epoch, suspicious_change, ChopError, ChopStats, Clock, EpochSummary, Order,
-    OrderFilter, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
+    extended_epoch, legacy_word_at, suspicious_change, ChopError, ChopStats, Clock, EpochSummary,
+    Order, OrderFilter, PatternCounts, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
 };
-use crate::output::Destination;
+use crate::output::{Destination, Sink};
 
 /// Options of [`Chopper`], named after the reference's command-line options.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,8 +52,8 @@ pub struct Chopper {
     config: ChopperConfig,
     protocol: &'static Protocol,
     six_detectors: bool,
-    t2_out: Destination,
-    t3_out: Destination,
+    t2_out: Sink,
+    t3_out: Sink,
     clock: Box<dyn Clock>,
     order: OrderFilter,
     started: bool,
@@ -77,12 +77,16 @@ pub struct Chopper {
     epoch_histogram: [u32; 16],
     stats: ChopStats,
     failed: bool,
-    /// Reused buffer of the file being written.
-    file_buffer: Vec<u8>,
+    /// Epochs finished and passed to the sinks, reported once their files are written.
+    unsettled: Vec<EpochSummary>,
 }
 
 /// Events converted per step when fed as words.
 const RUN_EVENTS: usize = 1 << 16;
+
+/// Events checked, then encoded, per step of [`Chopper::accept_run`]; at most 255, what
+/// the packed pattern counts hold.
+const ENCODE_BLOCK: usize = 240;
 
 impl Chopper {
     /// Creates a chopper writing type-2 files to `type2` and type-3 files to `type3`.
@@ -112,8 +116,8 @@ impl Chopper {
             config,
             protocol,
             six_detectors,
-            t2_out: type2,
-            t3_out: type3,
+            t2_out: Sink::new(type2),
+            t3_out: Sink::new(type3),
             clock: Box::new(SystemClock),
             order: OrderFilter {
                 last: 0,
@@ -134,7 +138,7 @@ impl Chopper {
             epoch_histogram: [0; 16],
             stats: ChopStats::default(),
             failed: false,
-            file_buffer: Vec::new(),
+            unsettled: Vec::new(),
         })
     }
 
@@ -193,20 +197,56 @@ impl Chopper {
         if self.failed {
             return Err(ChopError::Stopped);
         }
-        let mut finished = Vec::new();
         let mut i = 0;
         while i < bytes.len() {
             i += 8 * self.accept_run(&bytes[i..]);
             if let Some(c) = bytes.get(i..i + 8) {
                 let word = legacy_word(c.try_into().expect("8-byte record"));
-                if let Err(e) = self.process(word, &mut finished) {
+                if let Err(e) = self.process(word) {
+                    // The epochs finished before the failing event go to disk first.
+                    let _ = self.settle();
                     self.failed = true;
                     return Err(e);
                 }
                 i += 8;
             }
         }
-        Ok(finished)
+        self.settle()
+    }
+
+    /// Waits until the files of the finished epochs are written and returns their
+    /// summaries. A failed write stops the chopper and removes the other file of the
+    /// pair, because a type-2 file without its type-3 file is useless.
+    fn settle(&mut self) -> Result<Vec<EpochSummary>, ChopError> {
+        if self.unsettled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let summaries = std::mem::take(&mut self.unsettled);
+        let t2 = self.t2_out.settle();
+        let t3 = self.t3_out.settle();
+        let mut error = None;
+        for (t2, t3) in t2.into_iter().zip(t3) {
+            match (t2, t3) {
+                (Ok(_), Ok(_)) if error.is_none() => self.stats.epochs_written += 1,
+                (Err(e), other) | (other, Err(e)) => {
+                    if let Ok(Some(path)) = other {
+                        let _ = fs::remove_file(path);
+                    }
+                    error.get_or_insert(e);
+                }
+                (Ok(a), Ok(b)) => {
+                    // Files after a failed epoch are removed too, so none is orphaned.
+                    for path in [a, b].into_iter().flatten() {
+                        let _ = fs::remove_file(path);
+                    }
+                }
+            }
+        }
+        if let Some(e) = error {
+            self.failed = true;
+            return Err(e.into());
+        }
+        Ok(summaries)
     }
 
     /// Encodes the leading events that need none of the rules'
@@ -214,52 +254,70 @@ impl Chopper {
     /// most the maximum gap, and after the previous encoded offset. Returns how many it
     /// took; the caller handles the next event one at a time. The bits are the same as
     /// event-by-event processing.
+    ///
+    /// Works in blocks: one pass checks the events and computes the time differences,
+    /// then the type-2 bits, the type-3 bits and the pattern counts are each written in
+    /// a loop of their own, which keeps every loop's state in registers.
     fn accept_run(&mut self, bytes: &[u8]) -> usize {
         if !self.started || self.flushed {
             return 0;
         }
         let current = u64::from(self.current);
         let max_gap = self.order.max_gap;
+        // Without a maximum gap every forward step passes the gap test.
+        let gap_limit = if max_gap > 0 { max_gap } else { u64::MAX };
+        let proto = self.protocol;
+        let records = bytes.len() / 8;
         let mut last = self.order.last;
         let mut previous = self.previous_offset;
-        let mut counts = [0u32; 16];
-        let proto = self.protocol;
-        let Some(mut type2) = self.type2.run_writer() else {
-            // Degenerate widths: every event goes through the reference emulation.
-            return 0;
-        };
-        let mut type3 = self.type3.run_writer(proto.type3_bits);
+        let mut counts = PatternCounts::default();
+        let mut diffs = [0u32; ENCODE_BLOCK];
+        let mut patterns = [0u8; ENCODE_BLOCK];
         let mut n = 0;
-        for c in bytes.chunks_exact(8) {
-            let word = legacy_word(c.try_into().expect("8-byte record"));
-            let time = word >> 15;
-            let offset = time as u32;
-            let outside = (word >> 47) != current
-                || time < last
-                || (max_gap > 0 && time - last > max_gap)
-                || offset <= previous;
-            if outside {
+        while n < records {
+            let len = ENCODE_BLOCK.min(records - n);
+            let mut good = 0;
+            while good < len {
+                let word = legacy_word_at(bytes, n + good);
+                let time = word >> 15;
+                let offset = time as u32;
+                if (word >> 47) != current
+                    || time < last
+                    || time - last > gap_limit
+                    || offset <= previous
+                {
+                    break;
+                }
+                let diff = offset - previous;
+                // A 1-tick difference is sent as 3, as in the event-by-event path.
+                diffs[good] = if diff < 2 { diff + 2 } else { diff };
+                patterns[good] = (word & 0xF) as u8;
+                previous = offset;
+                last = time;
+                good += 1;
+            }
+            self.type2
+                .push_run(&diffs[..good], &patterns[..good], &proto.type2_values);
+            self.type3.put_all(
+                patterns[..good]
+                    .iter()
+                    .map(|&p| u32::from(proto.type3_values[usize::from(p)])),
+                proto.type3_bits,
+            );
+            let mut packed = [0u64; 2];
+            for &pattern in &patterns[..good] {
+                PatternCounts::count_packed(&mut packed, u64::from(pattern));
+            }
+            counts.merge(packed, good as u32);
+            n += good;
+            if good < len {
                 break;
             }
-            let diff = offset - previous;
-            let pattern = (word & 0xF) as usize;
-            // A 1-tick difference is sent as 3, as in the event-by-event path.
-            type2.push(
-                if diff < 2 { diff + 2 } else { diff },
-                u32::from(proto.type2_values[pattern]),
-            );
-            type3.put(u32::from(proto.type3_values[pattern]));
-            counts[pattern] += 1;
-            previous = offset;
-            last = time;
-            n += 1;
         }
-        drop(type2);
-        drop(type3);
         if n == 0 {
             return 0;
         }
-        for (pattern, &count) in counts.iter().enumerate() {
+        for (pattern, count) in counts.finish().into_iter().enumerate() {
             self.histogram[pattern] += u64::from(count);
             self.epoch_histogram[pattern] += count;
         }
@@ -271,7 +329,7 @@ impl Chopper {
     }
 
     #[inline]
-    fn process(&mut self, word: u64, finished: &mut Vec<EpochSummary>) -> Result<(), ChopError> {
+    fn process(&mut self, word: u64) -> Result<(), ChopError> {
         self.stats.events_in += 1;
         let time = word >> 15;
         let epoch = (word >> 47) as u32;
@@ -307,9 +365,7 @@ impl Chopper {
             }
             self.suspicious = 0;
             self.started = true;
-            if let Some(summary) = self.close_epoch()? {
-                finished.push(summary);
-            }
+            self.close_epoch();
             self.open_epoch(epoch);
         }
         if self.flushed {
@@ -365,19 +421,18 @@ impl Chopper {
         if self.failed {
             return Err(ChopError::Stopped);
         }
-        let summary = self.close_epoch();
-        if summary.is_err() {
-            self.failed = true;
-        }
+        self.close_epoch();
         // The epoch's files are final: later events of it are dropped, not written again.
         self.flushed = true;
-        summary
+        Ok(self.settle()?.pop())
     }
 
-    fn close_epoch(&mut self) -> Result<Option<EpochSummary>, ChopError> {
+    /// Passes the open epoch's type-2 and type-3 files to the sinks; its summary waits
+    /// in `unsettled` until they are written.
+    fn close_epoch(&mut self) {
         let events = self.type2.len();
         if events == 0 {
-            return Ok(None);
+            return;
         }
         let extended = self.config.extended;
         let t2_header = Type2Header {
@@ -395,44 +450,34 @@ impl Chopper {
             bits_per_entry: self.protocol.type3_bits,
         };
 
-        // One reused buffer holds the type-2 file, then the type-3 file, so that large
-        // epochs do not allocate (and page-fault) fresh memory every time.
-        let mut bytes = std::mem::take(&mut self.file_buffer);
-        bytes.clear();
+        let mut bytes = self.t2_out.take_buffer();
         bytes.extend_from_slice(&t2_header.to_bytes());
         qkd_formats::bits::extend_le_bytes(&mut bytes, self.type2.finish());
-        let t2_written = self.t2_out.write(self.header_epoch, &bytes);
-        bytes.clear();
+        self.t2_out.begin(self.header_epoch, 0);
+        self.t2_out.append(bytes);
+        self.t2_out.finish(&[], &[]);
+        let mut bytes = self.t3_out.take_buffer();
         bytes.extend_from_slice(&t3_header.to_bytes());
         self.type3.drain_le_bytes(&mut bytes);
-        let written =
-            t2_written.map(|t2_path| (t2_path, self.t3_out.write(self.header_epoch, &bytes)));
-        self.file_buffer = bytes;
-        let (t2_path, t3_written) = written?;
-        if let Err(e) = t3_written {
-            // Keep the pair complete: a type-2 file without its type-3 file is useless.
-            if let Some(path) = t2_path {
-                let _ = fs::remove_file(path);
-            }
-            return Err(e.into());
-        }
-        self.stats.epochs_written += 1;
+        self.t3_out.begin(self.header_epoch, 0);
+        self.t3_out.append(bytes);
+        self.t3_out.finish(&[], &[]);
         self.type2
             .reset(self.packet_time_order, self.protocol.type2_bits);
 
-        let summary = EpochSummary {
+        self.unsettled.push(EpochSummary {
             epoch: self.header_epoch,
             events,
             time_order: Some(self.packet_time_order),
             patterns: self.epoch_histogram,
             log_line: self.log_line(events),
-        };
+        });
         let dropped = self.stats.dropped_backward
             + self.stats.dropped_gap
             + self.stats.dropped_epoch_jump
             + self.stats.dropped_not_after_previous;
         info!(
-            "epoch {:08x}: {events} events written, time order {}, {dropped} events dropped since start",
+            "epoch {:08x}: {events} events chopped, time order {}, {dropped} events dropped since start",
             self.header_epoch, self.packet_time_order
         );
         if self.stats.dropped_gap > 0 && self.stats.dropped_gap == dropped {
@@ -442,7 +487,6 @@ impl Chopper {
             );
         }
         self.update_servo(events);
-        Ok(Some(summary))
     }
 
     fn log_line(&self, events: u32) -> Option<String> {

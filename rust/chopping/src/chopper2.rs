@@ -4,10 +4,10 @@ use log::{info, warn};
 use qkd_formats::type1::{Type1Header, HEADER_BYTES};
 
 use crate::common::{
-    extended_epoch, suspicious_change, ChopError, ChopStats, Clock, EpochSummary, Order,
-    OrderFilter, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
+    extended_epoch, legacy_word_at, suspicious_change, ChopError, ChopStats, Clock, EpochSummary,
+    Order, OrderFilter, PatternCounts, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
 };
-use crate::output::Destination;
+use crate::output::{Destination, Sink, CHUNK_BYTES};
 
 /// Options of [`Chopper2`], named after the reference's command-line options.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,15 +28,18 @@ pub struct Chopper2Config {
 /// Stage object of the high-count side: feed raw event words, get finished epochs.
 pub struct Chopper2 {
     config: Chopper2Config,
-    out: Destination,
+    out: Sink,
     clock: Box<dyn Clock>,
     order: OrderFilter,
     current: u32,
     suspicious: u32,
     header_epoch: u32,
-    /// The open epoch's file: header space, then legacy-serialised events.
+    /// Legacy-serialised events of the open epoch not yet passed to the sink, at most
+    /// [`CHUNK_BYTES`]. The header space is in the sink's file.
     buffer: Vec<u8>,
     events: u32,
+    /// Epochs finished and passed to the sink, reported once their files are written.
+    unsettled: Vec<EpochSummary>,
     /// Set by [`Chopper2::flush`]: later events of the same epoch are dropped.
     flushed: bool,
     histogram: [u32; 16],
@@ -50,6 +53,8 @@ pub struct Chopper2 {
 impl Chopper2 {
     /// Creates a chopper writing type-1 files to `out`.
     pub fn new(config: Chopper2Config, out: Destination) -> Result<Self, ChopError> {
+        let mut out = Sink::new(out);
+        let buffer = out.take_buffer();
         let mut chopper = Chopper2 {
             config,
             out,
@@ -61,8 +66,9 @@ impl Chopper2 {
             current: 0,
             suspicious: 0,
             header_epoch: 0,
-            buffer: vec![0; HEADER_BYTES],
+            buffer,
             events: 0,
+            unsettled: Vec::new(),
             flushed: false,
             histogram: [0; 16],
             stats: ChopStats::default(),
@@ -141,20 +147,54 @@ impl Chopper2 {
         if self.failed {
             return Err(ChopError::Stopped);
         }
-        let mut finished = Vec::new();
         let mut i = 0;
         while i < bytes.len() {
-            i += 8 * self.accept_run(&bytes[i..]);
+            if self.buffer.len() >= CHUNK_BYTES {
+                self.pass_chunk();
+            }
+            let room = (CHUNK_BYTES - self.buffer.len()) / 8;
+            let end = bytes.len().min(i + 8 * room.max(1));
+            i += 8 * self.accept_run(&bytes[i..end]);
             if let Some(c) = bytes.get(i..i + 8) {
                 let record: [u8; 8] = c.try_into().expect("8-byte record");
-                if let Err(e) = self.process(legacy_word(record), record, &mut finished) {
+                if let Err(e) = self.process(legacy_word(record), record) {
+                    // The epochs finished before the failing event go to disk first.
+                    let _ = self.settle();
                     self.failed = true;
                     return Err(e);
                 }
                 i += 8;
             }
         }
-        Ok(finished)
+        self.settle()
+    }
+
+    /// Passes the buffered events to the sink, which writes them while we go on.
+    fn pass_chunk(&mut self) {
+        let next = self.out.take_buffer();
+        let chunk = std::mem::replace(&mut self.buffer, next);
+        self.out.append(chunk);
+    }
+
+    /// Waits until the files of the finished epochs are written and returns their
+    /// summaries; a failed write stops the chopper.
+    fn settle(&mut self) -> Result<Vec<EpochSummary>, ChopError> {
+        if self.unsettled.is_empty() {
+            return Ok(Vec::new());
+        }
+        let summaries = std::mem::take(&mut self.unsettled);
+        for (result, summary) in self.out.settle().into_iter().zip(&summaries) {
+            if let Err(e) = result {
+                self.failed = true;
+                return Err(e.into());
+            }
+            self.stats.epochs_written += 1;
+            info!(
+                "epoch {:08x}: {} events written",
+                summary.epoch, summary.events
+            );
+        }
+        Ok(summaries)
     }
 
     /// Copies the leading records that need none of the rules' special cases (same epoch
@@ -166,24 +206,51 @@ impl Chopper2 {
         }
         let current = u64::from(self.current);
         let max_gap = self.order.max_gap;
+        // Without a maximum gap every forward step passes the gap test.
+        let gap_limit = if max_gap > 0 { max_gap } else { u64::MAX };
+        let records = bytes.len() / 8;
         let mut last = self.order.last;
-        let mut counts = [0u32; 16];
+        let mut counts = PatternCounts::default();
         let mut n = 0;
-        for c in bytes.chunks_exact(8) {
-            let word = legacy_word(c.try_into().expect("8-byte record"));
-            let time = word >> 15;
-            if (word >> 47) != current || time < last || (max_gap > 0 && time - last > max_gap) {
+        // Blocks of events checked without a branch per event. Times are non-decreasing
+        // inside a passing block, so first and last event in the open epoch means all are.
+        while n + CHECK_BLOCK <= records {
+            let mut previous = last;
+            let mut ok = (legacy_word_at(bytes, n) >> 47) == current;
+            let mut packed = [0u64; 2];
+            for k in n..n + CHECK_BLOCK {
+                let word = legacy_word_at(bytes, k);
+                let time = word >> 15;
+                ok &= time >= previous;
+                ok &= time.wrapping_sub(previous) <= gap_limit;
+                PatternCounts::count_packed(&mut packed, word);
+                previous = time;
+            }
+            ok &= (previous >> 32) == current;
+            if !ok {
                 break;
             }
-            counts[(word & 0xF) as usize] += 1;
+            counts.merge(packed, CHECK_BLOCK as u32);
+            last = previous;
+            n += CHECK_BLOCK;
+        }
+        // The rest one by one, up to the first event that needs the rules.
+        while n < records {
+            let word = legacy_word_at(bytes, n);
+            let time = word >> 15;
+            if (word >> 47) != current || time < last || time - last > gap_limit {
+                break;
+            }
+            counts.add(word);
             last = time;
             n += 1;
         }
         if n == 0 {
             return 0;
         }
+        self.begin_file();
         self.buffer.extend_from_slice(&bytes[..8 * n]);
-        for (bin, count) in self.histogram.iter_mut().zip(counts) {
+        for (bin, count) in self.histogram.iter_mut().zip(counts.finish()) {
             *bin += count;
         }
         self.order.last = last;
@@ -194,12 +261,7 @@ impl Chopper2 {
     }
 
     #[inline]
-    fn process(
-        &mut self,
-        word: u64,
-        record: [u8; 8],
-        finished: &mut Vec<EpochSummary>,
-    ) -> Result<(), ChopError> {
+    fn process(&mut self, word: u64, record: [u8; 8]) -> Result<(), ChopError> {
         self.stats.events_in += 1;
         let time = word >> 15;
         let epoch = (word >> 47) as u32;
@@ -236,9 +298,7 @@ impl Chopper2 {
                 }
             }
             self.suspicious = 0;
-            if let Some(summary) = self.close_epoch()? {
-                finished.push(summary);
-            }
+            self.close_epoch();
             self.current = epoch;
             self.header_epoch = self.header_for(epoch);
             self.histogram = [0; 16];
@@ -249,6 +309,7 @@ impl Chopper2 {
             return Ok(());
         }
 
+        self.begin_file();
         self.buffer.extend_from_slice(&record);
         self.histogram[(word & 0xF) as usize] += 1;
         self.events += 1;
@@ -292,40 +353,42 @@ impl Chopper2 {
         if self.failed {
             return Err(ChopError::Stopped);
         }
-        let summary = self.close_epoch();
-        if summary.is_err() {
-            self.failed = true;
-        }
+        self.close_epoch();
         self.flushed = true;
-        summary
+        Ok(self.settle()?.pop())
     }
 
-    fn close_epoch(&mut self) -> Result<Option<EpochSummary>, ChopError> {
+    /// Starts the open epoch's file in the sink with its first event.
+    #[inline]
+    fn begin_file(&mut self) {
+        if self.events == 0 {
+            self.out.begin(self.header_epoch, HEADER_BYTES);
+        }
+    }
+
+    /// Passes the open epoch's last events, header and terminator to the sink; its
+    /// summary waits in `unsettled` until the file is written.
+    fn close_epoch(&mut self) {
         let events = self.events;
         if events == 0 {
-            return Ok(None);
+            return;
         }
         let header = Type1Header {
             extended: self.config.extended,
             epoch: self.header_epoch,
             length: events,
         };
-        self.buffer[..HEADER_BYTES].copy_from_slice(&header.to_bytes());
-        self.buffer.extend_from_slice(&[0u8; 8]);
-        let written = self.out.write(self.header_epoch, &self.buffer);
-        self.buffer.truncate(HEADER_BYTES);
+        self.pass_chunk();
+        self.out.finish(&header.to_bytes(), &[0u8; 8]);
         self.events = 0;
-        written?;
-        self.stats.epochs_written += 1;
 
-        let summary = EpochSummary {
+        self.unsettled.push(EpochSummary {
             epoch: self.header_epoch,
             events,
             time_order: None,
             patterns: self.histogram,
             log_line: self.log_line(events),
-        };
-        info!("epoch {:08x}: {events} events written", self.header_epoch);
+        });
         let backward = self.stats.dropped_backward - self.stats_at_last_epoch.dropped_backward;
         let gap = self.stats.dropped_gap - self.stats_at_last_epoch.dropped_gap;
         let jump = self.stats.dropped_epoch_jump - self.stats_at_last_epoch.dropped_epoch_jump;
@@ -336,7 +399,6 @@ impl Chopper2 {
             );
         }
         self.stats_at_last_epoch = self.stats;
-        Ok(Some(summary))
     }
 
     fn log_line(&self, events: u32) -> Option<String> {
@@ -373,6 +435,9 @@ impl Chopper2 {
 
 /// Events converted per step when fed as words.
 const RUN_EVENTS: usize = 1 << 16;
+
+/// Events checked together in the fast path of [`Chopper2::accept_run`].
+const CHECK_BLOCK: usize = 16;
 
 #[inline]
 fn legacy_word(record: [u8; 8]) -> u64 {
