@@ -133,6 +133,25 @@ def test_server_quirks_are_accepted(tiny_copy):
     assert len(Path("genlog").read_text().splitlines()) == 4
 
 
+def test_folder_names_with_spaces_are_used_whole(golden_tiny, tmp_path, monkeypatch, capsys):
+    # The reference cut folder names at the first space; ours use the whole name.
+    prepare_run(golden_tiny, tmp_path)
+    for name in ["t1", "t2", "t3", "t4", "rawkey.hec", "rawkey.lec"]:
+        (tmp_path / name).rename(tmp_path / f"{name} of run 1")
+    monkeypatch.chdir(tmp_path)
+    spaced = {"t1", "t2", "t3", "t4", "rawkey.hec", "rawkey.lec"}
+
+    def renamed(args):
+        return [f"{a} of run 1" if a in spaced else a for a in args]
+
+    assert costream_cli.main(renamed(command_args(golden_tiny, "costream"))) == 0
+    assert splicer_cli.main(renamed(command_args(golden_tiny, "splicer"))) == 0
+    capsys.readouterr()
+    for name in ["t4", "rawkey.hec", "rawkey.lec"]:
+        assert same_folders(tmp_path / f"{name} of run 1", golden_tiny / name), name
+    assert (tmp_path / "costream.log").read_bytes() == (golden_tiny / "costream.log").read_bytes()
+
+
 def test_numbers_parse_like_sscanf(tiny_copy, capsys):
     args = ["-d", "t2", "-D", "t1", "-f", "rawkey.hec", "-F", "t4", "-e", "020307", "-q", "1",
             "-t", "8.9", "-V", "1", "-n", "log"]
@@ -201,6 +220,38 @@ def test_wrong_protocol_is_rejected(tiny_copy, capsys):
 
 def test_initial_width_option_fails_like_reference(tiny_copy):
     assert costream_cli.main(SERVER_STYLE + ["-r", "9"]) == 197
+
+
+@pytest.mark.parametrize("option, value, name", [
+    ("-w", "0", "coincidence window (-w)"),
+    ("-w", "-6", "coincidence window (-w)"),
+    ("-w", str(1 << 32), "coincidence window (-w)"),
+    ("-u", "0", "tracking window (-u)"),
+    ("-u", "-30", "tracking window (-u)"),
+    ("-u", str(1 << 32), "tracking window (-u)"),
+])
+def test_absurd_window_is_rejected_by_the_tool(tiny_copy, capsys, option, value, name):
+    assert costream_cli.main(SERVER_STYLE + ["-q", "1", option, value]) == 255
+    err = capsys.readouterr().err
+    assert f"invalid {name}: {value} ticks is outside the accepted range" in err
+    assert f"to {(1 << 32) - 1} ticks" in err
+    assert "such as" in err
+    # Nothing was matched or written.
+    assert os.listdir("t4") == []
+    assert os.listdir("rawkey.hec") == []
+
+
+def test_absurd_window_is_rejected_by_the_stage():
+    from S15qkd import stages
+
+    with pytest.raises(ValueError, match=r"invalid coincidence window \(-w\): 0 ticks .* such as 8"):
+        stages.Costream(0x4F87, 8, coincidence_window=0, tracking_window=30,
+                        filter_time_constant_us=200000)
+    with pytest.raises(ValueError, match=r"invalid tracking window \(-u\): -1 ticks .* such as 40"):
+        stages.Costream(0x4F87, 8, coincidence_window=6, tracking_window=-1,
+                        filter_time_constant_us=200000)
+    with pytest.raises(ValueError, match=r"accidentals distance \(-a\): 4294967296 ticks"):
+        qkd_core.Costream(5, 0, accidental_distance=1 << 32)
 
 
 def test_costream_object_errors_carry_status():

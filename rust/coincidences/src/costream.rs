@@ -245,12 +245,57 @@ struct OpenEpoch {
     type5: BitWriter,
 }
 
+/// Division by a divisor fixed for the whole run, as one multiplication and one shift
+/// (Granlund and Montgomery, 1994), with the result of C's truncating `/`.
+///
+/// For a divisor `d` >= 1, `l = ceil(log2 d)` and `m = ceil(2^(63 + l) / d)` (below
+/// 2^64), `floor(n · m / 2^(63 + l)) = floor(n / d)` for every `n < 2^63`, which covers
+/// the magnitude of every `i64` but `i64::MIN`; that one value takes the plain division.
+#[derive(Debug, Clone, Copy)]
+struct FixedDivisor {
+    divisor: i64,
+    multiplier: u64,
+    shift: u32,
+}
+
+impl FixedDivisor {
+    /// Prepares division by `divisor`, which must be at least 1.
+    fn new(divisor: i64) -> FixedDivisor {
+        assert!(divisor >= 1, "FixedDivisor needs a divisor of 1 or more");
+        let d = divisor as u128;
+        let l = 64 - (divisor as u64 - 1).leading_zeros();
+        let shift = 63 + l;
+        let multiplier = ((1u128 << shift).div_ceil(d)) as u64;
+        FixedDivisor {
+            divisor,
+            multiplier,
+            shift,
+        }
+    }
+
+    /// Returns `n / divisor`, rounded toward zero.
+    #[inline]
+    fn divide(&self, n: i64) -> i64 {
+        if n == i64::MIN {
+            return n / self.divisor;
+        }
+        let q = ((u128::from(n.unsigned_abs()) * u128::from(self.multiplier)) >> self.shift) as i64;
+        if n < 0 {
+            -q
+        } else {
+            q
+        }
+    }
+}
+
 /// The clock-tracking servo. `accumulator` is the offset correction in 1/4096 tick.
 #[derive(Debug, Clone)]
 struct ClockServo {
     filter: i64,
     /// Event mode: gain per pair; time mode: divisor of the time-weighted update.
     gain: i64,
+    /// Time mode: `gain` prepared for division, when it is 1 or more.
+    gain_divisor: Option<FixedDivisor>,
     /// Time mode: pairs further apart than this many ticks do not update.
     max_gap: i64,
     accumulator: i64,
@@ -269,6 +314,7 @@ impl ClockServo {
         ClockServo {
             filter,
             gain,
+            gain_divisor: (filter < 0 && gain >= 1).then(|| FixedDivisor::new(gain)),
             max_gap,
             accumulator: 0,
             last_time: 0,
@@ -282,9 +328,12 @@ impl ClockServo {
             self.accumulator = self.accumulator.wrapping_add(diff.wrapping_mul(self.gain));
         } else {
             let gap = t1.wrapping_sub(self.last_time) as i64;
-            if self.last_time != 0 && gap < self.max_gap && self.gain != 0 {
-                let step = diff.wrapping_mul(gap).wrapping_shl(1) / self.gain;
-                self.accumulator = self.accumulator.wrapping_add(step);
+            if self.last_time != 0 && gap < self.max_gap {
+                if let Some(divisor) = &self.gain_divisor {
+                    // A hardware division here cost more than the rest of the pair.
+                    let step = divisor.divide(diff.wrapping_mul(gap).wrapping_shl(1));
+                    self.accumulator = self.accumulator.wrapping_add(step);
+                }
             }
             self.last_time = t1;
         }
@@ -337,6 +386,11 @@ pub struct Costream {
     done: bool,
 }
 
+/// Largest coincidence window, tracking window and accidentals distance in ticks: just
+/// under one epoch (2^32 ticks, 0.54 s). A window of an epoch or more would pair events
+/// of different epochs and is a mistake in the settings.
+pub const MAX_WINDOW_TICKS: i64 = (1 << 32) - 1;
+
 /// Type-4 width before the servo has run.
 const INITIAL_TYPE4_WIDTH: u32 = 8;
 
@@ -344,16 +398,31 @@ impl Costream {
     /// Checks the settings and starts a run at `config.start_epoch`.
     pub fn new(config: CostreamConfig) -> Result<Costream, CoincidenceError> {
         let protocol = CostreamProtocol::new(config.protocol)?;
-        let negative = [
-            ("coincidence window", config.coincidence_window),
-            ("tracking window", config.tracking_window),
-            ("accidentals distance", config.accidental_distance),
-            ("type-4 width filter", i64::from(config.width_filter)),
-        ];
-        if let Some((option, value)) = negative.iter().find(|(_, v)| *v < 0) {
+        check_window(
+            "coincidence window (-w)",
+            config.coincidence_window,
+            1,
+            "use a value such as 8 (the reference default) or 6 (the server's)",
+        )?;
+        check_window(
+            "tracking window (-u)",
+            config.tracking_window,
+            1,
+            "use a value such as 40 (the reference default) or 30 (the server's)",
+        )?;
+        check_window(
+            "accidentals distance (-a)",
+            config.accidental_distance,
+            0,
+            "use a value such as 160 (the reference default)",
+        )?;
+        if config.width_filter < 0 {
             return Err(CoincidenceError::InvalidOption {
-                option,
-                detail: format!("{value} is negative; use 0 or more"),
+                option: "type-4 width filter (-R)",
+                detail: format!(
+                    "{} is negative; use 0 (width fixed at 8) or more",
+                    config.width_filter
+                ),
             });
         }
         if protocol.type5_bits > 0 && !config.type5_output {
@@ -783,6 +852,25 @@ fn histogram_bin(diff: i64) -> Option<usize> {
         .then_some(bin as usize)
 }
 
+/// Rejects a window or distance (in ticks) outside `minimum ..= MAX_WINDOW_TICKS`.
+fn check_window(
+    option: &'static str,
+    ticks: i64,
+    minimum: i64,
+    hint: &str,
+) -> Result<(), CoincidenceError> {
+    if (minimum..=MAX_WINDOW_TICKS).contains(&ticks) {
+        return Ok(());
+    }
+    Err(CoincidenceError::InvalidOption {
+        option,
+        detail: format!(
+            "{ticks} ticks is outside the accepted range {minimum} to {MAX_WINDOW_TICKS} \
+             ticks of 1/8 ns (shorter than one epoch); {hint}"
+        ),
+    })
+}
+
 #[inline]
 fn push_type4(open: &mut OpenEpoch, index: u32, data: u8) -> Result<(), CoincidenceError> {
     open.type4
@@ -802,4 +890,54 @@ fn skew_table(skews: &[i64; 4]) -> [u64; 16] {
         table[1 << i] = *skew as u64;
     }
     table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FixedDivisor;
+
+    #[test]
+    fn fixed_divisor_equals_truncating_division() {
+        let mut state = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut divisors = vec![
+            1i64,
+            2,
+            3,
+            7,
+            48,
+            390,
+            48_828,
+            390_625,
+            i64::MAX / 4096,
+            i64::MAX,
+        ];
+        divisors.extend((0..62).map(|k| 1i64 << k));
+        divisors.extend((1..62).map(|k| (1i64 << k) + 1));
+        divisors.extend((0..200).map(|_| (next() >> (next() % 63 + 1)) as i64 | 1));
+        for d in divisors {
+            let divisor = FixedDivisor::new(d);
+            let mut numerators = vec![
+                0i64,
+                1,
+                -1,
+                d,
+                -d,
+                d - 1,
+                1 - d,
+                i64::MAX,
+                i64::MIN,
+                i64::MIN + 1,
+            ];
+            numerators.extend((0..300).map(|_| (next() as i64) >> (next() % 64)));
+            for n in numerators {
+                assert_eq!(divisor.divide(n), n / d, "{n} / {d}");
+            }
+        }
+    }
 }

@@ -38,7 +38,7 @@ pub mod synthetic;
 
 pub use costream::{
     ClosedEpoch, Costream, CostreamConfig, Need, WidthServoStep, ZeroPolicy, HISTOGRAM_BINS,
-    HISTOGRAM_FIRST_TICK,
+    HISTOGRAM_FIRST_TICK, MAX_WINDOW_TICKS,
 };
 pub use directories::CostreamFolders;
 pub use error::{CoincidenceError, Stream};

@@ -6,7 +6,7 @@ use proptest::prelude::*;
 use qkd_coincidences::synthetic::{LinkEpoch, SyntheticLink};
 use qkd_coincidences::{
     splice, ClosedEpoch, CoincidenceError, Costream, CostreamConfig, CostreamFolders, Need,
-    SplicerProtocol, Stream, ZeroPolicy, HISTOGRAM_BINS, HISTOGRAM_FIRST_TICK,
+    SplicerProtocol, Stream, ZeroPolicy, HISTOGRAM_BINS, HISTOGRAM_FIRST_TICK, MAX_WINDOW_TICKS,
 };
 use qkd_formats::type1::{self, Type1File};
 use qkd_sync::FrequencyCorrector;
@@ -359,6 +359,58 @@ fn missing_file_is_reported_as_need() {
     // Inputs read are deleted; the type-1 file of the next epoch was read ahead.
     assert!(!folders.type2.join("00000100").exists());
     assert!(!folders.type1.join("00000100").exists());
+}
+
+#[test]
+fn absurd_windows_are_rejected_with_range_and_fix() {
+    let epoch = 1i64 << 32;
+    type Setter = fn(&mut CostreamConfig, i64);
+    let cases: [(&str, Setter, &[i64]); 3] = [
+        (
+            "coincidence window (-w)",
+            |c, v| c.coincidence_window = v,
+            &[0, -6, epoch, epoch * 3],
+        ),
+        (
+            "tracking window (-u)",
+            |c, v| c.tracking_window = v,
+            &[0, -30, epoch],
+        ),
+        (
+            "accidentals distance (-a)",
+            |c, v| c.accidental_distance = v,
+            &[-1, epoch],
+        ),
+    ];
+    for (option, set, values) in cases {
+        for &value in values {
+            let mut c = config(0, 1);
+            set(&mut c, value);
+            let err = Costream::new(c).unwrap_err();
+            assert!(
+                matches!(err, CoincidenceError::InvalidOption { option: o, .. } if o == option),
+                "{err}"
+            );
+            let text = err.to_string();
+            let range = format!("to {MAX_WINDOW_TICKS} ticks");
+            for part in [option, &format!("{value} ticks"), range.as_str(), "such as"] {
+                assert!(text.contains(part), "{text:?} lacks {part:?}");
+            }
+        }
+    }
+    // The edges of the accepted ranges work.
+    for (w, u, a) in [
+        (1, 1, 0),
+        (MAX_WINDOW_TICKS, MAX_WINDOW_TICKS, MAX_WINDOW_TICKS),
+    ] {
+        let mut c = config(0, 1);
+        (
+            c.coincidence_window,
+            c.tracking_window,
+            c.accidental_distance,
+        ) = (w, u, a);
+        assert!(Costream::new(c).is_ok(), "{w} {u} {a}");
+    }
 }
 
 #[test]
