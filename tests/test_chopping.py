@@ -90,6 +90,43 @@ def test_chopper2_cli_matches_golden(case, tmp_path):
     _assert_same_folder(tmp_path / "t1", expected / "t1")
 
 
+def test_cli_folder_names_with_spaces_are_used_whole(tmp_path):
+    # The reference cut names at the first space; ours must write into the named folder.
+    lec, hec, expected, log_name, log2_name = _golden_inputs("tiny")
+    t1, t2, t3 = (tmp_path / f"run 1/t{k} files" for k in (1, 2, 3))
+    for folder in (t1, t2, t3):
+        folder.mkdir(parents=True)
+    (tmp_path / "run").mkdir()
+    chopper = subprocess.run(
+        _tool("qkd-chopper") + ["-i", str(lec), "-D", str(t2), "-d", str(t3), "-V", "3"],
+        capture_output=True, text=True,
+    )
+    assert chopper.returncode == 0, chopper.stderr
+    assert chopper.stdout == (expected / log_name).read_text()
+    chopper2 = subprocess.run(
+        _tool("qkd-chopper2") + ["-i", str(hec), "-D", str(t1), "-V", "3"],
+        capture_output=True, text=True,
+    )
+    assert chopper2.returncode == 0, chopper2.stderr
+    assert chopper2.stdout == (expected / log2_name).read_text()
+    _assert_same_folder(t1, expected / "t1")
+    _assert_same_folder(t2, expected / "t2")
+    _assert_same_folder(t3, expected / "t3")
+    # Nothing went to the folder that a cut name would have meant.
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_cli_folder_name_extra_words_fail(tmp_path):
+    _, hec, _, _, _ = _golden_inputs("tiny")
+    (tmp_path / "t1").mkdir()
+    wrong = f"{tmp_path / 't1'} extra"
+    result = subprocess.run(_tool("qkd-chopper2") + ["-i", str(hec), "-D", wrong],
+                            capture_output=True, text=True)
+    assert result.returncode == 245
+    assert f"type-1 folder {wrong} does not exist" in result.stderr
+    assert list((tmp_path / "t1").iterdir()) == []
+
+
 @pytest.mark.parametrize("case", ALL_CASES)
 def test_python_api_matches_golden(case, tmp_path):
     lec, hec, expected, log_name, log2_name = _golden_inputs(case)
@@ -110,6 +147,8 @@ def test_python_api_matches_golden(case, tmp_path):
         log2 += [s["log_line"] for s in chopper2.feed_words(hec_words[start:start + 100_003])]
     assert "".join(log) == (expected / log_name).read_text()
     assert "".join(log2) == (expected / log2_name).read_text()
+    # The open epoch grows in a hidden temporary file until the chopper is closed.
+    del chopper, chopper2
     _assert_same_folder(tmp_path / "t1", expected / "t1")
     _assert_same_folder(tmp_path / "t2", expected / "t2")
     _assert_same_folder(tmp_path / "t3", expected / "t3")

@@ -48,6 +48,18 @@ def test_cli_output_matches_golden(name):
     assert result.stderr == (case / "pfind_V3.stderr").read_text()
 
 
+def test_cli_folder_names_with_spaces_are_used_whole(tmp_path):
+    # The reference cut folder names at the first space; ours use the whole name.
+    case = golden_case("tiny")
+    for name in ["t1", "t2"]:
+        (tmp_path / f"{name} of run 1").symlink_to(case / name)
+    quiet, _ = pfind_commands(case)
+    args = [f"{a} of run 1" if a in ("t1", "t2") else a for a in quiet]
+    result = run_cli(args, tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == (case / "pfind.stdout").read_text()
+
+
 @pytest.mark.parametrize("name", SIMULATED_CASES)
 def test_find_time_offset_matches_golden(name):
     case = golden_case(name)

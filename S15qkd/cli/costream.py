@@ -6,6 +6,9 @@ output, ``-F`` type-4 output, ``-B`` type-5 output (protocols 3 and 4). Inputs a
 as soon as they exist; a missing file is waited for (``--wait``, default 22 s, the
 reference's limit), then the run fails with the reference's exit status. Like the
 reference, every run writes the debug log ``costream_tlog`` into the working folder.
+Unlike the reference, folder names are used whole: it cuts them at the first space and
+at 188 characters. Window sizes outside 1 to 2^32 - 1 ticks end the run with status 255
+and a message naming the value and the accepted range.
 
 Example (the server's call)::
 
@@ -85,7 +88,7 @@ def _parse(argv: list[str], debug) -> dict:
     folders = {"D": None, "d": None, "f": None, "F": None, "B": None}
     for char, value in options:
         if char in folders:
-            folders[char] = value.split()[0][:188] if value.split() else ""
+            folders[char] = value
         elif char in "IiOob":
             raise ReferenceExit(
                 255, f"option -{char}: single-file mode is not supported; use the folder options -D -d -f -F -B"

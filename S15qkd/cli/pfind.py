@@ -13,7 +13,9 @@ code (236 for a missing type-1 file, for example), or 1 where the reference has 
 
 Differences from the reference: single-file input (``-I``, ``-i``) is not supported;
 type-1 files with header length 0 are read as empty epochs; type-2 files whose last
-entry starts in their last word decode instead of failing with status 237.
+entry starts in their last word decode instead of failing with status 237; folder
+names are used whole, where the reference cuts them at the first space and at 200
+characters.
 """
 
 from __future__ import annotations
@@ -104,13 +106,6 @@ def clean_arguments(argv: list[str]) -> list[str]:
     return cleaned
 
 
-def first_word(value: str) -> str:
-    """Return a file name as the reference reads it (%200s): up to the first whitespace,
-    at most 200 characters."""
-    words = value.split()
-    return words[0][:200] if words else ""
-
-
 def parse_arguments(argv: list[str]) -> dict:
     """Return the settings of a pfind command line, with the reference's defaults."""
     settings = {
@@ -123,9 +118,9 @@ def parse_arguments(argv: list[str]) -> dict:
         letter = option[1]
         try:
             if letter == "D":
-                settings["type1_dir"] = first_word(value)
+                settings["type1_dir"] = value
             elif letter == "d":
-                settings["type2_dir"] = first_word(value)
+                settings["type2_dir"] = value
             elif letter in "Ii":
                 code = CODE_NO_TYPE1 if letter == "I" else CODE_NO_TYPE2
                 raise UsageError(

@@ -4,7 +4,9 @@ reference ``splicer`` that QKDServer and the guardian scripts use.
 Directory mode only: ``-d`` chopper's type-3 input, ``-D`` type-4 input, ``-f`` raw-key
 output, ``-B`` type-5 output (protocols 3 and 4). Epochs come from the command pipe
 ``-E`` (hex numbers separated by white space) or run from ``-e`` for ``-q`` epochs. A
-missing input file ends the run at once with the reference's exit status.
+missing input file ends the run at once with the reference's exit status. Unlike the
+reference, folder names are used whole: it cuts them at the first space and at 200
+characters.
 
 Example (the server's call)::
 
@@ -54,7 +56,7 @@ def _parse(argv: list[str]) -> dict:
     folders = settings["folders"]
     for char, value in options:
         if char in folders:
-            folders[char] = value.split()[0][:200] if value.split() else ""
+            folders[char] = value
         elif char in "iIob":
             raise ReferenceExit(
                 255, f"option -{char}: single-file mode is not supported; use the folder options -d -D -f -B"
