@@ -9,8 +9,8 @@ use qkd_formats::type2::{Protocol, Type2Encoder, Type2Header};
 use qkd_formats::type3::Type3Header;
 
 use crate::common::{
-    extended_epoch, legacy_word_at, suspicious_change, ChopError, ChopStats, Clock, EpochSummary,
-    Order, OrderFilter, PatternCounts, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
+    extended_epoch, suspicious_change, ChopError, ChopStats, Clock, EpochSummary, Order,
+    OrderFilter, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
 };
 use crate::output::{Destination, Sink};
 
@@ -83,10 +83,6 @@ pub struct Chopper {
 
 /// Events converted per step when fed as words.
 const RUN_EVENTS: usize = 1 << 16;
-
-/// Events checked, then encoded, per step of [`Chopper::accept_run`]; at most 255, what
-/// the packed pattern counts hold.
-const ENCODE_BLOCK: usize = 240;
 
 impl Chopper {
     /// Creates a chopper writing type-2 files to `type2` and type-3 files to `type3`.
@@ -254,70 +250,52 @@ impl Chopper {
     /// most the maximum gap, and after the previous encoded offset. Returns how many it
     /// took; the caller handles the next event one at a time. The bits are the same as
     /// event-by-event processing.
-    ///
-    /// Works in blocks: one pass checks the events and computes the time differences,
-    /// then the type-2 bits, the type-3 bits and the pattern counts are each written in
-    /// a loop of their own, which keeps every loop's state in registers.
     fn accept_run(&mut self, bytes: &[u8]) -> usize {
         if !self.started || self.flushed {
             return 0;
         }
         let current = u64::from(self.current);
         let max_gap = self.order.max_gap;
-        // Without a maximum gap every forward step passes the gap test.
-        let gap_limit = if max_gap > 0 { max_gap } else { u64::MAX };
-        let proto = self.protocol;
-        let records = bytes.len() / 8;
         let mut last = self.order.last;
         let mut previous = self.previous_offset;
-        let mut counts = PatternCounts::default();
-        let mut diffs = [0u32; ENCODE_BLOCK];
-        let mut patterns = [0u8; ENCODE_BLOCK];
+        let mut counts = [0u32; 16];
+        let proto = self.protocol;
+        let Some(mut type2) = self.type2.run_writer() else {
+            // Degenerate widths: every event goes through the reference emulation.
+            return 0;
+        };
+        let mut type3 = self.type3.run_writer(proto.type3_bits);
         let mut n = 0;
-        while n < records {
-            let len = ENCODE_BLOCK.min(records - n);
-            let mut good = 0;
-            while good < len {
-                let word = legacy_word_at(bytes, n + good);
-                let time = word >> 15;
-                let offset = time as u32;
-                if (word >> 47) != current
-                    || time < last
-                    || time - last > gap_limit
-                    || offset <= previous
-                {
-                    break;
-                }
-                let diff = offset - previous;
-                // A 1-tick difference is sent as 3, as in the event-by-event path.
-                diffs[good] = if diff < 2 { diff + 2 } else { diff };
-                patterns[good] = (word & 0xF) as u8;
-                previous = offset;
-                last = time;
-                good += 1;
-            }
-            self.type2
-                .push_run(&diffs[..good], &patterns[..good], &proto.type2_values);
-            self.type3.put_all(
-                patterns[..good]
-                    .iter()
-                    .map(|&p| u32::from(proto.type3_values[usize::from(p)])),
-                proto.type3_bits,
-            );
-            let mut packed = [0u64; 2];
-            for &pattern in &patterns[..good] {
-                PatternCounts::count_packed(&mut packed, u64::from(pattern));
-            }
-            counts.merge(packed, good as u32);
-            n += good;
-            if good < len {
+        for c in bytes.chunks_exact(8) {
+            let word = legacy_word(c.try_into().expect("8-byte record"));
+            let time = word >> 15;
+            let offset = time as u32;
+            let outside = (word >> 47) != current
+                || time < last
+                || (max_gap > 0 && time - last > max_gap)
+                || offset <= previous;
+            if outside {
                 break;
             }
+            let diff = offset - previous;
+            let pattern = (word & 0xF) as usize;
+            // A 1-tick difference is sent as 3, as in the event-by-event path.
+            type2.push(
+                if diff < 2 { diff + 2 } else { diff },
+                u32::from(proto.type2_values[pattern]),
+            );
+            type3.put(u32::from(proto.type3_values[pattern]));
+            counts[pattern] += 1;
+            previous = offset;
+            last = time;
+            n += 1;
         }
+        drop(type2);
+        drop(type3);
         if n == 0 {
             return 0;
         }
-        for (pattern, count) in counts.finish().into_iter().enumerate() {
+        for (pattern, &count) in counts.iter().enumerate() {
             self.histogram[pattern] += u64::from(count);
             self.epoch_histogram[pattern] += count;
         }

@@ -4,8 +4,8 @@ use log::{info, warn};
 use qkd_formats::type1::{Type1Header, HEADER_BYTES};
 
 use crate::common::{
-    extended_epoch, legacy_word_at, suspicious_change, ChopError, ChopStats, Clock, EpochSummary,
-    Order, OrderFilter, PatternCounts, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
+    extended_epoch, suspicious_change, ChopError, ChopStats, Clock, EpochSummary, Order,
+    OrderFilter, SystemClock, MAX_SUSPICIOUS_EVENTS, TICKS_PER_MICROSECOND,
 };
 use crate::output::{Destination, Sink, CHUNK_BYTES};
 
@@ -206,42 +206,16 @@ impl Chopper2 {
         }
         let current = u64::from(self.current);
         let max_gap = self.order.max_gap;
-        // Without a maximum gap every forward step passes the gap test.
-        let gap_limit = if max_gap > 0 { max_gap } else { u64::MAX };
-        let records = bytes.len() / 8;
         let mut last = self.order.last;
-        let mut counts = PatternCounts::default();
+        let mut counts = [0u32; 16];
         let mut n = 0;
-        // Blocks of events checked without a branch per event. Times are non-decreasing
-        // inside a passing block, so first and last event in the open epoch means all are.
-        while n + CHECK_BLOCK <= records {
-            let mut previous = last;
-            let mut ok = (legacy_word_at(bytes, n) >> 47) == current;
-            let mut packed = [0u64; 2];
-            for k in n..n + CHECK_BLOCK {
-                let word = legacy_word_at(bytes, k);
-                let time = word >> 15;
-                ok &= time >= previous;
-                ok &= time.wrapping_sub(previous) <= gap_limit;
-                PatternCounts::count_packed(&mut packed, word);
-                previous = time;
-            }
-            ok &= (previous >> 32) == current;
-            if !ok {
-                break;
-            }
-            counts.merge(packed, CHECK_BLOCK as u32);
-            last = previous;
-            n += CHECK_BLOCK;
-        }
-        // The rest one by one, up to the first event that needs the rules.
-        while n < records {
-            let word = legacy_word_at(bytes, n);
+        for c in bytes.chunks_exact(8) {
+            let word = legacy_word(c.try_into().expect("8-byte record"));
             let time = word >> 15;
-            if (word >> 47) != current || time < last || time - last > gap_limit {
+            if (word >> 47) != current || time < last || (max_gap > 0 && time - last > max_gap) {
                 break;
             }
-            counts.add(word);
+            counts[(word & 0xF) as usize] += 1;
             last = time;
             n += 1;
         }
@@ -250,7 +224,7 @@ impl Chopper2 {
         }
         self.begin_file();
         self.buffer.extend_from_slice(&bytes[..8 * n]);
-        for (bin, count) in self.histogram.iter_mut().zip(counts.finish()) {
+        for (bin, count) in self.histogram.iter_mut().zip(counts) {
             *bin += count;
         }
         self.order.last = last;
@@ -435,9 +409,6 @@ impl Chopper2 {
 
 /// Events converted per step when fed as words.
 const RUN_EVENTS: usize = 1 << 16;
-
-/// Events checked together in the fast path of [`Chopper2::accept_run`].
-const CHECK_BLOCK: usize = 16;
 
 #[inline]
 fn legacy_word(record: [u8; 8]) -> u64 {

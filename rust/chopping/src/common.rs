@@ -120,77 +120,6 @@ pub fn extended_epoch(epoch17: u32, unix_seconds: u64) -> u32 {
         .wrapping_add(correction)
 }
 
-/// Counts of the 4-bit detector patterns of many events, kept in two registers of eight
-/// 8-bit fields (patterns 0-7 and 8-15) and spilled into `u32` bins every 255 events.
-/// With a counter array in memory, events of the same pattern would wait for each
-/// other's store. Here every event is a few register operations without a branch.
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct PatternCounts {
-    packed: [u64; 2],
-    pending: u32,
-    bins: [u32; 16],
-}
-
-impl PatternCounts {
-    /// Counts one event with detector pattern `word & 0xF`.
-    #[inline(always)]
-    pub fn add(&mut self, word: u64) {
-        Self::count_packed(&mut self.packed, word);
-        self.pending += 1;
-        if self.pending == 255 {
-            self.spill();
-        }
-    }
-
-    /// Counts one event into packed fields that hold at most 255 events.
-    #[inline(always)]
-    pub fn count_packed(packed: &mut [u64; 2], word: u64) {
-        let pattern = word & 0xF;
-        let one = 1u64 << ((pattern & 7) * 8);
-        let high = (pattern >> 3).wrapping_neg();
-        packed[0] += one & !high;
-        packed[1] += one & high;
-    }
-
-    /// Adds packed fields that counted `events` (at most 255) events.
-    #[inline(always)]
-    pub fn merge(&mut self, packed: [u64; 2], events: u32) {
-        if self.pending + events > 255 {
-            self.spill();
-        }
-        self.packed[0] += packed[0];
-        self.packed[1] += packed[1];
-        self.pending += events;
-    }
-
-    fn spill(&mut self) {
-        for (half, packed) in self.packed.iter_mut().enumerate() {
-            for field in 0..8 {
-                self.bins[8 * half + field] += ((*packed >> (8 * field)) & 0xFF) as u32;
-            }
-            *packed = 0;
-        }
-        self.pending = 0;
-    }
-
-    /// Returns the counts per pattern 0..=15.
-    pub fn finish(mut self) -> [u32; 16] {
-        self.spill();
-        self.bins
-    }
-}
-
-/// Reads the record at `index` of a legacy byte stream (high word first, each word
-/// little-endian) as an event word.
-#[inline(always)]
-pub(crate) fn legacy_word_at(bytes: &[u8], index: usize) -> u64 {
-    let record: [u8; 8] = bytes[8 * index..8 * index + 8]
-        .try_into()
-        .expect("8-byte record");
-    // Read little-endian, the high word lands in the low half: swap the halves.
-    u64::from_le_bytes(record).rotate_left(32)
-}
-
 /// Verdict of rules A and B on one event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Order {
@@ -278,33 +207,6 @@ mod tests {
         assert_eq!(suspicious_change(5, 7), Some("forward by 2 or more"));
         assert_eq!(suspicious_change(0x1_0000, 0), Some("backward"));
         assert_eq!(suspicious_change(0x1_0001, 0), None);
-    }
-
-    #[test]
-    fn pattern_counts_equal_a_plain_histogram() {
-        let mut counts = PatternCounts::default();
-        let mut plain = [0u32; 16];
-        let mut state = 12345u64;
-        for _ in 0..10_000 {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let word = state >> 20;
-            counts.add(word);
-            plain[(word & 0xF) as usize] += 1;
-        }
-        // Runs of one pattern longer than a field holds.
-        for _ in 0..1000 {
-            counts.add(0xF);
-            plain[15] += 1;
-        }
-        assert_eq!(counts.finish(), plain);
-    }
-
-    #[test]
-    fn legacy_word_reads_high_word_first() {
-        let bytes = [0x21, 0, 0, 0, 0x01, 0x03, 0, 0x08];
-        assert_eq!(legacy_word_at(&bytes, 0), 0x0000_0021_0800_0301);
     }
 
     #[test]
