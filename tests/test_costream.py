@@ -244,11 +244,12 @@ def test_absurd_window_is_rejected_by_the_tool(tiny_copy, capsys, option, value,
 def test_absurd_window_is_rejected_by_the_stage():
     from S15qkd import stages
 
+    offset = stages.OffsetResult(offset_ticks=8, snr_coarse=10.0, snr_fine=10.0)
     with pytest.raises(ValueError, match=r"invalid coincidence window \(-w\): 0 ticks .* such as 8"):
-        stages.Costream(0x4F87, 8, coincidence_window=0, tracking_window=30,
+        stages.Costream(0x4F87, offset, coincidence_window=0, tracking_window=30,
                         filter_time_constant_us=200000)
     with pytest.raises(ValueError, match=r"invalid tracking window \(-u\): -1 ticks .* such as 40"):
-        stages.Costream(0x4F87, 8, coincidence_window=6, tracking_window=-1,
+        stages.Costream(0x4F87, offset, coincidence_window=6, tracking_window=-1,
                         filter_time_constant_us=200000)
     with pytest.raises(ValueError, match=r"accidentals distance \(-a\): 4294967296 ticks"):
         qkd_core.Costream(5, 0, accidental_distance=1 << 32)
