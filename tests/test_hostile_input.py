@@ -370,3 +370,26 @@ def test_import_loads_numpy_api():
                              "print('numpy' in sys.modules)"],
                             capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "True", result.stderr
+
+
+@pytest.mark.parametrize("tool, option, value", [
+    ("chopper", "-V", "2147483648"),
+    ("chopper", "-Q", "99999999999999999999999"),
+    ("chopper2", "-m", "-9223372036854775809"),
+    ("costream", "-w", "4294967296"),
+    ("costream", "-S", "1,2,3,4294967296"),
+    ("splicer", "-q", "-2147483649"),
+])
+def test_reference_option_beyond_c_int(tmp_path, tool, option, value):
+    # sscanf("%d") cannot hold these, so the tools reject them instead of passing them on.
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-m", f"S15qkd.cli.{tool}", option, value],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"option {option}: '{value.split(',')[-1]}' is out of range" in result.stderr
+    # costream always opens its debug log costream_tlog in the working folder, as the
+    # reference does; nothing else may be written.
+    assert [path.name for path in tmp_path.iterdir() if path.name != "costream_tlog"] == []

@@ -13,6 +13,10 @@ import sys
 
 _LEADING_INT = re.compile(r"\s*([+-]?\d+)")
 
+#: Range of a C int, the type that ``sscanf("%d")`` fills. The reference's result for a
+#: number outside it is undefined, so such a number is rejected.
+C_INT_MIN, C_INT_MAX = -(2**31), 2**31 - 1
+
 
 class ReferenceExit(Exception):
     """A fatal error with the exit status of the reference program."""
@@ -28,7 +32,11 @@ def c_int(text: str, option: str, status: int) -> int:
     match = _LEADING_INT.match(text)
     if match is None:
         raise ReferenceExit(status, f"option {option}: {text!r} is not a number")
-    return int(match.group(1))
+    value = int(match.group(1))
+    if not C_INT_MIN <= value <= C_INT_MAX:
+        raise ReferenceExit(status, f"option {option}: {text!r} is out of range; expected an "
+                                    f"integer from {C_INT_MIN} to {C_INT_MAX}")
+    return value
 
 
 def _stop(signum, frame):
