@@ -53,7 +53,7 @@ from .config import Config, ConfigError
 from .controller import Engine, TransitionError
 from .folder_lock import FolderInUseError, FolderLock
 from .keystore import KeyStore, write_atomic
-from .pipeline import HighPipeline, LowPipeline, Pipeline
+from .pipeline import BASIS_NAMES, HighPipeline, LowPipeline, Pipeline
 from .stages import HISTOGRAM_FIRST_TICK
 from .status import (HISTORY_LENGTH, BlockRecord, CoincidenceHistogram, ConfigProblem, ConfigRejected, ConfigSaveResult,
                      ControlError, DetectorStatus, EngineState, ErrorCorrectionStatus, KeyProtocol,
@@ -73,6 +73,9 @@ LIVE_KEYS = frozenset({"identity", "QBER_limit", "QBER_threshold", "default_QBER
 #: Maximum number of histogram bins accepted from the peer. costream sends 128, and the
 #: page redraws the histogram every second.
 MAX_PEER_HISTOGRAM_BINS = 1024
+
+#: Run ids are 1 to MAX_RUN_ID; 0 means no run.
+MAX_RUN_ID = 2**31
 
 #: How often a start request is sent when the peer does not reply.
 START_ATTEMPTS = 5
@@ -111,30 +114,88 @@ class LiveStats:
     total_final_bits: int = 0
 
     def update_from_peer(self, message: Mapping[str, Any]) -> None:
-        """Take the figures of the peer's ``epoch_stats`` message; absent ones stay."""
+        """Take the figures of the peer's ``epoch_stats`` message; absent ones stay.
+
+        Every field is checked before any is stored, so a malformed message changes
+        nothing and raises ValueError or TypeError naming the field.
+        """
+        values: dict[str, Any] = {}
         if "detector_counts" in message:
-            self.peer_detector_counts = tuple(int(count) for count in message["detector_counts"])
-            self.peer_counts_epoch = int(message["counts_epoch"])
+            counts = _peer_list(message, "detector_counts", DETECTORS, DETECTORS)
+            values["peer_detector_counts"] = tuple(
+                _peer_int(count, "detector_counts", 0, MAX_PEER_COUNT) for count in counts)
+            values["peer_counts_epoch"] = _peer_epoch(message, "counts_epoch")
         if "service_qber" in message:
-            self.service_qber = _optional_float(message["service_qber"])
-            self.peer_servoed_qber = _optional_float(message["servoed_qber"])
+            values["service_qber"] = _peer_qber(message, "service_qber")
+            values["peer_servoed_qber"] = _peer_qber(message, "servoed_qber")
         if "histogram" in message:
-            if len(message["histogram"]) > MAX_PEER_HISTOGRAM_BINS:
-                raise ValueError(f"histogram of {len(message['histogram'])} bins, more than "
-                                 f"{MAX_PEER_HISTOGRAM_BINS}")
-            self.coincidences = int(message["coincidences"])
-            self.accidentals = int(message["accidentals"])
-            self.tracked_offset_ticks = int(message["tracked_offset_ticks"])
-            self.histogram = tuple(int(count) for count in message["histogram"])
-            self.histogram_epoch = int(message["epoch"])
-            self.histogram_offset_ticks = self.tracked_offset_ticks
-            self.histogram_from_peer = True
-            self.basis_qber = {str(name): float(value)
-                               for name, value in dict(message["basis_qber"]).items()}
+            bins = _peer_list(message, "histogram", 0, MAX_PEER_HISTOGRAM_BINS)
+            values["histogram"] = tuple(_peer_int(count, "histogram", 0, MAX_PEER_COUNT)
+                                        for count in bins)
+            values["coincidences"] = _peer_int(message["coincidences"], "coincidences", 0,
+                                               MAX_PEER_COUNT)
+            values["accidentals"] = _peer_int(message["accidentals"], "accidentals", 0,
+                                              MAX_PEER_COUNT)
+            offset = _peer_int(message["tracked_offset_ticks"], "tracked_offset_ticks",
+                               -MAX_PEER_COUNT, MAX_PEER_COUNT)
+            values["tracked_offset_ticks"] = values["histogram_offset_ticks"] = offset
+            values["histogram_epoch"] = _peer_epoch(message, "epoch")
+            values["histogram_from_peer"] = True
+            basis_qber = message["basis_qber"]
+            if not isinstance(basis_qber, Mapping) or not set(basis_qber) <= set(BASIS_NAMES):
+                raise ValueError(f"invalid basis_qber: expected a mapping from "
+                                 f"{' or '.join(BASIS_NAMES)} to a QBER, got {_shown(basis_qber)}")
+            values["basis_qber"] = {name: _peer_qber(basis_qber, name, f"basis_qber.{name}")
+                                    for name in basis_qber}
+        for name, value in values.items():
+            setattr(self, name, value)
 
 
-def _optional_float(value: Any) -> Optional[float]:
-    return None if value is None else float(value)
+#: Detectors per node, the length of ``detector_counts``.
+DETECTORS = 4
+
+#: Largest count or offset accepted from the peer: an int64, which the page and
+#: the JSON routes can show.
+MAX_PEER_COUNT = 2**63 - 1
+
+
+def _peer_int(value: Any, name: str, low: int, high: int) -> int:
+    # JSON numbers with a fraction, booleans and strings are not counts.
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ValueError(f"invalid {name}: expected an integer from {low} to {high}, "
+                         f"got {_shown(value)}")
+    return value
+
+
+def _shown(value: Any) -> str:
+    """Return the repr of a peer's value, cut to 40 characters for the log."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _peer_epoch(message: Mapping[str, Any], name: str) -> int:
+    return _peer_int(message[name], name, 0, 0xFFFFFFFF)
+
+
+def _peer_list(message: Mapping[str, Any], name: str, shortest: int, longest: int) -> list:
+    value = message[name]
+    if not isinstance(value, list) or not shortest <= len(value) <= longest:
+        expected = f"{longest}" if shortest == longest else f"{shortest} to {longest}"
+        found = f"{len(value)} items" if isinstance(value, list) else _shown(value)
+        raise ValueError(f"invalid {name}: expected a list of {expected} integers, got {found}")
+    return value
+
+
+def _peer_qber(message: Mapping[str, Any], key: str, name: str = "") -> Optional[float]:
+    # NaN or infinity would reach /status_data, whose JSON then fails to parse.
+    value = message[key]
+    if value is None:
+        return None
+    if (not isinstance(value, (int, float)) or isinstance(value, bool)
+            or not 0.0 <= value <= 1.0):
+        raise ValueError(f"invalid {name or key}: expected null or a fraction from 0 to 1, "
+                         f"got {_shown(value)}")
+    return float(value)
 
 
 class Node:
@@ -311,7 +372,11 @@ class Node:
             self._in_thread(self.start_keygen)
             return
         if kind == "st2":
-            self._in_thread(lambda: self._join_run(int(message["run"])))
+            if self.role != "low":
+                log.error("st2 received on the high-count side; both nodes claim the same role")
+                return
+            run = _peer_int(message.get("run"), "run", 1, MAX_RUN_ID)
+            self._in_thread(lambda: self._join_run(run))
             return
         if kind == "stop":
             reason = f"peer stopped key generation: {message.get('reason', 'no reason given')}"
@@ -372,7 +437,7 @@ class Node:
             return
         with self._lock:
             self._stop_pipeline("new run requested")
-            self.run = secrets.randbelow(2**31) + 1
+            self.run = secrets.randbelow(MAX_RUN_ID) + 1
             self._begin(HighPipeline)
             self.send_control({"msg": "st2"})
         self._arm_start_timer()

@@ -41,6 +41,7 @@ import qkd_core
 
 from . import stages
 from .blocks import BlockManager
+from .channel import FrameError
 from .controller import QberServo
 from .keystore import write_atomic
 from .status import EngineState
@@ -210,7 +211,9 @@ class HighPipeline(Pipeline):
 
     def on_file(self, file_type: int, epoch: int, content: bytes) -> None:
         if file_type != 2:
-            raise ValueError(f"high-count side received a type-{file_type} file for epoch "
+            # FrameError drops and acknowledges the frame: a ValueError would close the
+            # connection, and the peer would send the same file again after reconnecting.
+            raise FrameError(f"high-count side received a type-{file_type} file for epoch "
                              f"{epoch:08x}; it expects type 2")
         # Written before the acknowledgement goes out, so the offset search finds it.
         write_atomic(self.folders["t2"] / f"{epoch:08x}", content, mode=0o644)
@@ -449,7 +452,9 @@ class LowPipeline(Pipeline):
 
     def on_file(self, file_type: int, epoch: int, content: bytes) -> None:
         if file_type != 4:
-            raise ValueError(f"low-count side received a type-{file_type} file for epoch "
+            # FrameError drops and acknowledges the frame: a ValueError would close the
+            # connection, and the peer would send the same file again after reconnecting.
+            raise FrameError(f"low-count side received a type-{file_type} file for epoch "
                              f"{epoch:08x}; it expects type 4")
         self.node.stats.last_received_epoch = epoch
         self.splicer_worker.put(("t4", epoch, content))

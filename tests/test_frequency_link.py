@@ -173,7 +173,8 @@ def test_peer_stats_update_and_reject():
 
     message = {"epoch": 0x4F88, "coincidences": 10, "accidentals": 1, "tracked_offset_ticks": 5,
                "histogram": [0] * (MAX_PEER_HISTOGRAM_BINS + 1), "basis_qber": {}}
-    with pytest.raises(ValueError, match="histogram of 1025 bins"):
+    with pytest.raises(ValueError, match="invalid histogram: expected a list of 0 to 1024 "
+                                         "integers, got 1025 items"):
         stats.update_from_peer(message)
     assert stats.histogram is None
     assert stats.coincidences is None

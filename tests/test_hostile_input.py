@@ -393,3 +393,152 @@ def test_reference_option_beyond_c_int(tmp_path, tool, option, value):
     # costream always opens its debug log costream_tlog in the working folder, as the
     # reference does; nothing else may be written.
     assert [path.name for path in tmp_path.iterdir() if path.name != "costream_tlog"] == []
+
+
+GOOD_STATS = {"msg": "epoch_stats", "counts_epoch": 0x4F87, "detector_counts": [5, 6, 7, 8],
+              "service_qber": 0.03, "servoed_qber": None}
+
+HOSTILE_STATS = [
+    {"counts_epoch": 1, "detector_counts": [-1, 2, 3, 4]},
+    {"counts_epoch": 1, "detector_counts": [2**63, 2, 3, 4]},
+    {"counts_epoch": 1, "detector_counts": ["7", True, 1.5, 4]},
+    {"counts_epoch": 1, "detector_counts": list(range(100_000))},
+    {"counts_epoch": 1, "detector_counts": {"a": 1}},
+    {"counts_epoch": "zz", "detector_counts": [1, 2, 3, 4]},
+    {"counts_epoch": -4, "detector_counts": [1, 2, 3, 4]},
+    {"service_qber": "nan", "servoed_qber": None},
+    {"service_qber": 0.02, "servoed_qber": 1e309},
+    {"service_qber": -0.1, "servoed_qber": None},
+    {"histogram": list(range(100)), "coincidences": -5, "accidentals": 0,
+     "tracked_offset_ticks": 0, "epoch": 1, "basis_qber": {}},
+    {"histogram": [1, 2], "coincidences": 5, "accidentals": 0, "tracked_offset_ticks": 10**40,
+     "epoch": 1, "basis_qber": {}},
+    {"histogram": [1, 2], "coincidences": 5, "accidentals": 0, "tracked_offset_ticks": 0,
+     "epoch": 1, "basis_qber": {"H/V": "nan"}},
+    {"histogram": [1, 2], "coincidences": 5, "accidentals": 0, "tracked_offset_ticks": 0,
+     "epoch": 1, "basis_qber": {"x" * 1000: 0.1}},
+    {"histogram": [0] * 5000, "coincidences": 5, "accidentals": 0, "tracked_offset_ticks": 0,
+     "epoch": 1, "basis_qber": {}},
+]
+
+
+class FakeLowPeer:
+    """A low-count side made of the channel alone, so a test can send it any frame."""
+
+    def __init__(self, config):
+        import threading
+
+        from S15qkd.channel import Link, LinkSettings, make_context
+
+        context = make_context(False, config["local_cert"], config["local_key"],
+                               config["remote_cert"])
+        settings = LinkSettings(role="low", host="127.0.0.1", port=config["port_authd"],
+                                client_context=context, remote_cert=config["remote_cert"],
+                                identity="fake-low", reconnect_min_s=0.05, reconnect_max_s=0.5)
+        self.run = None
+        self.joined = threading.Event()
+        self.link = Link(settings, self.on_frame)
+
+    def on_frame(self, frame_type, payload):
+        import json
+
+        from S15qkd.channel import FrameType
+
+        if frame_type is FrameType.CONTROL:
+            message = json.loads(payload)
+            if message.get("msg") == "st2":
+                self.run = message["run"]
+                self.send({"msg": "st3"})
+                self.joined.set()
+
+    def send(self, message):
+        from S15qkd.channel import FrameType
+        from S15qkd.channel.frames import encode_json
+
+        self.link.send(FrameType.CONTROL, encode_json({"run": self.run, **message}))
+
+
+@pytest.fixture
+def high_node_and_fake_peer(tmp_path):
+    import argparse
+
+    from S15qkd.node import Node
+    from S15qkd.simulate import node_configs
+
+    args = argparse.Namespace(events_high=None, events_low=None, epochs=3, pair_rate=2e4,
+                              qber=0.03, seed=1, real_time=False, block_bits=8000)
+    high_config, low_config = node_configs(tmp_path, args)
+    node = Node(high_config, auto_start=True)
+    peer = FakeLowPeer(low_config)
+    node.start()
+    peer.link.start()
+    try:
+        assert peer.joined.wait(30), "the high-count node sent no st2 within 30 s"
+        yield node, peer
+    finally:
+        peer.link.stop()
+        node.close()
+
+
+def wait_for(condition, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met within the time limit"
+        time.sleep(0.02)
+
+
+def test_hostile_epoch_stats_change_nothing(high_node_and_fake_peer):
+    node, peer = high_node_and_fake_peer
+    for fields in HOSTILE_STATS:
+        peer.send({"msg": "epoch_stats", **fields})
+    peer.send(GOOD_STATS)
+    wait_for(lambda: node.stats.peer_detector_counts == (5, 6, 7, 8))
+    stats = node.stats
+    assert stats.peer_counts_epoch == 0x4F87
+    assert stats.service_qber == 0.03
+    assert stats.peer_servoed_qber is None
+    assert stats.histogram is None
+    assert stats.coincidences is None or stats.coincidences >= 0
+    assert stats.basis_qber == {}
+    # Each malformed message was dropped and acknowledged on the one connection.
+    assert peer.link.stats.connections == 1
+    wait_for(lambda: not peer.link.queued_frames)
+
+
+def test_st2_on_high_side_and_bad_run_dropped(high_node_and_fake_peer):
+    from S15qkd.pipeline import HighPipeline
+
+    node, peer = high_node_and_fake_peer
+    run = node.run
+    for bad_run in (77, "abc", None, 0, 2**40):
+        peer.link.send(*control_frame({"msg": "st2", "run": bad_run}))
+    peer.send(GOOD_STATS)
+    wait_for(lambda: node.stats.peer_detector_counts == (5, 6, 7, 8))
+    import time
+
+    time.sleep(0.5)  # The node joins a run from st2 in a thread of its own.
+    assert node.run == run
+    assert isinstance(node.pipeline, HighPipeline)
+    assert peer.link.stats.connections == 1
+
+
+def test_wrong_file_type_dropped_not_resent(high_node_and_fake_peer):
+    from S15qkd.channel import FrameType
+    from S15qkd.channel.frames import encode_file
+
+    node, peer = high_node_and_fake_peer
+    peer.link.send(FrameType.FILE, encode_file(4, 0x4F87, peer.run, b"type 4 for the low side"))
+    peer.send(GOOD_STATS)
+    wait_for(lambda: node.stats.peer_detector_counts == (5, 6, 7, 8))
+    assert node.link.stats.malformed_dropped == 1
+    assert "expects type 2" in node.link.stats.last_error
+    assert peer.link.stats.connections == 1
+
+
+def control_frame(message):
+    from S15qkd.channel import FrameType
+    from S15qkd.channel.frames import encode_json
+
+    return FrameType.CONTROL, encode_json(message)
