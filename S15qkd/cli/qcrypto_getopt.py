@@ -61,7 +61,8 @@ def c_integer(text: str, option: str, status: int) -> int:
     """Parse ``text`` like ``sscanf("%lli")``: decimal, ``0x`` hex or leading-0 octal.
 
     Trailing characters are ignored, so ``-123456.0`` reads as -123456. Raises
-    ReferenceExit(status) when no number starts the text.
+    ReferenceExit(status) when no number starts the text, or when the number does not
+    fit the ``long long`` that ``%lli`` fills.
     """
     match = _C_INTEGER.match(text)
     if match is None:
@@ -73,4 +74,8 @@ def c_integer(text: str, option: str, status: int) -> int:
         value = int(digits, 8)
     else:
         value = int(digits)
-    return -value if sign == "-" else value
+    value = -value if sign == "-" else value
+    if not -(2**63) <= value < 2**63:
+        raise ReferenceExit(status, f"invalid value {text!r} for option -{option}: expected an "
+                                    f"integer from {-(2**63)} to {2**63 - 1}")
+    return value
