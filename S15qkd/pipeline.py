@@ -145,7 +145,13 @@ class Pipeline:
         kind, times, patterns = item
         if self.chopper is None:
             self.chopper = stages.Chopper(self.role, self.folders, self.config["max_event_diff"])
-        epochs = self.chopper.feed(times, patterns) if kind == "batch" else self.chopper.finish()
+        try:
+            epochs = self.chopper.feed(times, patterns) if kind == "batch" else self.chopper.finish()
+        except Exception:
+            # A chopper that raised (for example on a full disk) rejects all further input,
+            # so the worker that the watchdog restarts opens a new one.
+            self.chopper = None
+            raise
         for chopped in epochs:
             self.node.stats.last_local_epoch = chopped.epoch
             self.node.stats.detector_counts = chopped.detector_counts

@@ -548,3 +548,37 @@ def control_frame(message):
     from S15qkd.channel.frames import encode_json
 
     return FrameType.CONTROL, encode_json(message)
+
+
+def test_chopper_worker_recovers_after_failed_write(tmp_path):
+    # The type-1 folder is replaced by a file, so that writing the next epoch fails, and
+    # put back after the first failure: the restarted worker must chop again.
+    import argparse
+    import shutil
+
+    from S15qkd.node import Node
+    from S15qkd.simulate import node_configs
+
+    args = argparse.Namespace(events_high=None, events_low=None, epochs=40, pair_rate=2e4,
+                              qber=0.03, seed=1, real_time=True, block_bits=8000)
+    high_config, low_config = node_configs(tmp_path, args)
+    node = Node(high_config, auto_start=True)
+    peer = FakeLowPeer(low_config)
+    node.start()
+    peer.link.start()
+    try:
+        assert peer.joined.wait(30), "the high-count node sent no st2 within 30 s"
+        wait_for(lambda: node.stats.last_local_epoch is not None)
+        worker = node.pipeline.chopper_worker
+        t1 = node.pipeline.folders["t1"]
+        shutil.rmtree(t1)
+        t1.write_bytes(b"")
+        wait_for(lambda: worker.restarts >= 1 or worker.last_error)
+        failed_at = node.stats.last_local_epoch
+        t1.unlink()
+        t1.mkdir()
+        wait_for(lambda: node.stats.last_local_epoch > failed_at + 1)
+        assert worker.restarts < 5
+    finally:
+        peer.link.stop()
+        node.close()
