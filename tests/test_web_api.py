@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -220,6 +221,18 @@ def test_config_validate_only_saves_nothing(server, node):
 def test_config_not_json_is_400(server):
     response = requests.put(f"{server.url}/api/config", headers=AUTH, data="tracking_window=3")
     assert response.status_code == 400
+    assert "expected a JSON object with the whole configuration" in response.text
+
+
+def test_config_json_without_content_type(server, node):
+    # curl --data @config.json labels the body application/x-www-form-urlencoded.
+    config = requests.get(f"{server.url}/api/config", headers=AUTH).json()
+    config["tracking_window"] = 31
+    headers = {**AUTH, "Content-Type": "application/x-www-form-urlencoded"}
+    response = requests.put(f"{server.url}/api/config?validate_only=1", headers=headers,
+                            data=json.dumps(config))
+    assert response.status_code == 200
+    assert response.json() == {"valid": True}
 
 
 def test_config_wrong_method_is_405(server):

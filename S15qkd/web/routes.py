@@ -215,9 +215,11 @@ def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, pro
             return denied
         if request.method != "PUT":
             return jsonify(node.get_config())
-        candidate = request.get_json(silent=True)
+        # force: curl --data @config.json sends a form content type with a JSON body.
+        candidate = request.get_json(force=True, silent=True)
         if not isinstance(candidate, dict):
-            return Response("expected a JSON object with the whole configuration\n", status=400)
+            return Response("invalid request body: expected a JSON object with the whole "
+                            "configuration, as GET /api/config returns it\n", status=400)
         dry_run = request.args.get("validate_only") in ("1", "true")
         try:
             if dry_run:
