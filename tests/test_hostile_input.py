@@ -530,6 +530,18 @@ def test_st2_on_high_side_and_bad_run_dropped(high_node_and_fake_peer):
     assert peer.link.stats.connections == 1
 
 
+def test_deeply_nested_control_dropped_not_resent(high_node_and_fake_peer):
+    from S15qkd.channel import FrameType
+
+    node, peer = high_node_and_fake_peer
+    peer.link.send(FrameType.CONTROL, b"[" * 100_000 + b"]" * 100_000)
+    peer.send(GOOD_STATS)
+    wait_for(lambda: node.stats.peer_detector_counts == (5, 6, 7, 8))
+    assert node.link.stats.malformed_dropped == 1
+    assert "JSON nested too deeply" in node.link.stats.last_error
+    assert peer.link.stats.connections == 1
+
+
 def test_wrong_file_type_dropped_not_resent(high_node_and_fake_peer):
     from S15qkd.channel import FrameType
     from S15qkd.channel.frames import encode_file

@@ -224,6 +224,15 @@ def test_config_not_json_is_400(server):
     assert "expected a JSON object with the whole configuration" in response.text
 
 
+@pytest.mark.parametrize("body", ["[" * 100_000 + "]" * 100_000,
+                                  '{"connections": ' + '{"a": ' * 5000 + "1" + "}" * 5001,
+                                  b"\xff\xfe{"])
+def test_config_body_too_deep_or_not_utf8_is_400(server, body):
+    response = requests.put(f"{server.url}/api/config?validate_only=1", headers=AUTH, data=body)
+    assert response.status_code == 400
+    assert "expected a JSON object with the whole configuration" in response.text
+
+
 def test_config_json_without_content_type(server, node):
     # curl --data @config.json labels the body application/x-www-form-urlencoded.
     config = requests.get(f"{server.url}/api/config", headers=AUTH).json()

@@ -94,6 +94,10 @@ def decode_json(payload: bytes, what: str) -> dict[str, Any]:
         value = json.loads(payload.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FrameError(f"malformed {what} payload: {error}") from None
+    except RecursionError:
+        # JSON nested deeper than the interpreter's stack. Any error but FrameError would
+        # close the connection, and the peer would send the same frame again.
+        raise FrameError(f"malformed {what} payload: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise FrameError(f"malformed {what} payload: expected a JSON object")
     return value

@@ -8,6 +8,7 @@ require the node's web token. docs/http-api.md lists every route with examples.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -215,8 +216,12 @@ def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, pro
             return denied
         if request.method != "PUT":
             return jsonify(node.get_config())
-        # force: curl --data @config.json sends a form content type with a JSON body.
-        candidate = request.get_json(force=True, silent=True)
+        # The content type is not checked: curl --data @config.json labels a JSON body
+        # as a form. RecursionError: JSON nested deeper than the interpreter's stack.
+        try:
+            candidate = json.loads(request.get_data())
+        except (ValueError, RecursionError):
+            candidate = None
         if not isinstance(candidate, dict):
             return Response("invalid request body: expected a JSON object with the whole "
                             "configuration, as GET /api/config returns it\n", status=400)
