@@ -171,6 +171,15 @@ def run(args: argparse.Namespace) -> int:
                          f"{MAX_OFFSET_NS:g} ns in magnitude")
     if args.high_output == "-" and args.low_output == "-":
         raise ValueError("only one of -F and -f can be standard output")
+    if not 0 <= args.seed < 2**64:
+        raise ValueError(f"invalid --seed {args.seed}: expected an integer from 0 to {2**64 - 1}")
+    # Infinity is allowed, so that the simulator can stream into a named pipe until stopped.
+    if args.duration is not None and not args.duration >= 0:
+        raise ValueError(f"invalid --duration {args.duration}: expected a number of seconds "
+                         "from 0 up, or inf")
+    for option, loss in (("--high-loss", args.high_loss), ("--low-loss", args.low_loss)):
+        if not 0 <= loss <= 1:
+            raise ValueError(f"invalid {option} {loss}: expected a loss fraction from 0 to 1")
     kwargs = dict(
         seed=args.seed,
         pair_rate=args.rate,
@@ -187,8 +196,9 @@ def run(args: argparse.Namespace) -> int:
     if args.start_time is not None:
         kwargs["start_ticks"] = (args.start_time * 8) % (1 << 64)
     if args.pairs is not None:
-        if args.pairs < 0:
-            raise ValueError(f"invalid number of pairs {args.pairs}: expected >= 0")
+        if not 0 <= args.pairs < 2**64:
+            raise ValueError(f"invalid --pairs {args.pairs}: expected a number of pairs from 0 "
+                             f"to {2**64 - 1}")
         kwargs["pair_limit"] = int(args.pairs)
     simulator = qkd_core.LinkSimulator(**kwargs)
 
