@@ -26,7 +26,7 @@ def add_commands(subparsers) -> None:
     node.add_argument("--start", action="store_true",
                       help="start key generation whenever the peer connects (the high-count "
                            "side sends the start request)")
-    node.add_argument("--web-port", type=int, default=None, metavar="PORT",
+    node.add_argument("--web-port", type=tcp_port, default=None, metavar="PORT",
                       help="also serve the web page and HTTP API on this port (8000 in the "
                            "reference deployment); the control token is <data_root>/web_token")
     node.add_argument("--web-host", default="0.0.0.0", help="address of the web page (default 0.0.0.0)")
@@ -46,6 +46,18 @@ def add_commands(subparsers) -> None:
 
     add_simulate_arguments(simulate)
     simulate.set_defaults(handler=run_simulate)
+
+
+def tcp_port(text: str) -> int:
+    """Parse a TCP port number; the socket layer would take 70000 as port 4464."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"invalid port {text!r}: expected a TCP port number "
+                                         "from 1 to 65535")
+    return port
 
 
 def run_certs(args: argparse.Namespace) -> int:
