@@ -192,6 +192,16 @@ def test_reconciler_random_messages(data):
     call(initiator.handle_message, data)
 
 
+def test_certs_folder_is_a_file(tmp_path, capsys):
+    from S15qkd.cli.main import main
+
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert main(["certs", "high", "--folder", str(not_a_folder)]) == 1
+    assert f"{not_a_folder} is not a folder; give a folder for the key" in capsys.readouterr().err
+    assert not list(tmp_path.rglob("*.key"))
+
+
 def test_certs_bad_name_or_validity(tmp_path):
     from S15qkd.channel import create_node_certificate
     from S15qkd.cli.main import main
@@ -598,3 +608,14 @@ def test_chopper_worker_recovers_after_failed_write(tmp_path):
     finally:
         peer.link.stop()
         node.close()
+
+
+@pytest.mark.parametrize("port", ["70000", "0", "-1", "http"])
+def test_node_web_port_out_of_range(tmp_path, capsys, port):
+    from S15qkd.cli.main import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["node", "--config", str(tmp_path / "absent.yaml"), "--web-port", port])
+    assert stop.value.code == 2
+    assert (f"argument --web-port: invalid port '{port}': expected a TCP port number from 1 "
+            "to 65535") in capsys.readouterr().err

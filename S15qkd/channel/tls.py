@@ -109,6 +109,9 @@ def create_node_certificate(folder: str | Path, name: str, days: int = 3650) -> 
         raise ValueError(f"invalid validity of {days} days: expected 1 to "
                          f"{MAX_CERTIFICATE_DAYS}")
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{folder} is not a folder; give a folder for the key and "
+                                 "certificate (qkdserver certs --folder)")
     folder.mkdir(parents=True, exist_ok=True)
     cert_path, key_path = folder / f"{name}.crt", folder / f"{name}.key"
     for path in (cert_path, key_path):
