@@ -391,6 +391,11 @@ class Node:
             self._cancel_start_timer()
         elif kind == "mode":
             state = S(message["state"])
+            # The peer decides only between these two; OFF and the others follow from
+            # this node's own channel and workers.
+            if state not in (S.SERVICE_MODE, S.KEY_GENERATION):
+                raise ValueError(f"invalid state {state.value} in a mode message: expected "
+                                 f"{S.SERVICE_MODE.value} or {S.KEY_GENERATION.value}")
             try:
                 self.engine.move(state, f"peer decided: {message.get('reason', '')}")
             except TransitionError as error:

@@ -544,6 +544,18 @@ def test_st2_on_high_side_and_bad_run_dropped(high_node_and_fake_peer):
     assert peer.link.stats.connections == 1
 
 
+def test_peer_mode_outside_service_and_key_generation(high_node_and_fake_peer):
+    from S15qkd.status import EngineState
+
+    node, peer = high_node_and_fake_peer
+    wait_for(lambda: node.engine.state is EngineState.PEAK_FINDING)
+    for state in ("OFF", "ONLY_COMMUNICATION", "INITIATING"):
+        peer.send({"msg": "mode", "state": state, "reason": "hostile"})
+    peer.send(GOOD_STATS)
+    wait_for(lambda: node.stats.peer_detector_counts == (5, 6, 7, 8))
+    assert node.engine.state is EngineState.PEAK_FINDING
+
+
 def test_deeply_nested_control_dropped_not_resent(high_node_and_fake_peer):
     from S15qkd.channel import FrameType
 
