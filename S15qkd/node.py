@@ -53,6 +53,8 @@ from .config import Config, ConfigError
 from .controller import Engine, TransitionError
 from .folder_lock import FolderInUseError, FolderLock
 from .keystore import KeyStore, write_atomic
+from .peer_fields import (DETECTORS, MAX_PEER_COUNT, peer_epoch, peer_int, peer_list,
+                          peer_qber, shown)
 from .pipeline import BASIS_NAMES, HighPipeline, LowPipeline, Pipeline
 from .stages import HISTOGRAM_FIRST_TICK
 from .status import (HISTORY_LENGTH, BlockRecord, CoincidenceHistogram, ConfigProblem, ConfigRejected, ConfigSaveResult,
@@ -121,81 +123,34 @@ class LiveStats:
         """
         values: dict[str, Any] = {}
         if "detector_counts" in message:
-            counts = _peer_list(message, "detector_counts", DETECTORS, DETECTORS)
+            counts = peer_list(message, "detector_counts", DETECTORS, DETECTORS)
             values["peer_detector_counts"] = tuple(
-                _peer_int(count, "detector_counts", 0, MAX_PEER_COUNT) for count in counts)
-            values["peer_counts_epoch"] = _peer_epoch(message, "counts_epoch")
+                peer_int(count, "detector_counts", 0, MAX_PEER_COUNT) for count in counts)
+            values["peer_counts_epoch"] = peer_epoch(message, "counts_epoch")
         if "service_qber" in message:
-            values["service_qber"] = _peer_qber(message, "service_qber")
-            values["peer_servoed_qber"] = _peer_qber(message, "servoed_qber")
+            values["service_qber"] = peer_qber(message, "service_qber")
+            values["peer_servoed_qber"] = peer_qber(message, "servoed_qber")
         if "histogram" in message:
-            bins = _peer_list(message, "histogram", 0, MAX_PEER_HISTOGRAM_BINS)
-            values["histogram"] = tuple(_peer_int(count, "histogram", 0, MAX_PEER_COUNT)
+            bins = peer_list(message, "histogram", 0, MAX_PEER_HISTOGRAM_BINS)
+            values["histogram"] = tuple(peer_int(count, "histogram", 0, MAX_PEER_COUNT)
                                         for count in bins)
-            values["coincidences"] = _peer_int(message["coincidences"], "coincidences", 0,
+            values["coincidences"] = peer_int(message["coincidences"], "coincidences", 0,
                                                MAX_PEER_COUNT)
-            values["accidentals"] = _peer_int(message["accidentals"], "accidentals", 0,
+            values["accidentals"] = peer_int(message["accidentals"], "accidentals", 0,
                                               MAX_PEER_COUNT)
-            offset = _peer_int(message["tracked_offset_ticks"], "tracked_offset_ticks",
+            offset = peer_int(message["tracked_offset_ticks"], "tracked_offset_ticks",
                                -MAX_PEER_COUNT, MAX_PEER_COUNT)
             values["tracked_offset_ticks"] = values["histogram_offset_ticks"] = offset
-            values["histogram_epoch"] = _peer_epoch(message, "epoch")
+            values["histogram_epoch"] = peer_epoch(message, "epoch")
             values["histogram_from_peer"] = True
             basis_qber = message["basis_qber"]
             if not isinstance(basis_qber, Mapping) or not set(basis_qber) <= set(BASIS_NAMES):
                 raise ValueError(f"invalid basis_qber: expected a mapping from "
-                                 f"{' or '.join(BASIS_NAMES)} to a QBER, got {_shown(basis_qber)}")
-            values["basis_qber"] = {name: _peer_qber(basis_qber, name, f"basis_qber.{name}")
+                                 f"{' or '.join(BASIS_NAMES)} to a QBER, got {shown(basis_qber)}")
+            values["basis_qber"] = {name: peer_qber(basis_qber, name, f"basis_qber.{name}")
                                     for name in basis_qber}
         for name, value in values.items():
             setattr(self, name, value)
-
-
-#: Detectors per node, the length of ``detector_counts``.
-DETECTORS = 4
-
-#: Largest count or offset accepted from the peer: an int64, which the page and
-#: the JSON routes can show.
-MAX_PEER_COUNT = 2**63 - 1
-
-
-def _peer_int(value: Any, name: str, low: int, high: int) -> int:
-    # JSON numbers with a fraction, booleans and strings are not counts.
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"invalid {name}: expected an integer from {low} to {high}, "
-                         f"got {_shown(value)}")
-    return value
-
-
-def _shown(value: Any) -> str:
-    """Return the repr of a peer's value, cut to 40 characters for the log."""
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-def _peer_epoch(message: Mapping[str, Any], name: str) -> int:
-    return _peer_int(message[name], name, 0, 0xFFFFFFFF)
-
-
-def _peer_list(message: Mapping[str, Any], name: str, shortest: int, longest: int) -> list:
-    value = message[name]
-    if not isinstance(value, list) or not shortest <= len(value) <= longest:
-        expected = f"{longest}" if shortest == longest else f"{shortest} to {longest}"
-        found = f"{len(value)} items" if isinstance(value, list) else _shown(value)
-        raise ValueError(f"invalid {name}: expected a list of {expected} integers, got {found}")
-    return value
-
-
-def _peer_qber(message: Mapping[str, Any], key: str, name: str = "") -> Optional[float]:
-    # NaN or infinity would reach /status_data, whose JSON then fails to parse.
-    value = message[key]
-    if value is None:
-        return None
-    if (not isinstance(value, (int, float)) or isinstance(value, bool)
-            or not 0.0 <= value <= 1.0):
-        raise ValueError(f"invalid {name or key}: expected null or a fraction from 0 to 1, "
-                         f"got {_shown(value)}")
-    return float(value)
 
 
 class Node:
@@ -375,7 +330,7 @@ class Node:
             if self.role != "low":
                 log.error("st2 received on the high-count side; both nodes claim the same role")
                 return
-            run = _peer_int(message.get("run"), "run", 1, MAX_RUN_ID)
+            run = peer_int(message.get("run"), "run", 1, MAX_RUN_ID)
             self._in_thread(lambda: self._join_run(run))
             return
         if kind == "stop":

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import shutil
 import threading
 from collections import deque
@@ -44,6 +45,7 @@ from .blocks import BlockManager
 from .channel import FrameError
 from .controller import QberServo
 from .keystore import write_atomic
+from .peer_fields import MAX_PEER_COUNT, peer_float, peer_int
 from .status import EngineState
 from .watchdog import StageWorker
 
@@ -64,6 +66,10 @@ INITIAL_PAIR_RATIO = 10.0
 
 #: Names of the two measurement bases of BBM92, in the order of costream's basis bit.
 BASIS_NAMES = ("H/V", "diagonal")
+
+#: Largest relative frequency offset accepted from the peer's search. The search
+#: reaches 2**-13 (about 1.2e-4), so 1e-3 leaves room without admitting nonsense.
+MAX_FREQUENCY_OFFSET = 1e-3
 
 
 class Pipeline:
@@ -469,9 +475,15 @@ class LowPipeline(Pipeline):
         kind = message["msg"]
         stats = self.node.stats
         if kind == "peak_found":
-            stats.initial_offset_ticks = message.get("offset_ticks")
-            stats.snr_fine, stats.snr_coarse = message.get("snr_fine"), message.get("snr_coarse")
-            stats.frequency_offset = message.get("frequency_offset")
+            offset = peer_int(message.get("offset_ticks"), "offset_ticks", -MAX_PEER_COUNT,
+                              MAX_PEER_COUNT)
+            snr_fine = peer_float(message, "snr_fine", 0.0, math.inf)
+            snr_coarse = peer_float(message, "snr_coarse", 0.0, math.inf)
+            frequency = peer_float(message, "frequency_offset", -MAX_FREQUENCY_OFFSET,
+                                   MAX_FREQUENCY_OFFSET)
+            stats.initial_offset_ticks = offset
+            stats.snr_fine, stats.snr_coarse = snr_fine, snr_coarse
+            stats.frequency_offset = frequency
             self.node.engine.move(S.SERVICE_MODE, f"peer found the time offset "
                                                   f"{message.get('offset_ticks')} ticks")
         elif kind == "lock_lost":

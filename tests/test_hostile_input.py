@@ -631,3 +631,71 @@ def test_node_web_port_out_of_range(tmp_path, capsys, port):
     assert stop.value.code == 2
     assert (f"argument --web-port: invalid port '{port}': expected a TCP port number from 1 "
             "to 65535") in capsys.readouterr().err
+
+
+class FakeHighPeer(FakeLowPeer):
+    """A high-count side made of the channel alone; it starts run 7 once connected."""
+
+    def __init__(self, config):
+        import threading
+
+        from S15qkd.channel import Link, LinkSettings, make_context
+
+        context = make_context(True, config["local_cert"], config["local_key"],
+                               config["remote_cert"])
+        settings = LinkSettings(role="high", host="127.0.0.1", port=config["port_authd"],
+                                server_context=context, remote_cert=config["remote_cert"],
+                                identity="fake-high")
+        self.run = 7
+        self.joined = threading.Event()
+        self.link = Link(settings, self.on_frame)
+
+    def on_frame(self, frame_type, payload):
+        import json
+
+        from S15qkd.channel import FrameType
+
+        if frame_type is FrameType.CONTROL and json.loads(payload).get("msg") == "st3":
+            self.joined.set()
+
+
+@pytest.mark.parametrize("fields", [
+    {"offset_ticks": "34560"},
+    {"offset_ticks": 2**70},
+    {"offset_ticks": 34560, "snr_fine": "high"},
+    {"offset_ticks": 34560, "snr_coarse": float("nan")},
+    {"offset_ticks": 34560, "frequency_offset": float("inf")},
+    {"offset_ticks": 34560, "frequency_offset": 0.5},
+], ids=range(6))
+def test_hostile_peak_found_changes_nothing(tmp_path, fields):
+    import argparse
+
+    from S15qkd.channel import FrameType
+    from S15qkd.channel.frames import encode_json
+    from S15qkd.node import Node
+    from S15qkd.simulate import node_configs
+    from S15qkd.status import EngineState
+
+    args = argparse.Namespace(events_high=None, events_low=None, epochs=3, pair_rate=2e4,
+                              qber=0.03, seed=1, real_time=False, block_bits=8000)
+    high_config, low_config = node_configs(tmp_path, args)
+    peer = FakeHighPeer(high_config)
+    node = Node(low_config)
+    peer.link.start()
+    node.start()
+    try:
+        assert peer.link.wait_connected(30)
+        peer.link.send(FrameType.CONTROL, encode_json({"msg": "st2", "run": 7}))
+        assert peer.joined.wait(30), "the low-count node sent no st3 within 30 s"
+        peer.send({"msg": "peak_found", **fields})
+        peer.send(GOOD_STATS)
+        wait_for(lambda: node.stats.peer_detector_counts == (5, 6, 7, 8))
+        assert node.stats.initial_offset_ticks is None
+        assert node.stats.snr_fine is None
+        assert node.stats.snr_coarse is None
+        assert node.stats.frequency_offset is None
+        assert node.engine.state is not EngineState.SERVICE_MODE
+        node.status()
+    finally:
+        node.close()
+        peer.link.stop()
