@@ -198,6 +198,7 @@ class HighPipeline(Pipeline):
         super().__init__(node, run)
         self.t1: set[int] = set()   # epochs with a type-1 file in folders["t1"]
         self.t2: set[int] = set()   # epochs with a type-2 file in folders["t2"]
+        self.t2_store_failed = False  # a type-2 file of the peer could not be written
         self.raw_keys: dict[int, np.ndarray] = {}
         self.key_bases: dict[int, np.ndarray] = {}  # basis of each raw key bit, by epoch
         self.raw_keys_lock = threading.Lock()
@@ -228,7 +229,16 @@ class HighPipeline(Pipeline):
             raise FrameError(f"high-count side received a type-{file_type} file for epoch "
                              f"{epoch:08x}; it expects type 2")
         # Written before the acknowledgement goes out, so the offset search finds it.
-        write_atomic(self.folders["t2"] / f"{epoch:08x}", content, mode=0o644)
+        try:
+            write_atomic(self.folders["t2"] / f"{epoch:08x}", content, mode=0o644)
+        except OSError as error:
+            # Raising would close the connection, and the peer would send the same file
+            # again after reconnecting. The run cannot go on without the peer's epochs.
+            if not self.t2_store_failed:
+                self.t2_store_failed = True
+                self.node.fatal(f"cannot store the peer's type-2 file of epoch {epoch:08x}: "
+                                f"{error}; free space in data_root {self.config['data_root']}")
+            return
         self.node.stats.last_received_epoch = epoch
         self.costream_worker.put(("t2", epoch))
 

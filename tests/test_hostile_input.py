@@ -568,6 +568,26 @@ def test_deeply_nested_control_dropped_not_resent(high_node_and_fake_peer):
     assert peer.link.stats.connections == 1
 
 
+def test_unwritable_peer_file_stops_run_once(high_node_and_fake_peer):
+    # A type-2 folder that cannot take files, as on a full data_root.
+    import shutil
+
+    from S15qkd.channel import FrameType
+    from S15qkd.channel.frames import encode_file
+    from S15qkd.status import EngineState
+
+    node, peer = high_node_and_fake_peer
+    t2 = node.pipeline.folders["t2"]
+    shutil.rmtree(t2)
+    t2.write_bytes(b"")
+    for epoch in (0x4F87, 0x4F88, 0x4F89):
+        peer.link.send(FrameType.FILE, encode_file(2, epoch, peer.run, b"type-2 content"))
+    wait_for(lambda: node.engine.state is EngineState.ONLY_COMMUNICATION)
+    assert "cannot store the peer's type-2 file of epoch 00004f87" in node.stop_reason
+    assert "free space in data_root" in node.stop_reason
+    assert peer.link.stats.connections == 1
+
+
 def test_wrong_file_type_dropped_not_resent(high_node_and_fake_peer):
     from S15qkd.channel import FrameType
     from S15qkd.channel.frames import encode_file
