@@ -154,6 +154,33 @@ def test_python_api_matches_golden(case, tmp_path):
     _assert_same_folder(tmp_path / "t3", expected / "t3")
 
 
+def test_feed_batch_sizes_match_one_feed(tmp_path):
+    """Both choppers keep their event-word buffer between feed calls; a short batch after
+    a long one must not see the long one's leftover words."""
+    lec, hec, _, _, _ = _golden_inputs("realistic")
+    sizes = [100_000, 7, 50_001, 1, 30_000]
+    outputs = {}
+    for name, cuts in (("whole", [None]), ("batches", sizes)):
+        out = tmp_path / name
+        for sub in ("t1", "t2", "t3"):
+            (out / sub).mkdir(parents=True)
+        chopper = qkd_core.Chopper(out / "t2", out / "t3", verbosity=0, now=0)
+        chopper2 = qkd_core.Chopper2(out / "t1", verbosity=0, now=0)
+        for events, target in ((lec, chopper), (hec, chopper2)):
+            times, patterns = qkd_core.decode_raw_events(events.read_bytes())
+            start = 0
+            for size in cuts:
+                stop = len(times) if size is None else start + size
+                target.feed(times[start:stop], patterns[start:stop])
+                start = stop
+            if start < len(times):
+                target.feed(times[start:], patterns[start:])
+        del chopper, chopper2, target  # dropping both writes the open epochs
+        outputs[name] = {sub: _files(out / sub) for sub in ("t1", "t2", "t3")}
+    assert all(outputs["whole"][sub] for sub in ("t1", "t2", "t3"))
+    assert outputs["batches"] == outputs["whole"]
+
+
 @pytest.mark.parametrize("case,epoch", [("c1234_flushed", "0001fa84"),
                                         ("c14_flushed", "0001db5c")])
 def test_decompress_cli_matches_golden(case, epoch):

@@ -56,7 +56,10 @@ pub(crate) fn typed_array<'py, T: numpy::Element>(
 }
 
 /// Builds event words `time << 15 | pattern` from ticks and 4-bit patterns.
-fn event_words(times: &[u64], patterns: &[u8]) -> PyResult<Vec<u64>> {
+/// Packs times and patterns into raw event words in `words`, which is cleared first. The
+/// caller keeps `words` between batches, so a batch of a few million events does not map
+/// fresh pages each time. Those page faults were a large part of the link's kernel time.
+fn fill_event_words(times: &[u64], patterns: &[u8], words: &mut Vec<u64>) -> PyResult<()> {
     if times.len() != patterns.len() {
         return Err(PyValueError::new_err(format!(
             "times and patterns differ in length: {} and {}",
@@ -70,11 +73,14 @@ fn event_words(times: &[u64], patterns: &[u8]) -> PyResult<Vec<u64>> {
             patterns[i]
         )));
     }
-    Ok(times
-        .iter()
-        .zip(patterns)
-        .map(|(&t, &p)| ((t & qkd_formats::raw::TIME_MASK) << 15) | u64::from(p))
-        .collect())
+    words.clear();
+    words.extend(
+        times
+            .iter()
+            .zip(patterns)
+            .map(|(&t, &p)| ((t & qkd_formats::raw::TIME_MASK) << 15) | u64::from(p)),
+    );
+    Ok(())
 }
 
 fn summary_dict<'py>(py: Python<'py>, s: &EpochSummary) -> PyResult<Bound<'py, PyDict>> {
@@ -146,6 +152,8 @@ fn lock<T>(m: &Mutex<T>) -> PyResult<MutexGuard<'_, T>> {
 #[pyclass(module = "qkd_core", frozen)]
 pub struct Chopper {
     pub(crate) inner: Mutex<CoreChopper>,
+    /// Event words of the last `feed` call, kept for the next one (see fill_event_words).
+    words: Mutex<Vec<u64>>,
 }
 
 #[pymethods]
@@ -186,6 +194,7 @@ impl Chopper {
         }
         Ok(Chopper {
             inner: Mutex::new(chopper),
+            words: Mutex::new(Vec::new()),
         })
     }
 
@@ -201,7 +210,8 @@ impl Chopper {
         let patterns = typed_array::<u8>(patterns, "patterns", "uint8")?;
         let (times, patterns) = (times.as_slice()?, patterns.as_slice()?);
         let done = py.detach(|| {
-            let words = event_words(times, patterns)?;
+            let mut words = lock(&self.words)?;
+            fill_event_words(times, patterns, &mut words)?;
             lock(&self.inner)?.feed(&words).map_err(chop_error)
         })?;
         summaries(py, &done)
@@ -279,6 +289,8 @@ impl Chopper {
 #[pyclass(module = "qkd_core", frozen)]
 pub struct Chopper2 {
     pub(crate) inner: Mutex<CoreChopper2>,
+    /// Event words of the last `feed` call, kept for the next one (see fill_event_words).
+    words: Mutex<Vec<u64>>,
 }
 
 #[pymethods]
@@ -311,6 +323,7 @@ impl Chopper2 {
         }
         Ok(Chopper2 {
             inner: Mutex::new(chopper),
+            words: Mutex::new(Vec::new()),
         })
     }
 
@@ -327,7 +340,8 @@ impl Chopper2 {
         let patterns = typed_array::<u8>(patterns, "patterns", "uint8")?;
         let (times, patterns) = (times.as_slice()?, patterns.as_slice()?);
         let done = py.detach(|| {
-            let words = event_words(times, patterns)?;
+            let mut words = lock(&self.words)?;
+            fill_event_words(times, patterns, &mut words)?;
             lock(&self.inner)?.feed(&words).map_err(chop_error)
         })?;
         summaries(py, &done)

@@ -131,6 +131,10 @@ fn node_stats<'py>(py: Python<'py>, s: &NodeStats) -> PyResult<Bound<'py, PyDict
 #[pyclass(module = "qkd_core")]
 pub struct LinkSimulator {
     inner: CoreSimulator,
+    /// Raw event words of the high and low node from the last `next_batch`, kept for the
+    /// next call. Growing fresh vectors to a few million words per batch mapped new pages
+    /// every time, and those page faults were a large part of the link's kernel time.
+    words: (Vec<u64>, Vec<u64>),
 }
 
 #[pymethods]
@@ -190,7 +194,10 @@ impl LinkSimulator {
             low,
         };
         let inner = CoreSimulator::new(config).map_err(source_error)?;
-        Ok(LinkSimulator { inner })
+        Ok(LinkSimulator {
+            inner,
+            words: (Vec::new(), Vec::new()),
+        })
     }
 
     /// Simulate the next `duration` seconds and return
@@ -201,11 +208,12 @@ impl LinkSimulator {
     /// last call returns the rest and later calls return empty arrays.
     fn next_batch<'py>(&mut self, py: Python<'py>, duration: f64) -> PyResult<Batch<'py>> {
         let ticks = duration_ticks(duration)?;
-        let inner = &mut self.inner;
+        let (inner, (high, low)) = (&mut self.inner, &mut self.words);
         let (high, low) = py.detach(|| {
-            let (mut high, mut low) = (Vec::new(), Vec::new());
-            inner.next_batch_into(ticks, &mut high, &mut low);
-            (split_words(&high), split_words(&low))
+            high.clear();
+            low.clear();
+            inner.next_batch_into(ticks, high, low);
+            (split_words(high), split_words(low))
         });
         Ok((
             high.0.into_pyarray(py),
