@@ -255,6 +255,8 @@ def test_qkd_sim_failed_write_leaves_no_file(tmp_path):
     ("--seed", "-1"), ("--seed", "99999999999999999999999"), ("--pairs", "inf"),
     ("--pairs", "1e300"), ("--pairs", "nan"), ("--pairs", "-5"), ("--duration", "nan"),
     ("--duration", "-1"), ("--high-loss", "2"), ("--low-loss", "-0.5"),
+    ("--dark-count-rate", "1e300"), ("--dark-count-rate", "2147483648"),
+    ("--background-rate", "99999999999999999999999"), ("--background-rate", "nan"),
 ])
 def test_qkd_sim_absurd_option_rejected(tmp_path, option, value):
     result = run_qkd_sim("-n", "1000", "-F", "high", "-f", "low", option, value, cwd=tmp_path)

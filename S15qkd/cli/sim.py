@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Largest dark count or background rate in counts per second.
+MAX_NOISE_RATE = 1e8
 # Shortest simulated batch in seconds.
 MIN_BATCH_S = 1e-6
 # Largest clock offset in ns whose tick count (8 per ns) fits a signed 64-bit integer.
@@ -177,6 +179,13 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is not None and not args.duration >= 0:
         raise ValueError(f"invalid --duration {args.duration}: expected a number of seconds "
                          "from 0 up, or inf")
+    # The simulator holds a batch's counts in memory: 1e300 counts/s never ended and
+    # 2e9 took gigabytes, while real detectors stay far below MAX_NOISE_RATE.
+    for option, rate in (("--dark-count-rate", args.dark_count_rate),
+                         ("--background-rate", args.background_rate)):
+        if not 0 <= rate <= MAX_NOISE_RATE:
+            raise ValueError(f"invalid {option} {rate}: expected counts per second from 0 "
+                             f"to {MAX_NOISE_RATE:g}")
     for option, loss in (("--high-loss", args.high_loss), ("--low-loss", args.low_loss)):
         if not 0 <= loss <= 1:
             raise ValueError(f"invalid {option} {loss}: expected a loss fraction from 0 to 1")
