@@ -47,6 +47,10 @@ S = EngineState
 # Most epochs one reconciliation block may name: 2**20 epochs of 0.537 s are about 6
 # days, and the bound keeps a start message cheap to check.
 MAX_BLOCK_EPOCHS = 1 << 20
+# Minimum compared bits behind a service QBER that may start key generation. An unlocked
+# stream can show no error on a handful of bits. At 500 bits, a QBER near the default
+# threshold of 0.085 has a standard error of about 0.012, so a QBER of 0.5 cannot pass.
+SERVICE_MIN_BITS = 500
 
 
 def encode_reconcile(header: dict, body: bytes = b"") -> bytes:
@@ -207,6 +211,12 @@ class BlockManager:
             return
         total_errors = sum(e for e, _ in self.service)
         total_bits = sum(b for _, b in self.service)
+        if total_bits < SERVICE_MIN_BITS:
+            # Too few bits to judge the link: keep them and add the next window's.
+            self.node.engine.note(f"service QBER waits for {SERVICE_MIN_BITS} compared bits; "
+                                  f"{total_bits} so far (epochs up to {window[-1]:08x})")
+            self.disclose_held()
+            return
         self.service.clear()
         qber = total_errors / total_bits
         self.node.stats.service_qber = qber
