@@ -350,6 +350,9 @@ pub struct Costream {
     // Type-1 stream: queued files, the file being read, and the current event.
     queue1: VecDeque<Type1Events>,
     current1: Type1Events,
+    /// Event vector of the last finished type-1 epoch, decoded into by the next
+    /// `push_type1` so that each epoch does not map fresh pages.
+    spare1: Vec<u64>,
     /// Skew in ticks per detector pattern (two's complement).
     skew: [u64; 16],
     position1: usize,
@@ -444,6 +447,7 @@ impl Costream {
             drift: 0,
             queue1: VecDeque::new(),
             current1: Type1Events::default(),
+            spare1: Vec::new(),
             skew: skew_table(&config.skews),
             position1: 0,
             next_epoch1: config.start_epoch,
@@ -500,11 +504,13 @@ impl Costream {
     /// reference rejects such files.
     pub fn push_type1(&mut self, bytes: &[u8]) -> Result<(), CoincidenceError> {
         let expected = self.next_type1_epoch();
-        let mut file = Type1File::parse(bytes).map_err(|source| CoincidenceError::Format {
-            stream: Stream::Type1,
-            epoch: expected,
-            source,
-        })?;
+        let spare = std::mem::take(&mut self.spare1);
+        let mut file =
+            Type1File::parse_reusing(bytes, spare).map_err(|source| CoincidenceError::Format {
+                stream: Stream::Type1,
+                epoch: expected,
+                source,
+            })?;
         if file.header.epoch != expected {
             return Err(CoincidenceError::WrongEpoch {
                 stream: Stream::Type1,
@@ -596,7 +602,8 @@ impl Costream {
                     };
                     self.type1_events = next.length;
                     self.next_epoch1 = next.epoch.wrapping_add(1);
-                    self.current1 = next;
+                    let finished = std::mem::replace(&mut self.current1, next);
+                    self.spare1 = finished.words;
                     self.position1 = 0;
                     continue;
                 }

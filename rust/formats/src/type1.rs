@@ -84,6 +84,13 @@ impl Type1File {
     /// Parses a whole file, checking the tag, the constant fields, the length against the
     /// file size and the zero terminator.
     pub fn parse(bytes: &[u8]) -> Result<Self, FormatError> {
+        Self::parse_reusing(bytes, Vec::new())
+    }
+
+    /// Parses like [`Type1File::parse`], but decodes into `events`, whose contents are
+    /// dropped and whose allocation is kept. A reader that hands back the vector of the
+    /// epoch it finished does not map fresh pages for every file.
+    pub fn parse_reusing(bytes: &[u8], mut events: Vec<u64>) -> Result<Self, FormatError> {
         const WHAT: &str = "type-1 file";
         let (fields, data) = header_fields::<5>(bytes, WHAT)?;
         let extended = check_tag(fields[0] as i32, FILE_TYPE, WHAT)?;
@@ -109,7 +116,8 @@ impl Type1File {
                 len: data.len(),
             });
         }
-        let mut words = Vec::new();
+        events.clear();
+        let mut words = events;
         raw::decode_into(data, Serialisation::Legacy, &mut words)?;
         let records = words.len();
         let count = if header.length > 0 {
