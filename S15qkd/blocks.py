@@ -32,6 +32,7 @@ import numpy as np
 
 from . import stages
 from .channel import FrameError
+from .channel.frames import decode_json
 from .keystore import FinalKey, KeyStoreError, pack_key_bits
 from .status import BlockRecord, EngineState
 
@@ -61,11 +62,8 @@ def decode_reconcile(payload: bytes) -> tuple[dict, bytes]:
     line, separator, body = payload.partition(b"\n")
     if not separator:
         raise FrameError("malformed RECONCILE payload: no header line")
-    try:
-        header = json.loads(line)
-    except ValueError as error:
-        raise FrameError(f"malformed RECONCILE header: {error}") from None
-    if not isinstance(header, dict) or not _is_u32(header.get("block")):
+    header = decode_json(line, "RECONCILE header")
+    if not _is_u32(header.get("block")):
         raise FrameError(f"malformed RECONCILE header: {line[:200]!r}")
     # The fields are checked here, on the channel thread, because a bad value raised in
     # the error-correction worker would stop that worker instead of this one message.

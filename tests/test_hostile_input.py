@@ -558,6 +558,17 @@ def test_peer_mode_outside_service_and_key_generation(high_node_and_fake_peer):
     assert node.engine.state is EngineState.PEAK_FINDING
 
 
+def test_deeply_nested_reconcile_dropped_not_resent(high_node_and_fake_peer):
+    from S15qkd.channel import FrameType
+
+    node, peer = high_node_and_fake_peer
+    peer.link.send(FrameType.RECONCILE, b"[" * 100_000 + b"]" * 100_000 + b"\n")
+    peer.send(GOOD_STATS)
+    wait_for(lambda: node.stats.peer_detector_counts == (5, 6, 7, 8))
+    assert "JSON nested too deeply" in node.link.stats.last_error
+    assert peer.link.stats.connections == 1
+
+
 def test_deeply_nested_control_dropped_not_resent(high_node_and_fake_peer):
     from S15qkd.channel import FrameType
 
