@@ -193,6 +193,14 @@ def test_decompress_cli_matches_golden(case, epoch):
     assert ours == expected
 
 
+def test_decompress_cli_rejects_a_device():
+    # /dev/zero has no end, so reading it whole would never finish.
+    result = subprocess.run(_tool("qkd-decompress") + ["/dev/zero"], capture_output=True,
+                            text=True, timeout=20)
+    assert result.returncode == 1
+    assert "/dev/zero is not a regular file" in result.stderr
+
+
 def test_readers_agree_with_golden_events():
     root = golden_case("tiny")
     header, times, patterns = qkd_core.read_type1(root / "t1" / "00004f87")

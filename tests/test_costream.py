@@ -163,6 +163,17 @@ def test_numbers_parse_like_sscanf(tiny_copy, capsys):
     assert Path("log").read_text().startswith("00004f87\t")
 
 
+def test_negative_epoch_count_runs_to_the_end(tiny_copy, capsys):
+    """-q below 0 means no epoch limit, as in the reference (it stops only for n > 0)."""
+    base = ["-d", "t2", "-D", "t1", "-f", "rawkey.hec", "-F", "t4", "-e", "0x4f87", "-V", "1",
+            "--wait", "0.2"]
+    unlimited = costream_cli.main(base + ["-q", "0", "-n", "log0"])
+    negative = costream_cli.main(base + ["-q", "-1", "-n", "log1"])
+    assert negative == unlimited
+    assert Path("log1").read_text() == Path("log0").read_text()
+    assert "Traceback" not in capsys.readouterr().err
+
+
 def test_missing_type2_times_out(tiny_copy, capsys):
     os.remove("t2/00004f89")
     args = SERVER_STYLE + ["-q", "4", "--wait", "0.2"]

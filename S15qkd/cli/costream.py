@@ -100,6 +100,9 @@ def _parse(argv: list[str], debug) -> dict:
         elif char in DECIMAL_SETTINGS:
             name, code = DECIMAL_SETTINGS[char]
             kwargs[name] = c_int(value, f"-{char}", 256 - code)
+            if char == "q" and kwargs[name] < 0:
+                # The reference stops only when n > 0, so a negative count runs forever.
+                kwargs[name] = 0
         elif char == "r":
             raise ReferenceExit(
                 197, "option -r is not supported: the type-4 width starts at 8; use -R to adapt it"

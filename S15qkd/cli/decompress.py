@@ -14,6 +14,8 @@ data word. An invalid file gives a message on stderr and exit status 1, not a pa
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 
 
@@ -25,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     import qkd_core
 
     try:
+        # A device or pipe (/dev/zero, a FIFO) would be read without end.
+        if not stat.S_ISREG(os.stat(argv[0]).st_mode):
+            print(f"qkd-decompress: {argv[0]} is not a regular file; give the path of a "
+                  "type-2 epoch file", file=sys.stderr)
+            return 1
         listing = qkd_core.type2_listing(argv[0])
     except (OSError, qkd_core.FormatError) as exc:
         print(f"qkd-decompress: {exc}", file=sys.stderr)
