@@ -19,6 +19,11 @@ States (:class:`~S15qkd.status.EngineState`) and what moves between them:
   ``SERVICE_MODE``.
 - Stop (either side, or a fatal error such as a full keys folder) moves to
   ``ONLY_COMMUNICATION``, or ``OFF`` when the channel is down.
+- Losing the channel during a run moves to ``OFF`` with the reason, and the run pauses
+  (:meth:`Engine.suspend`): the workers keep their state, and changes they make while
+  the peer is unreachable are recorded in :attr:`Engine.mode`. When the channel resumes
+  the same link session, the engine returns to that state (:meth:`Engine.resume`); a
+  stop or a new session ends the paused run instead.
 
 Every change is logged with its reason and kept in :attr:`Engine.reason`, which the
 status page and ``qkdserver simulate`` show (for example why no key was made).
@@ -73,25 +78,82 @@ class Engine:
         self.since = time.time()
         self.history: list[tuple[float, str, str]] = []
         self._on_change = on_change
+        #: State of a run paused while the peer is unreachable; None when no run is paused.
+        self.suspended: EngineState | None = None
+
+    @property
+    def mode(self) -> EngineState:
+        """State of the key generation run: the paused state while the peer is unreachable."""
+        suspended = self.suspended
+        return suspended if suspended is not None else self.state
 
     def move(self, new: EngineState, reason: str) -> bool:
-        """Change to ``new`` with a reason; return False when already there."""
+        """Change to ``new`` with a reason; return False when already there.
+
+        While a run is paused, a move to a running state only updates the paused state,
+        and a move to OFF or ONLY_COMMUNICATION ends the paused run.
+        """
         with self._lock:
             old = self.state
-            if new not in TRANSITIONS[old]:
+            ends_pause = self.suspended is not None
+            if ends_pause and new in RUNNING_STATES:
+                return self._move_paused(new, reason)
+            self.suspended = None
+            if new not in TRANSITIONS[old] and not (ends_pause and new is old):
                 if new is old:
                     return False
                 raise TransitionError(f"engine cannot go from {old.value} to {new.value} ({reason})")
-            self.state = new
-            self.reason = reason
-            self.since = time.time()
-            self.history.append((self.since, new.value, reason))
-            del self.history[:-200]
-            self._lock.notify_all()
+            self._set(new, reason)
+        self._announce(old, new, reason)
+        return True
+
+    def _move_paused(self, new: EngineState, reason: str) -> bool:
+        paused = self.suspended
+        assert paused is not None
+        if new is paused:
+            return False
+        if new not in TRANSITIONS[paused]:
+            raise TransitionError(f"engine cannot go from {paused.value} to {new.value} ({reason})")
+        self.suspended = new
+        log.info("paused run moves from %s to %s while the peer is unreachable: %s",
+                 paused.value, new.value, reason)
+        return True
+
+    def suspend(self, reason: str) -> bool:
+        """Pause a running state: move to OFF and keep the state to return to."""
+        with self._lock:
+            old = self.state
+            if old not in RUNNING_STATES:
+                return False
+            self.suspended = old
+            self._set(S.OFF, reason)
+        self._announce(old, S.OFF, reason)
+        return True
+
+    def resume(self, reason: str) -> bool:
+        """Return from a pause to the paused state; return False when no run is paused."""
+        with self._lock:
+            new, old = self.suspended, self.state
+            if new is None:
+                return False
+            self.suspended = None
+            self._set(new, reason)
+        self._announce(old, new, reason)
+        return True
+
+    def _set(self, new: EngineState, reason: str) -> None:
+        # Called with the lock held.
+        self.state = new
+        self.reason = reason
+        self.since = time.time()
+        self.history.append((self.since, new.value, reason))
+        del self.history[:-200]
+        self._lock.notify_all()
+
+    def _announce(self, old: EngineState, new: EngineState, reason: str) -> None:
         log.info("engine state %s -> %s: %s", old.value, new.value, reason)
         if self._on_change is not None:
             self._on_change(old, new, reason)
-        return True
 
     def note(self, reason: str) -> None:
         """Record why the engine stays in its state (for example a QBER above threshold)."""

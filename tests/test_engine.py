@@ -51,6 +51,47 @@ def test_engine_note_keeps_state():
     assert engine.move(S.ONLY_COMMUNICATION, "again") is False
 
 
+def running_engine() -> Engine:
+    engine = Engine()
+    for state in (S.ONLY_COMMUNICATION, S.INITIATING, S.PEAK_FINDING, S.SERVICE_MODE):
+        engine.move(state, "setup")
+    return engine
+
+
+def test_engine_pause_and_resume():
+    engine = running_engine()
+    assert engine.suspend("channel to the peer lost (timed out)")
+    assert engine.state is S.OFF
+    assert "peer lost" in engine.reason
+    # A worker's change while paused is kept for the paused run, not shown.
+    assert engine.move(S.KEY_GENERATION, "service QBER low")
+    assert engine.state is S.OFF
+    assert engine.mode is S.KEY_GENERATION
+    assert engine.resume("channel reconnected")
+    assert engine.state is S.KEY_GENERATION
+    assert engine.suspended is None
+    assert engine.resume("again") is False
+
+
+def test_engine_stop_ends_pause():
+    engine = running_engine()
+    engine.suspend("channel to the peer lost")
+    assert engine.move(S.OFF, "new link session")
+    assert engine.suspended is None
+    assert engine.state is S.OFF
+    assert engine.reason == "new link session"
+    assert engine.resume("channel reconnected") is False
+
+
+def test_engine_pause_checks_transitions():
+    engine = running_engine()
+    engine.move(S.PEAK_FINDING, "lock lost")
+    engine.suspend("channel to the peer lost")
+    with pytest.raises(TransitionError):
+        engine.move(S.KEY_GENERATION, "skips service mode")
+    assert engine.mode is S.PEAK_FINDING
+
+
 def test_servo_single_block_bound():
     servo = QberServo(limit=0.1, blocks=3, default=0.06)
     assert servo.servoed == 0.06
