@@ -8,10 +8,16 @@ the block's outcome.
 
 Release of a final key, once both reconciliation sessions report a verified key:
 
-1. each side stages the type-7 file (:meth:`KeyStore.stage`) and sends ``key_staged``
-   with ``ok`` true, or false and the reason (for example a full keys folder);
-2. each side releases (:meth:`KeyStore.commit`) only when both report ``ok``, and
-   discards its staged file otherwise; a failed stage also stops key generation.
+1. each side stages the type-7 file (:meth:`KeyStore.stage`); the high-count side sends
+   ``key_staged`` with ``ok`` true, or false and the reason (for example a full keys
+   folder);
+2. the low-count side decides: release when both keys are staged, drop otherwise, and
+   :mod:`S15qkd.release` carries the decision out on both sides. A failed stage also
+   stops key generation.
+
+A block that hears nothing from the peer for ``block_timeout_s`` seconds is discarded on
+both sides: the reconciliation engine's abort message tells the peer, and a key the
+low-count side staged already is dropped.
 
 Peer messages of reconciliation travel in RECONCILE frames: one line of JSON (run id,
 block id = first epoch, kind) and the reconciliation message bytes after it. Kind
@@ -24,8 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
 
 import numpy as np
@@ -98,6 +105,7 @@ class Block:
     epochs: list[int]
     raw_bits: int
     started: float
+    last_activity: float = field(default_factory=time.monotonic)   # monotonic seconds
     final: Optional[FinalKey] = None
     own_ok: Optional[bool] = None
     peer_ok: Optional[bool] = None
@@ -120,6 +128,8 @@ class BlockManager:
         self.window_epochs: list[int] = []
         self.held: list[tuple[int, np.ndarray]] = []        # raw key waiting for a decision
         self._reconciler: "stages.Reconciler | None" = None
+        self._timer: Optional[threading.Thread] = None
+        self.replayed: Optional[tuple[int, int]] = None     # first and last replayed epoch
 
     # ---- dispatch -----------------------------------------------------------------------
 
@@ -135,13 +145,18 @@ class BlockManager:
             self.on_reconcile(item[1], item[2])
         elif kind == "key_staged":
             self.on_key_staged(item[1])
+        elif kind == "check_timeouts":
+            self.check_timeouts()
         else:
             raise ValueError(f"unknown error-correction work item {kind!r}")
 
     # ---- service mode -------------------------------------------------------------------
 
     def on_raw_key(self, epoch: int, bits: np.ndarray) -> None:
-        state = self.node.engine.state
+        if epoch < self.node.keystore.next_unused_epoch:
+            self.skip_replayed(epoch)
+            return
+        state = self.node.engine.mode
         if state is S.KEY_GENERATION:
             if self.config["error_correction"]:
                 self.collect(epoch, bits)
@@ -153,6 +168,20 @@ class BlockManager:
             # otherwise be disclosed before the first result comes back.
             self.held.append((epoch, bits))
             self.disclose_held()
+
+    def skip_replayed(self, epoch: int) -> None:
+        """Skip a raw key epoch that an earlier run used, logging once per run.
+
+        A source that restarts from its beginning (a simulator without
+        source.start_time, a replayed event file) delivers epochs used before.
+        """
+        if self.replayed is None:
+            log.warning("raw key epoch %08x and later ones up to %08x were used by an earlier run "
+                        "(the event source replays its epochs); skipping them", epoch,
+                        self.node.keystore.next_unused_epoch - 1)
+            self.replayed = (epoch, epoch)
+        else:
+            self.replayed = (self.replayed[0], epoch)
 
     def disclose_held(self) -> None:
         """Disclose held epochs until the current window is full."""
@@ -221,7 +250,7 @@ class BlockManager:
         self.pipeline.send_epoch_stats()
         self.node.progress("service", epochs=window, qber=qber, bits=total_bits)
         threshold = self.config["QBER_threshold"]
-        if self.node.engine.state is S.SERVICE_MODE and qber <= threshold:
+        if self.node.engine.mode is S.SERVICE_MODE and qber <= threshold:
             self.node.set_mode(S.KEY_GENERATION, f"service QBER {qber:.4f} at or below "
                                                  f"QBER_threshold {threshold}")
             held, self.held = self.held, []
@@ -263,27 +292,41 @@ class BlockManager:
             log.error("block %08x not started: %s", block_id, error)
             return
         self.blocks[block_id] = Block(block_id, epochs, int(len(key)), time.time())
+        self.start_timer()
         log.info("block %08x started: %d epochs, %d raw bits", block_id, len(epochs), len(key))
         self.send(block_id, "start", epochs=epochs, bits=int(len(key)))
         self.handle_step(self.reconciler.start_block(block_id, key))
 
     def on_reconcile(self, header: dict, body: bytes) -> None:
         block_id, kind = header["block"], header.get("kind")
+        block = self.blocks.get(block_id)
+        if block is not None:
+            block.last_activity = time.monotonic()
         if kind == "start":
             self.accept_block(block_id, header)
         elif kind == "abort":
-            log.error("block %08x aborted by the peer: %s", block_id, header.get("reason", ""))
-            if block_id in self.blocks:
-                self.handle_step(self.reconciler.abort_block(block_id, header.get("reason", "")))
+            self.on_abort(block_id, header.get("reason", ""))
         else:
             try:
                 step = self.reconciler.handle_message(block_id, body)
             except stages.ReconcileError as error:
                 # A late message of a block that already ended here, for example after
-                # an abort: nothing to do with it.
+                # an abort or a timeout: nothing to do with it.
                 log.warning("reconciliation message of block %08x dropped: %s", block_id, error)
                 return
             self.handle_step(step)
+
+    def on_abort(self, block_id: int, reason: str) -> None:
+        """Handle the peer's refusal of a block: it could not join it or gave up on it."""
+        log.error("block %08x aborted by the peer: %s", block_id, reason)
+        block = self.blocks.get(block_id)
+        if block is None:
+            return
+        if block.final is not None:
+            self.blocks.pop(block_id)
+            self.node.release.drop(block_id, f"aborted by the peer: {reason}")
+            return
+        self.handle_step(self.reconciler.abort_block(block_id, reason))
 
     def accept_block(self, block_id: int, header: dict) -> None:
         """High-count side: join a block the peer opened, with the own raw key of its epochs."""
@@ -307,6 +350,7 @@ class BlockManager:
             self.send(block_id, "abort", reason=reason)
             return
         self.blocks[block_id] = Block(block_id, epochs, int(len(key)), time.time())
+        self.start_timer()
         self.handle_step(self.reconciler.start_block(block_id, key))
 
     def send(self, block_id: int, kind: str, body: bytes = b"", **fields) -> None:
@@ -330,47 +374,62 @@ class BlockManager:
         final = FinalKey(block.block_id, block.epochs[-1] - block.epochs[0] + 1,
                          int(len(outcome.final_bits)), pack_key_bits(outcome.final_bits))
         block.final = final
+        block.last_activity = time.monotonic()
         seconds = final.epochs * stages.EPOCH_SECONDS
         block.record = BlockRecord(block.block_id, final.epochs, block.raw_bits, outcome.qber,
                                    outcome.leaked_bits, outcome.efficiency, final.bits,
                                    final.bits / seconds, time.time())
+        store_error = ""
         try:
             self.node.keystore.stage(final)
-            block.own_ok = True
-            reason = ""
         except KeyStoreError as error:
-            block.own_ok = False
-            reason = str(error)
-            log.error("block %08x: %s", block.block_id, reason)
-        self.node.send_control({"msg": "key_staged", "block": block.block_id,
-                                "ok": block.own_ok, "reason": reason})
-        self.settle(block)
-        if reason:
-            self.node.fatal(f"final key {block.block_id:08x} not stored: {reason}")
+            store_error = str(error)
+            log.error("block %08x: %s", block.block_id, store_error)
+        staged = not store_error and self.node.release.staged(block.block_id, block.record)
+        reason = store_error or ("" if staged else "the block was dropped before")
+        if self.initiator:
+            block.own_ok = staged
+            if staged:
+                self.settle(block)
+            else:
+                self.blocks.pop(block.block_id)
+                self.node.release.drop(block.block_id, reason)
+        else:
+            # From here on the low-count side decides; this side waits for its decision.
+            self.blocks.pop(block.block_id)
+            self.node.send_control({"msg": "key_staged", "block": block.block_id,
+                                    "ok": staged, "reason": reason})
+        if store_error:
+            self.node.fatal(f"final key {block.block_id:08x} not stored: {store_error}")
 
     def on_key_staged(self, message: dict) -> None:
-        block = self.blocks.get(int(message["block"]))
+        """Low-count side: the peer staged its key of a block, or could not."""
+        block_id = int(message["block"])
+        block = self.blocks.get(block_id)
+        if not message["ok"]:
+            log.error("block %08x: peer could not store its final key: %s", block_id,
+                      message.get("reason", ""))
         if block is None:
-            log.warning("key_staged for unknown block %08x dropped", int(message["block"]))
+            # The block ended here already (timeout or failure) and was dropped.
+            log.warning("key_staged for block %08x, which is no longer open here", block_id)
+            self.node.release.drop(block_id, "the block ended on this side before the peer "
+                                             "staged its key")
             return
         block.peer_ok = bool(message["ok"])
+        block.last_activity = time.monotonic()
         if not block.peer_ok:
-            log.error("block %08x: peer could not store its final key: %s", block.block_id,
-                      message.get("reason", ""))
+            self.blocks.pop(block_id)
+            self.node.release.drop(block_id, "the peer could not store its final key")
+            return
         self.settle(block)
 
     def settle(self, block: Block) -> None:
-        if block.own_ok is None or block.peer_ok is None:
+        """Low-count side: release a block once both sides staged its key."""
+        if not (block.own_ok and block.peer_ok):
             return
         del self.blocks[block.block_id]
-        if block.own_ok and block.peer_ok:
-            self.node.keystore.commit(block.block_id)
-            self.node.record_block(block.record)
+        if self.node.release.release(block.block_id):
             self.after_block(block.record.qber)
-        else:
-            self.node.keystore.discard(block.block_id)
-            log.error("block %08x discarded on both sides: a final key could not be stored",
-                      block.block_id)
 
     def finish_failed(self, block: Block, outcome: "stages.BlockResult") -> None:
         self.blocks.pop(block.block_id, None)
@@ -383,5 +442,42 @@ class BlockManager:
         if not self.initiator:
             return
         reason = self.pipeline.servo.add(qber)
-        if reason and self.node.engine.state is S.KEY_GENERATION:
+        if reason and self.node.engine.mode is S.KEY_GENERATION:
             self.node.set_mode(S.SERVICE_MODE, reason)
+
+    # ---- timeouts -----------------------------------------------------------------------
+
+    def start_timer(self) -> None:
+        """Start the thread that asks the worker to check block timeouts (once per run)."""
+        if self._timer is not None:
+            return
+        limit = self.config["block_timeout_s"]
+        stopping, worker = self.pipeline.stopping, self.pipeline.ec_worker
+
+        def tick() -> None:
+            # The check runs on the error-correction worker, which owns the blocks.
+            while not stopping.wait(min(limit / 4, 1.0)):
+                worker.put(("check_timeouts",))
+
+        self._timer = threading.Thread(target=tick, name="block-timeouts", daemon=True)
+        self._timer.start()
+
+    def check_timeouts(self) -> None:
+        """Discard every block that heard nothing from the peer for block_timeout_s."""
+        limit = self.config["block_timeout_s"]
+        now = time.monotonic()
+        for block in [b for b in self.blocks.values() if now - b.last_activity > limit]:
+            reason = f"timed out: no reply from the peer for {limit:g} s (block_timeout_s)"
+            self.blocks.pop(block.block_id)
+            log.error("block %08x discarded: %s", block.block_id, reason)
+            self.node.progress("block_failed", block=block.block_id, reason=reason)
+            # The abort header ends the block at the peer, or drops its staged key there.
+            self.send(block.block_id, "abort", reason=reason)
+            if block.final is not None:
+                # Only the low-count side keeps a block after its key is staged.
+                self.node.release.drop(block.block_id, reason)
+                continue
+            try:
+                self.reconciler.abort_block(block.block_id, reason)
+            except stages.ReconcileError as error:
+                log.warning("block %08x: %s", block.block_id, error)

@@ -153,6 +153,9 @@ SCHEMA: dict[str, Option] = {
                               "longest wait between reconnection attempts"),
     "reply_timeout_s": Option(10.0, _number_range(0.5, 600.0), "a number of seconds, 0.5 to 600",
                               "how long a start request waits for the peer's reply"),
+    "block_timeout_s": Option(60.0, _number_range(1.0, 3600.0), "a number of seconds, 1 to 3600",
+                              "how long a reconciliation block waits for the peer's next message "
+                              "before both nodes discard it"),
     # Folders.
     "data_root": Option("/tmp/cryptostuff", _is_path, "a folder path, on one line and not empty",
                         "working folder: epoch files, channel outbox, node state"),

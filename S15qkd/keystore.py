@@ -1,12 +1,13 @@
 """Final keys on disk: type-7 files, the key manager's notifications, used epochs.
 
-A final key is released in two steps so that a node never holds a key its peer lacks
-because of a local write failure: :meth:`KeyStore.stage` writes the complete file into
-``<final_key_folder>/.staging`` (temporary name, fsync, rename), and only when both nodes
-report a staged key does :meth:`KeyStore.commit` rename it to ``<final_key_folder>/<epoch>``
-(8 lowercase hex digits) and notify. A failed stage (for example a full disk) is reported
-to the peer, and both sides discard the block. Staged files left by a crash are removed
-at start-up, never released.
+A final key is released in two phases so that the two nodes release the same keys:
+:meth:`KeyStore.stage` writes the complete file into ``<final_key_folder>/.staging``
+(temporary name, fsync, rename), and :meth:`KeyStore.commit` renames it to
+``<final_key_folder>/<epoch>`` (8 lowercase hex digits) and notifies. Which staged key
+is committed and which is discarded is decided between the nodes by
+:mod:`S15qkd.release`; this module only keeps the files and the decisions on disk.
+At start-up, temporary files of an interrupted write are removed from the staging
+folder, and staged keys are kept until the two nodes settle them.
 
 File layout (type 7, little-endian): i32 tag 7, u32 start epoch, u32 number of epochs,
 i32 number of key bits, then the key packed into 32-bit words, first bit in the most
@@ -20,9 +21,10 @@ alternates with every notified key, so the two nodes file each key into opposite
 one-way ledgers. The count of lines already in ``notified`` continues the alternation
 after a restart.
 
-Used epochs: ``state.json`` records the first epoch not yet consumed by a block, so an
-epoch that went into a block (released, discarded or failed) is never used again, also
-across restarts.
+Node state: ``keystore_state.json`` in the state folder records the first epoch not yet
+consumed by a block, so an epoch that went into a block (released, discarded or failed)
+is never used again, also across restarts. On the low-count side it also lists the
+blocks whose release was decided but not yet confirmed by the peer (``releasing``).
 """
 
 from __future__ import annotations
@@ -142,7 +144,7 @@ class KeyStore:
         self.staging.mkdir(exist_ok=True)
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         self._make_notify_pipe()
-        self._drop_stale_staging()
+        self._remove_partial_staging()
         self._state = self._read_state()
         self._notified_count = self._count_notified()
         self.released_keys = 0
@@ -166,12 +168,16 @@ class KeyStore:
                     f"epoch {start_epoch:08x} was already used in a block (next unused epoch "
                     f"{self._state['next_unused_epoch']:08x}); refusing to use it twice")
             self._state["next_unused_epoch"] = start_epoch + epochs
-            write_atomic(self.state_path, json.dumps(self._state).encode(), mode=0o644)
+            self._write_state()
 
     def _read_state(self) -> dict:
         try:
             state = json.loads(self.state_path.read_text())
             if isinstance(state.get("next_unused_epoch"), int):
+                releasing = state.get("releasing", [])
+                if not (isinstance(releasing, list) and all(isinstance(b, int) for b in releasing)):
+                    raise ValueError(f"releasing must be a list of block ids, got {releasing!r}")
+                state["releasing"] = releasing
                 return state
             log.error("keystore state %s has no next_unused_epoch; starting from 0", self.state_path)
         except FileNotFoundError:
@@ -179,7 +185,32 @@ class KeyStore:
         except (OSError, ValueError) as error:
             raise KeyStoreError(f"cannot read keystore state {self.state_path}: {error}; "
                                 "fix or remove the file (removing it allows old epochs again)") from None
-        return {"next_unused_epoch": 0}
+        return {"next_unused_epoch": 0, "releasing": []}
+
+    def _write_state(self) -> None:
+        write_atomic(self.state_path, json.dumps(self._state).encode(), mode=0o644)
+
+    # ---- release decisions (low-count side) ---------------------------------------------
+
+    @property
+    def releasing(self) -> list[int]:
+        """Blocks whose release was decided here and not yet confirmed by the peer."""
+        with self._lock:
+            return list(self._state["releasing"])
+
+    def mark_releasing(self, block_id: int) -> None:
+        """Record on disk that block_id will be released on both sides."""
+        with self._lock:
+            if block_id not in self._state["releasing"]:
+                self._state["releasing"].append(block_id)
+                self._write_state()
+
+    def mark_released(self, block_id: int) -> None:
+        """Forget a release decision once the peer confirmed that it released the key."""
+        with self._lock:
+            if block_id in self._state["releasing"]:
+                self._state["releasing"].remove(block_id)
+                self._write_state()
 
     # ---- staging and release ------------------------------------------------------------
 
@@ -192,12 +223,21 @@ class KeyStore:
             reason = "keys folder full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror
             raise KeyStoreError(f"cannot stage final key {path.name} in {self.staging}: {reason}") from None
 
-    def discard(self, start_epoch: int) -> None:
-        """Remove a staged key that will not be released."""
+    def discard(self, start_epoch: int) -> bool:
+        """Remove a staged key that will not be released; return False if none was staged."""
         try:
             (self.staging / f"{start_epoch:08x}").unlink()
         except FileNotFoundError:
-            pass
+            return False
+        return True
+
+    def is_staged(self, start_epoch: int) -> bool:
+        return (self.staging / f"{start_epoch:08x}").is_file()
+
+    def staged_keys(self) -> list[int]:
+        """Return the start epochs of the staged keys, in order."""
+        return sorted(int(path.name, 16) for path in self.staging.iterdir()
+                      if len(path.name) == 8 and _is_hex(path.name))
 
     def commit(self, start_epoch: int) -> Path:
         """Release a staged key: move it into the keys folder and notify the key manager."""
@@ -227,10 +267,17 @@ class KeyStore:
                 result[path.name] = path.read_bytes()
         return result
 
-    def _drop_stale_staging(self) -> None:
+    def _remove_partial_staging(self) -> None:
+        # Staged keys stay until the nodes settle them; anything else in the staging
+        # folder is a temporary file of a write that a crash interrupted.
         for path in self.staging.iterdir():
-            log.warning("removing staged key %s left by an earlier run; it was never released",
-                        path.name)
+            if len(path.name) == 8 and _is_hex(path.name):
+                continue
+            log.warning("removing %s from %s: a key write interrupted by a crash", path.name,
+                        self.staging)
+            if path.is_dir():
+                log.error("%s is a folder; remove it by hand", path)
+                continue
             path.unlink()
 
     # ---- notifications ------------------------------------------------------------------
@@ -262,10 +309,15 @@ class KeyStore:
         else:
             line = f"{name}\n"
         self._notified_count += 1
-        with open(self.notified_path, "a", encoding="ascii") as file:
-            file.write(line)
-            file.flush()
-            os.fsync(file.fileno())
+        # The key is released at this point; a failed notification must not undo that.
+        try:
+            with open(self.notified_path, "a", encoding="ascii") as file:
+                file.write(line)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as error:
+            log.error("final key %s released, but its line could not be added to %s: %s",
+                      name, self.notified_path, error.strerror)
         # The pipe is written only while a key manager holds it open, so a missing reader
         # never blocks key release; `notified` keeps every line for replay.
         try:

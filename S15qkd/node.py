@@ -16,7 +16,7 @@ lock_lost       high -> low  clock lock lost, back to peak finding
 mode            low -> high  service mode or key generation decided (``state``, ``reason``)
 service_bits    low -> high  disclosed raw key of one epoch (service QBER)
 service_result  high -> low  errors counted in a disclosed epoch
-key_staged      either       final key of block ``block`` stored (``ok``) or not
+key_staged      high -> low  final key of block ``block`` staged (``ok``) or not
 epoch_stats     either       figures of one epoch for the peer's status page: detector
                              counts; from the high-count side also coincidences,
                              accidentals, tracked offset, histogram, QBER per basis; from
@@ -24,9 +24,12 @@ epoch_stats     either       figures of one epoch for the peer's status page: de
 ==============  ===========  ==============================================================
 
 Every message after ``st2`` carries the run id; messages and files of another run are
-dropped. When the channel starts a new link session because a node restarted, a running
-key generation stops (its in-flight blocks are lost on the restarted side) and, with
-auto start, the high-count side starts a new run.
+dropped. The messages that release final keys (:mod:`S15qkd.release`) belong to no run.
+When the channel starts a new link session because a node restarted, the two nodes
+settle their staged keys first, then a running key generation stops (its in-flight
+blocks are lost on the restarted side) and, with auto start, the high-count side starts
+a new run. While the channel is down, a run pauses and the engine shows ``OFF`` with
+the reason; it continues when the channel resumes the same session.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from .keystore import KeyStore, write_atomic
 from .peer_fields import (DETECTORS, MAX_PEER_COUNT, peer_epoch, peer_int, peer_list,
                           peer_qber, shown)
 from .pipeline import BASIS_NAMES, HighPipeline, LowPipeline, Pipeline
+from .release import RELEASE_MESSAGES, KeyRelease
 from .stages import HISTOGRAM_FIRST_TICK
 from .status import (HISTORY_LENGTH, BlockRecord, CoincidenceHistogram, ConfigProblem, ConfigRejected, ConfigSaveResult,
                      ControlError, DetectorStatus, EngineState, ErrorCorrectionStatus, KeyProtocol,
@@ -181,6 +185,7 @@ class Node:
         self.watchdog = Watchdog(self.data_root / "watchdog.log", on_give_up=self._on_give_up)
         self.engine = Engine(on_change=self._on_engine_change)
         self.stats = LiveStats()
+        self.release = KeyRelease(self, self.keystore, coordinator=self.role == "low")
         self.pipeline: Optional[Pipeline] = None
         self.run = 0
         self.stop_reason = ""
@@ -188,6 +193,7 @@ class Node:
         self._start_timer: Optional[threading.Timer] = None
         self._start_attempts = 0
         self._closed = False
+        self._link_was_reset = False   # the current connection started a new link session
         self.link = self._make_link(config)
 
     # ---- life cycle ---------------------------------------------------------------------
@@ -221,9 +227,16 @@ class Node:
         self.link.start()
 
     def close(self) -> None:
+        """Stop the run on both sides, settle the staged keys with the peer, then stop."""
         self._closed = True
         self._cancel_start_timer()
+        connected = self.link.state is LinkState.CONNECTED
+        if connected and self.pipeline is not None:
+            name = self.config["identity"] or f"{self.role}-count node"
+            self.send_control({"msg": "stop", "reason": f"{name} shut down"})
         self._stop_pipeline("node shut down")
+        if connected:
+            self.release.settle_at_close(min(self.config["reply_timeout_s"], 5.0))
         self.link.stop()
         self.watchdog.close()
         self.watchdog.record("node stopped")
@@ -337,6 +350,9 @@ class Node:
             reason = f"peer stopped key generation: {message.get('reason', 'no reason given')}"
             self._in_thread(lambda: self._stop_local(reason))
             return
+        if kind in RELEASE_MESSAGES:
+            self.release.on_message(message)
+            return
         if message.get("run") != self.run:
             log.debug("control message %s of run %s dropped (current run %d)", kind,
                       message.get("run"), self.run)
@@ -363,14 +379,27 @@ class Node:
             pipeline.on_control(message)
 
     def _on_link_state(self, state: LinkState) -> None:
+        engine = self.engine
         if state is LinkState.CONNECTED:
-            if self.engine.state is S.OFF:
-                self.engine.move(S.ONLY_COMMUNICATION, "channel to the peer connected")
+            if engine.suspended is not None and not self._link_was_reset:
+                engine.resume(f"channel to the peer reconnected; run {self.run} continues")
+            elif engine.state is S.OFF and engine.suspended is None:
+                engine.move(S.ONLY_COMMUNICATION, "channel to the peer connected")
+            # After a new session, the stop of the old run ends the pause instead.
+            self._link_was_reset = False
             self._maybe_auto_start()
-        elif state is LinkState.DISCONNECTED and self.engine.state is S.ONLY_COMMUNICATION:
-            self.engine.move(S.OFF, f"channel lost: {self.link.stats.last_error}")
+        elif state is LinkState.DISCONNECTED:
+            error = self.link.stats.last_error or "connection closed"
+            if engine.state is S.ONLY_COMMUNICATION:
+                engine.move(S.OFF, f"channel lost: {error}")
+            elif engine.running and not self._closed:
+                engine.suspend(f"channel to the peer lost ({error}); run {self.run} paused "
+                               "until it reconnects")
 
     def _on_link_reset(self, reason: str) -> None:
+        self._link_was_reset = True
+        # Sent before anything of a new run, so staged keys are settled before new blocks.
+        self.release.on_new_session()
         if self.pipeline is not None:
             self._in_thread(lambda: self._stop_local(f"new link session ({reason})", restart=True))
 
@@ -461,7 +490,9 @@ class Node:
             self.stop_reason = reason
             connected = self.link.state is LinkState.CONNECTED
             target = S.ONLY_COMMUNICATION if connected else S.OFF
-            if self.engine.state is not target and (self.engine.state is not S.OFF or connected):
+            paused = self.engine.suspended is not None
+            if paused or (self.engine.state is not target
+                          and (self.engine.state is not S.OFF or connected)):
                 self.engine.move(target, reason)
             else:
                 self.engine.note(reason)
@@ -485,6 +516,7 @@ class Node:
         if pipeline is not None:
             pipeline.stop()
             self.watchdog.record(f"run {pipeline.run} stopped: {reason}")
+            self.release.after_run_stopped()
 
     def fatal(self, reason: str) -> None:
         """Stop key generation on both sides because of an error this node cannot fix."""

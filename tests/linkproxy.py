@@ -1,4 +1,4 @@
-"""A TCP relay between two nodes that can cut the link or flip a byte, for fault tests."""
+"""A TCP relay between two nodes that can cut or pause the link or flip a byte, for fault tests."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import threading
 
 
 class LinkProxy:
-    """Relay 127.0.0.1:<port> to an upstream port; ``cut()`` drops and refuses connections."""
+    """Relay 127.0.0.1:<port> to an upstream port.
+
+    ``cut()`` drops and refuses connections; ``pause()`` keeps them open but forwards
+    nothing, like a peer that stops responding, until ``resume()``.
+    """
 
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
@@ -18,6 +22,8 @@ class LinkProxy:
         self._cut = False
         self._flip_at: int | None = None   # byte offset (client to server) to corrupt
         self._forwarded = 0
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.connections = 0
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
@@ -32,6 +38,14 @@ class LinkProxy:
         with self._lock:
             self._cut = False
 
+    def pause(self) -> None:
+        """Hold every byte in both directions; the connections stay open."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Forward the held bytes and everything after them."""
+        self._flowing.set()
+
     def corrupt_after(self, count: int) -> None:
         """Flip one bit of the client-to-server stream ``count`` bytes from now."""
         with self._lock:
@@ -39,6 +53,7 @@ class LinkProxy:
 
     def close(self) -> None:
         self.cut()
+        self.resume()
         _close(self._listener)
 
     def _accept_loop(self) -> None:
@@ -74,6 +89,7 @@ class LinkProxy:
                 _close(source)
                 _close(target)
                 return
+            self._flowing.wait()
             if client_to_server:
                 data = self._maybe_corrupt(data)
             try:

@@ -89,12 +89,35 @@ def test_epochs_are_never_used_twice(tmp_path):
         restarted.consume_epochs(103, 2)
 
 
-def test_stale_staged_key_is_dropped_at_start(tmp_path):
+def test_staged_key_kept_at_start(tmp_path):
     store = KeyStore(tmp_path / "keys", tmp_path / "state")
     store.stage(make_key(start=7))
-    KeyStore(tmp_path / "keys", tmp_path / "state")
-    assert not list((tmp_path / "keys" / ".staging").iterdir())
-    assert store.keys() == {}
+    partial = store.staging / ".00000008.tmp"
+    partial.write_bytes(b"\x07\x00")
+    again = KeyStore(tmp_path / "keys", tmp_path / "state")
+    # The staged key waits for the two nodes to settle it; the partial write goes.
+    assert again.staged_keys() == [7]
+    assert not partial.exists()
+    assert again.keys() == {}
+
+
+def test_release_decisions_survive_restart(tmp_path):
+    store = KeyStore(tmp_path / "keys", tmp_path / "state")
+    store.consume_epochs(0x40, 8)
+    store.mark_releasing(0x40)
+    store.mark_releasing(0x44)
+    store.mark_released(0x40)
+    again = KeyStore(tmp_path / "keys", tmp_path / "state")
+    assert again.releasing == [0x44]
+    assert again.next_unused_epoch == 0x48
+
+
+def test_invalid_release_state_names_file(tmp_path):
+    state = tmp_path / "state" / "keystore_state.json"
+    state.parent.mkdir()
+    state.write_text('{"next_unused_epoch": 5, "releasing": "all"}')
+    with pytest.raises(KeyStoreError, match="keystore_state.json.*releasing"):
+        KeyStore(tmp_path / "keys", tmp_path / "state")
 
 
 def test_full_disk_leaves_no_partial_file(tmp_path):
