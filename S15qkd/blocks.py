@@ -15,9 +15,9 @@ Release of a final key, once both reconciliation sessions report a verified key:
    :mod:`S15qkd.release` carries the decision out on both sides. A failed stage also
    stops key generation.
 
-A block that hears nothing from the peer for ``block_timeout_s`` seconds is discarded on
-both sides: the reconciliation engine's abort message tells the peer, and a key the
-low-count side staged already is dropped.
+A block that receives nothing from the peer for ``block_timeout_s`` seconds is discarded
+on both sides: an ``abort`` message tells the peer, and a key that the low-count side
+staged already is dropped.
 
 Peer messages of reconciliation travel in RECONCILE frames: one line of JSON (run id,
 block id = first epoch, kind) and the reconciliation message bytes after it. Kind
@@ -129,7 +129,7 @@ class BlockManager:
         self.held: list[tuple[int, np.ndarray]] = []        # raw key waiting for a decision
         self._reconciler: "stages.Reconciler | None" = None
         self._timer: Optional[threading.Thread] = None
-        self.replayed: Optional[tuple[int, int]] = None     # first and last replayed epoch
+        self.replay_logged = False                          # skip_replayed logged this run
 
     # ---- dispatch -----------------------------------------------------------------------
 
@@ -175,13 +175,11 @@ class BlockManager:
         A source that restarts from its beginning (a simulator without
         source.start_time, a replayed event file) delivers epochs used before.
         """
-        if self.replayed is None:
+        if not self.replay_logged:
+            self.replay_logged = True
             log.warning("raw key epoch %08x and later ones up to %08x were used by an earlier run "
                         "(the event source replays its epochs); skipping them", epoch,
                         self.node.keystore.next_unused_epoch - 1)
-            self.replayed = (epoch, epoch)
-        else:
-            self.replayed = (self.replayed[0], epoch)
 
     def disclose_held(self) -> None:
         """Disclose held epochs until the current window is full."""

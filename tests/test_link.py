@@ -404,16 +404,18 @@ def write_node_config(path: Path, config: Config) -> Path:
 
 
 @needs_keys
-def test_kill_and_restart_node(tmp_path):
+@pytest.mark.parametrize("killed", ["low", "high"])
+def test_kill_and_restart_node(tmp_path, killed):
     args = simulate_args(tmp_path)
     high_config, low_config = node_configs(tmp_path, args)
     source = {"source": {"real_time": True, "epochs": 0, "start_time": time.time()}}
     high_config.update(source)
     low_config.update(source)
-    high_file = write_node_config(tmp_path / "high.json", high_config)
-    low_file = write_node_config(tmp_path / "low.json", low_config)
+    files = {"high": write_node_config(tmp_path / "high.json", high_config),
+             "low": write_node_config(tmp_path / "low.json", low_config)}
     command = [sys.executable, "-m", "S15qkd.cli.main", "node", "--start", "--config"]
     high_keys, low_keys = tmp_path / "high" / "keys", tmp_path / "low" / "keys"
+    survivor = "high" if killed == "low" else "low"
 
     def key_count(folder: Path) -> int:
         if not folder.exists():
@@ -428,25 +430,25 @@ def test_kill_and_restart_node(tmp_path):
             time.sleep(0.2)
         return False
 
-    high = subprocess.Popen(command + [str(high_file)])
-    low = subprocess.Popen(command + [str(low_file)])
+    processes = {role: subprocess.Popen(command + [str(files[role])]) for role in ("high", "low")}
     try:
         assert wait_for(1)
-        low.send_signal(signal.SIGKILL)
-        low.wait()
-        used_before = KeyStore(low_keys, tmp_path / "low" / "data").next_unused_epoch
-        killed_count = key_count(low_keys)
+        processes[killed].send_signal(signal.SIGKILL)
+        processes[killed].wait()
+        killed_keys = tmp_path / killed / "keys"
+        used_before = KeyStore(killed_keys, tmp_path / killed / "data").next_unused_epoch
+        killed_count = key_count(killed_keys)
         time.sleep(1.0)
-        low = subprocess.Popen(command + [str(low_file)])
+        processes[killed] = subprocess.Popen(command + [str(files[killed])])
         assert wait_for(killed_count + 2)
     finally:
-        for process in (high, low):
+        for process in processes.values():
             process.send_signal(signal.SIGTERM)
-        for process in (high, low):
+        for process in processes.values():
             process.wait(timeout=20)
     keys = assert_keystores_agree(high_keys, low_keys)
     assert_nothing_staged(high_keys, low_keys)
     after_restart = [name for name in keys if int(name, 16) >= used_before]
     assert after_restart, "no key from epochs after the restart"
-    watchdog_log = (tmp_path / "high" / "data" / "watchdog.log").read_text()
+    watchdog_log = (tmp_path / survivor / "data" / "watchdog.log").read_text()
     assert "the peer restarted" in watchdog_log
