@@ -16,8 +16,8 @@ Release of a final key, once both reconciliation sessions report a verified key:
    stops key generation.
 
 A block that receives nothing from the peer for ``block_timeout_s`` seconds is discarded
-on both sides: an ``abort`` message tells the peer, and a key that the low-count side
-staged already is dropped.
+on both sides: an ``abort`` message ends it at the peer, and a key that the low-count
+side staged already is dropped.
 
 Peer messages of reconciliation travel in RECONCILE frames: one line of JSON (run id,
 block id = first epoch, kind) and the reconciliation message bytes after it. Kind
@@ -446,7 +446,7 @@ class BlockManager:
     # ---- timeouts -----------------------------------------------------------------------
 
     def start_timer(self) -> None:
-        """Start the thread that asks the worker to check block timeouts (once per run)."""
+        """Start the thread that queues a timeout check on the worker (once per run)."""
         if self._timer is not None:
             return
         limit = self.config["block_timeout_s"]
