@@ -562,7 +562,7 @@ class Node:
             raw_key=RawKeyStatus(
                 peer=self.link.stats.peer_identity or self.link.stats.peer_address,
                 role=Role.HIGH_COUNT if self.role == "high" else Role.LOW_COUNT,
-                protocol=KeyProtocol.BBM92 if self.engine.state is S.KEY_GENERATION else KeyProtocol.SERVICE,
+                protocol=KeyProtocol.BBM92 if self.engine.mode is S.KEY_GENERATION else KeyProtocol.SERVICE,
                 initial_time_offset_ticks=stats.initial_offset_ticks,
                 tracked_time_offset_ticks=stats.tracked_offset_ticks,
                 offset_search_snr=stats.snr_coarse, offset_search_snr_fine=stats.snr_fine,
