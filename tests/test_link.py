@@ -101,18 +101,34 @@ def test_simulated_link_keys_match(tmp_path):
     assert keys
 
 
+def run_nodes(high_config: Config, low_config: Config, timeout: float = 120.0) -> str:
+    """Run two nodes until their sources ended and they are idle; return the outcome."""
+    progress = Progress(io.StringIO(), quiet=True)
+    high = Node(high_config, progress=progress, auto_start=True)
+    low = Node(low_config, progress=progress)
+    high.start()
+    low.start()
+    try:
+        return wait_until_idle(high, low, progress, timeout)
+    finally:
+        high.close()
+        low.close()
+
+
 @needs_keys
 def test_restarted_simulator_skips_used_epochs(tmp_path, caplog):
-    # A simulator without source.start_time starts again at its first epoch.
-    first = run_simulation(simulate_args(tmp_path, quiet=True), out=io.StringIO())
-    assert first == 0
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path))
+    assert run_nodes(high_config, low_config) == "input used up"
     used = KeyStore(tmp_path / "low" / "keys", tmp_path / "low" / "data").next_unused_epoch
     keys_before = set(KeyStore(tmp_path / "high" / "keys", tmp_path / "high" / "data").keys())
+    assert keys_before
+
+    # Without source.start_time the restarted simulators begin again at their first epoch.
     caplog.clear()
     caplog.set_level("INFO", logger="S15qkd")
-    out = io.StringIO()
-    second = run_simulation(simulate_args(tmp_path, epochs=30), out=out)
-    assert second == 0, out.getvalue()
+    for config in (high_config, low_config):
+        config.update({"source": {"epochs": 30}})
+    assert run_nodes(high_config, low_config) == "input used up"
     messages = [record.getMessage() for record in caplog.records]
     skipped = [m for m in messages if "used by an earlier run" in m]
     assert len(skipped) == 1, skipped
