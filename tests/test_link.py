@@ -460,8 +460,16 @@ def test_kill_and_restart_node(tmp_path, killed):
     finally:
         for process in processes.values():
             process.send_signal(signal.SIGTERM)
-        for process in processes.values():
-            process.wait(timeout=20)
+        # A node stops its workers (up to 10 s each), then settles its staged keys with
+        # the peer (up to 5 s) and closes the channel (up to 5 s).
+        stuck = []
+        for role, process in processes.items():
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                stuck.append(role)
+        assert not stuck, f"nodes still running 60 s after SIGTERM: {stuck}"
     keys = assert_keystores_agree(high_keys, low_keys)
     assert_nothing_staged(high_keys, low_keys)
     after_restart = [name for name in keys if int(name, 16) >= used_before]
