@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 #: Control messages of the release protocol.
 RELEASE_MESSAGES = frozenset({"key_release", "key_drop", "key_released", "key_settle", "settle_req"})
 
+#: Most staged keys one key_settle message may list: far more than a node stages between
+#: two settlements, and small enough to check at once.
+MAX_SETTLE_BLOCKS = 1 << 16
+
 
 class KeyRelease:
     """Release decisions of one node (coordinator on the low-count side)."""
@@ -240,8 +244,9 @@ class KeyRelease:
             self._lock.notify_all()
 
     def _on_settle(self, staged) -> None:
-        if not isinstance(staged, list):
-            raise ValueError(f"staged must be a list of block ids, got {staged!r}")
+        if not isinstance(staged, list) or len(staged) > MAX_SETTLE_BLOCKS:
+            raise ValueError(f"invalid staged: expected a list of at most {MAX_SETTLE_BLOCKS} "
+                             f"block ids, got {str(staged)[:40]}")
         releasing = set(self.keystore.releasing)
         for block in staged:
             block = _check_block(block)

@@ -732,3 +732,25 @@ def test_hostile_peak_found_changes_nothing(tmp_path, fields):
     finally:
         node.close()
         peer.link.stop()
+
+
+def test_hostile_release_messages_dropped(high_node_and_fake_peer):
+    import numpy as np
+
+    from S15qkd.keystore import FinalKey, pack_key_bits
+
+    node, peer = high_node_and_fake_peer
+    bits = np.random.default_rng(3).integers(0, 2, 64, dtype=np.uint8)
+    node.keystore.stage(FinalKey(0x500, 2, 64, pack_key_bits(bits)))
+    node.keystore.stage(FinalKey(0x600, 2, 64, pack_key_bits(bits)))
+    for block in ("0x500", None, -1, 2**32, True, 5.0):
+        peer.send({"msg": "key_release", "block": block})
+        peer.send({"msg": "key_drop", "block": block})
+    # Messages of the low-count side's role only, sent to it by a confused peer.
+    peer.send({"msg": "key_settle", "staged": list(range(10))})
+    peer.send({"msg": "key_released", "block": 0x600})
+    peer.send({"msg": "key_release", "block": 0x500})
+    peer.send({"msg": "key_drop", "block": 0x600, "reason": "test"})
+    wait_for(lambda: not node.keystore.staged_keys())
+    assert list(node.keystore.keys()) == ["00000500"]
+    assert peer.link.stats.connections == 1
