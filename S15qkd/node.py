@@ -374,9 +374,9 @@ class Node:
                 # clock lock; the message that tells it is already on its way.
                 log.info("mode decision of the peer ignored: %s", error)
         elif kind == "key_staged" and pipeline is not None:
-            _peer_int(message.get("block"), "block", 0, 2**32 - 1)
+            peer_int(message.get("block"), "block", 0, 2**32 - 1)
             if not isinstance(message.get("ok"), bool):
-                raise ValueError(f"invalid ok: expected true or false, got {_shown(message.get('ok'))}")
+                raise ValueError(f"invalid ok: expected true or false, got {shown(message.get('ok'))}")
             pipeline.ec_worker.put(("key_staged", message))
         elif pipeline is not None:
             pipeline.on_control(message)
