@@ -16,6 +16,8 @@ from S15qkd.status import EngineState
 
 
 class FakeKeystore:
+    next_unused_epoch = 0   # no epoch used yet, so no raw key epoch counts as replayed
+
     def consume_epochs(self, epoch: int, count: int) -> None:
         pass
 
