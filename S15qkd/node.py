@@ -370,8 +370,8 @@ class Node:
             try:
                 self.engine.move(state, f"peer decided: {message.get('reason', '')}")
             except TransitionError as error:
-                # The peer decided before it learned of a change here, such as a lost
-                # clock lock; the message that tells it is already on its way.
+                # The peer decided before it received news of a change here, such as a
+                # lost clock lock. The message that reports the change is already sent.
                 log.info("mode decision of the peer ignored: %s", error)
         elif kind == "key_staged" and pipeline is not None:
             peer_int(message.get("block"), "block", 0, 2**32 - 1)

@@ -307,7 +307,7 @@ def simulate_in(workdir: Path, args: argparse.Namespace, out: TextIO) -> int:
         states = {"high": (high.engine.state.value, high.engine.reason),
                   "low": (low.engine.state.value, low.engine.reason)}
     finally:
-        # Each node sees the other close its channel; that is expected here.
+        # Each node logs the other closing its channel, which is expected at the end of a run.
         channel_log = logging.getLogger("S15qkd.channel.link")
         level = channel_log.level
         channel_log.setLevel(logging.ERROR)

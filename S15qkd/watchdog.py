@@ -106,7 +106,7 @@ class StageWorker:
             except Exception as error:
                 self.last_error = f"{type(error).__name__}: {error}"
                 if isinstance(error, OSError):
-                    # A missing file or device: the message says which, a traceback does not help.
+                    # A missing file or device: the message names it, so a traceback adds nothing.
                     log.error("stage worker %s failed: %s", self.name, self.last_error)
                 else:
                     log.exception("stage worker %s failed", self.name)

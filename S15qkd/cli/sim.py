@@ -179,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
     if args.duration is not None and not args.duration >= 0:
         raise ValueError(f"invalid --duration {args.duration}: expected a number of seconds "
                          "from 0 up, or inf")
-    # The simulator holds a batch's counts in memory: 1e300 counts/s never ended and
-    # 2e9 took gigabytes, while real detectors stay far below MAX_NOISE_RATE.
+    # The simulator keeps a batch's counts in memory, so 1e300 counts/s never ended and
+    # 2e9 took gigabytes. Real detectors stay far below MAX_NOISE_RATE.
     for option, rate in (("--dark-count-rate", args.dark_count_rate),
                          ("--background-rate", args.background_rate)):
         if not 0 <= rate <= MAX_NOISE_RATE:

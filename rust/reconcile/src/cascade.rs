@@ -24,8 +24,8 @@
 //! - The parity of the whole key is known after the first pass (the XOR of its block
 //!   parities), so the last block parity of every later pass is inferred, not disclosed.
 //!
-//! The corrector asks one parity per bisection level; each answer costs one disclosed bit
-//! on both sides.
+//! The corrector requests one parity per bisection level, and each reply costs one
+//! disclosed bit on both sides.
 
 use std::collections::HashMap;
 
@@ -680,7 +680,7 @@ impl Corrector {
         // the others wait. A flip found there often makes an odd block of a later pass even
         // again, and bisecting that block in the same round would disclose parities for
         // nothing. Letting only the lowest pass run gave the same efficiency with 2.5 times
-        // the round trips; letting all run at once cost about 0.002 in f at 10^5 bits.
+        // the round trips. Letting all run at once cost about 0.002 in f at 10^5 bits.
         while ranges.is_empty() {
             self.candidates
                 .retain(|&(p, b)| self.passes[p].odd[b] && !self.passes[p].pending[b]);
