@@ -95,6 +95,17 @@ def test_frames_both_ways_and_acknowledged(pair):
     assert inboxes["low"].frames[0] == (FrameType.CONTROL, b'{"msg":"st2"}')
 
 
+def test_both_sides_disable_nagle(pair):
+    # Nagle's algorithm on either socket delays each small frame until the peer's
+    # delayed ACK, which makes a reconciliation round trip up to 40 ms longer.
+    links, _, _ = pair
+    for role in ("high", "low"):
+        writer = links[role]._current_writer
+        assert writer is not None, f"{role} has no connection"
+        sock = writer.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, role
+
+
 def test_resume_after_drop_loses_and_repeats_nothing(pair):
     links, inboxes, _ = pair
     for index in range(300):
