@@ -569,8 +569,9 @@ impl Costream {
             });
         }
         let decoded = file.decode().map_err(format_error)?;
-        // The first file of the run decides between plain and extended output tags.
-        if self.extended.is_none() && self.queue2.is_empty() {
+        // The first file of the run decides between plain and extended output tags. An
+        // epoch queued by `skip_type2` before it has no tag style of its own.
+        if self.extended.is_none() {
             self.extended = Some(header.extended);
         }
         self.queue2.push_back(EpochEvents {
@@ -580,6 +581,25 @@ impl Costream {
             patterns: decoded.values,
         });
         Ok(())
+    }
+
+    /// Queues epoch [`Costream::next_type2_epoch`] without events, in place of a type-2
+    /// file that never arrived or that `push_type2` rejected, and returns that epoch.
+    ///
+    /// The epoch closes as a type-2 file without events would: no coincidences, an empty
+    /// raw key and the outputs of the zero policy. With [`ZeroPolicy::BothFiles`] these
+    /// are a type-4 file holding only the end entry and a bare type-3 header, so the
+    /// peer's splicer also takes no key bits from that epoch. The type-1 events of the
+    /// epoch find no partner and are passed over, and the clock servo keeps its
+    /// correction over the gap. The reference costream has no such step: it stops on a
+    /// missing or bad type-2 file.
+    pub fn skip_type2(&mut self) -> u32 {
+        let epoch = self.next_type2_epoch();
+        self.queue2.push_back(EpochEvents {
+            epoch,
+            ..EpochEvents::default()
+        });
+        epoch
     }
 
     /// Matches the queued events until a file is missing or the run is done; every epoch

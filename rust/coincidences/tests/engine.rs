@@ -234,6 +234,159 @@ fn empty_type2_epoch_is_processed() {
     assert_eq!(closed[0].log_line(5).unwrap(), expected);
 }
 
+/// Checks that a closed epoch gives the peer's splicer the same key bits, up to the few
+/// errors of background events that pair up by chance.
+fn assert_splices_to_same_key(epoch: &ClosedEpoch, file: &LinkEpoch) {
+    let protocol = SplicerProtocol::new(1).unwrap();
+    let type4 = epoch.type4.as_ref().unwrap();
+    let spliced = splice(epoch.epoch, &file.type3, type4, &protocol, false).unwrap();
+    assert_eq!(
+        spliced.key_events,
+        epoch.key_events(),
+        "epoch {:08x}",
+        epoch.epoch
+    );
+    let high = epoch.type3.as_ref().unwrap();
+    let errors: u32 = spliced.type3[16..]
+        .iter()
+        .zip(&high[16..])
+        .map(|(a, b)| (a ^ b).count_ones())
+        .sum();
+    assert!(
+        errors <= 3,
+        "epoch {:08x}: {errors} bit errors",
+        epoch.epoch
+    );
+}
+
+/// Checks the outputs of a skipped epoch under zero policy 2: no pairs, a type-4 file
+/// with only the end entry and a raw key of no bits.
+fn assert_skipped(epoch: &ClosedEpoch, expected: u32) {
+    assert_eq!(epoch.epoch, expected);
+    assert_eq!(epoch.type2_events, 0);
+    assert_eq!(epoch.coincidences, 0);
+    assert_eq!(epoch.kept, 0);
+    assert!(epoch.key_bases.is_empty());
+    assert_eq!(epoch.type4.as_ref().unwrap().len(), 24);
+    assert_eq!(epoch.type3.as_ref().unwrap().len(), 16);
+}
+
+#[test]
+fn skipped_type2_epoch_closes_empty() {
+    let link = link(34_568);
+    let files = epochs(&link, 4);
+    let mut costream = Costream::new(config(34_568, 3)).unwrap();
+    for f in &files {
+        costream.push_type1(&f.type1).unwrap();
+    }
+    costream.push_type2(&files[0].type2).unwrap();
+    assert_eq!(costream.skip_type2(), START + 1);
+    assert_eq!(costream.next_type2_epoch(), START + 2);
+    costream.push_type2(&files[2].type2).unwrap();
+    let mut closed = Vec::new();
+    assert_eq!(costream.advance(&mut closed).unwrap(), Need::Done);
+    assert_eq!(closed.len(), 3);
+    assert_skipped(&closed[1], START + 1);
+    // The epochs on either side of the gap still match every pair.
+    for (epoch, file) in [(&closed[0], &files[0]), (&closed[2], &files[2])] {
+        assert!(
+            epoch.coincidences as usize >= link.pairs * 99 / 100,
+            "{epoch:?}"
+        );
+        assert_splices_to_same_key(epoch, file);
+    }
+}
+
+#[test]
+fn missing_type2_epoch_skipped_while_waiting() {
+    let link = link(34_568);
+    let files = epochs(&link, 4);
+    let mut costream = Costream::new(config(34_568, 3)).unwrap();
+    for f in &files {
+        costream.push_type1(&f.type1).unwrap();
+    }
+    costream.push_type2(&files[0].type2).unwrap();
+    let mut closed = Vec::new();
+    assert_eq!(
+        costream.advance(&mut closed).unwrap(),
+        Need::Type2(START + 1)
+    );
+    assert_eq!(closed.len(), 1);
+    // Epoch START + 1 never arrives: step over it and go on with the next file.
+    assert_eq!(costream.skip_type2(), START + 1);
+    assert_eq!(
+        costream.advance(&mut closed).unwrap(),
+        Need::Type2(START + 2)
+    );
+    assert_eq!(closed.len(), 2);
+    assert_skipped(&closed[1], START + 1);
+    costream.push_type2(&files[2].type2).unwrap();
+    assert_eq!(costream.advance(&mut closed).unwrap(), Need::Done);
+    assert_eq!(closed.len(), 3);
+    assert!(closed[2].coincidences as usize >= link.pairs * 99 / 100);
+    assert_splices_to_same_key(&closed[2], &files[2]);
+}
+
+#[test]
+fn rejected_type2_file_can_be_skipped() {
+    let link = link(34_568);
+    let files = epochs(&link, 4);
+    let mut costream = Costream::new(config(34_568, 3)).unwrap();
+    for f in &files {
+        costream.push_type1(&f.type1).unwrap();
+    }
+    costream.push_type2(&files[0].type2).unwrap();
+
+    let mut truncated = files[1].type2.clone();
+    truncated.truncate(truncated.len() / 2);
+    let protocol0 = SyntheticLink {
+        protocol: 0,
+        ..link.clone()
+    };
+    // A truncated file, one of the wrong epoch and one of another protocol each leave
+    // the expected epoch unchanged, so it can still be skipped.
+    let rejected = [
+        truncated,
+        files[2].type2.clone(),
+        protocol0.epoch(START + 1).unwrap().type2,
+    ];
+    for bytes in &rejected {
+        assert!(costream.push_type2(bytes).is_err());
+        assert_eq!(costream.next_type2_epoch(), START + 1);
+    }
+
+    assert_eq!(costream.skip_type2(), START + 1);
+    costream.push_type2(&files[2].type2).unwrap();
+    let mut closed = Vec::new();
+    assert_eq!(costream.advance(&mut closed).unwrap(), Need::Done);
+    assert_skipped(&closed[1], START + 1);
+    assert_splices_to_same_key(&closed[0], &files[0]);
+    assert_splices_to_same_key(&closed[2], &files[2]);
+}
+
+#[test]
+fn skipped_first_epoch_keeps_extended_tags() {
+    let link = link(0);
+    let files = epochs(&link, 3);
+    let mut costream = Costream::new(config(0, 2)).unwrap();
+    for f in &files {
+        costream.push_type1(&f.type1).unwrap();
+    }
+    assert_eq!(costream.skip_type2(), START);
+    let events = [u64::from(START + 1) << 32 | 1000];
+    let extended = qkd_formats::type2::encode(START + 1, true, 17, 1, &events, &[0]).unwrap();
+    costream.push_type2(&extended).unwrap();
+    let mut closed = Vec::new();
+    assert_eq!(costream.advance(&mut closed).unwrap(), Need::Done);
+    assert_skipped(&closed[0], START);
+    // The first pushed file, not the skipped epoch before it, sets the output tags:
+    // 0x104 marks an extended type-4 file.
+    let tag = |epoch: &ClosedEpoch| {
+        u32::from_le_bytes(epoch.type4.as_ref().unwrap()[..4].try_into().unwrap())
+    };
+    assert_eq!(tag(&closed[1]), 0x104);
+}
+
 #[test]
 fn zero_header_lengths_give_same_result() {
     let files = epochs(&link(0), 3);

@@ -287,6 +287,16 @@ impl Costream {
             .map_err(coincidence_error)
     }
 
+    /// Queue epoch `next_type2_epoch` without events and return that epoch, in place of
+    /// a type-2 file that never arrived or that push_type2 rejected.
+    ///
+    /// The epoch closes with no coincidences and an empty raw key. With zero_policy=2
+    /// its type-4 file contains only the end entry, so the peer's splicer takes no bits
+    /// from it either. The reference costream has no such step.
+    fn skip_type2(&mut self) -> u32 {
+        self.inner.skip_type2()
+    }
+
     /// Match the queued files until one is missing or the run is done.
     ///
     /// Returns (closed, need, epoch): the list of CostreamEpoch closed on the way, then
