@@ -156,6 +156,10 @@ SCHEMA: dict[str, Option] = {
     "block_timeout_s": Option(60.0, _number_range(1.0, 3600.0), "a number of seconds, 1 to 3600",
                               "how long a reconciliation block waits for the peer's next message "
                               "before both nodes discard it"),
+    "type2_timeout_s": Option(10.0, _number_range(1.0, 3600.0), "a number of seconds, 1 to 3600",
+                              "how long the high-count side waits for a missing type-2 epoch of "
+                              "the peer, once a later epoch arrived, before it skips the missing "
+                              "one (neither side takes raw key from a skipped epoch)"),
     # Folders.
     "data_root": Option("/tmp/cryptostuff", _is_path, "a folder path, on one line and not empty",
                         "working folder: epoch files, channel outbox, node state"),

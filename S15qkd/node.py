@@ -100,6 +100,9 @@ class LiveStats:
     snr_fine: Optional[float] = None
     coincidences: Optional[int] = None
     accidentals: Optional[int] = None
+    #: Type-2 epochs the high-count side skipped since this node started (on the
+    #: low-count side, as the peer reported it).
+    skipped_epochs: int = 0
     service_qber: Optional[float] = None
     #: Relative frequency offset the high-count side corrects; None without the search.
     frequency_offset: Optional[float] = None
@@ -134,6 +137,9 @@ class LiveStats:
         if "service_qber" in message:
             values["service_qber"] = peer_qber(message, "service_qber")
             values["peer_servoed_qber"] = peer_qber(message, "servoed_qber")
+        if "skipped_epochs" in message:
+            values["skipped_epochs"] = peer_int(message["skipped_epochs"], "skipped_epochs", 0,
+                                                MAX_PEER_COUNT)
         if "histogram" in message:
             bins = peer_list(message, "histogram", 0, MAX_PEER_HISTOGRAM_BINS)
             values["histogram"] = tuple(peer_int(count, "histogram", 0, MAX_PEER_COUNT)
@@ -285,7 +291,7 @@ class Node:
 
     @property
     def idle(self) -> bool:
-        """True when no worker has work and no block or frame is in flight."""
+        """True when no worker has work or a timer due, and no block or frame is in flight."""
         pipeline = self.pipeline
         if self.link.queued_frames:
             return False
@@ -293,7 +299,7 @@ class Node:
             return True
         blocks = pipeline.blocks
         return (all(worker.idle for worker in pipeline.workers if worker.name != "readevents")
-                and not blocks.blocks and not blocks.awaiting)
+                and not blocks.blocks and not blocks.awaiting and not pipeline.timer_pending)
 
     def progress(self, kind: str, **fields) -> None:
         if self._progress is not None:
@@ -571,6 +577,7 @@ class Node:
                 offset_search_snr=stats.snr_coarse, offset_search_snr_fine=stats.snr_fine,
                 coincidences_per_epoch=stats.coincidences, accidentals_per_epoch=stats.accidentals,
                 last_received_epoch=stats.last_received_epoch, service_qber=stats.service_qber,
+                skipped_epochs=stats.skipped_epochs,
                 frequency_offset=stats.frequency_offset),
             error_correction=ErrorCorrectionStatus(
                 blocks=stats.block_count, total_final_bits=stats.total_final_bits,

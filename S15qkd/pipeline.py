@@ -92,6 +92,11 @@ class Pipeline:
         for folder in self.folders.values():
             folder.mkdir(parents=True, exist_ok=True)
 
+    @property
+    def timer_pending(self) -> bool:
+        """True while a timer is due to queue work for a worker."""
+        return False
+
     def worker(self, name: str, process, on_restart=None) -> StageWorker:
         worker = StageWorker(name, process, on_restart=on_restart)
         self.node.watchdog.adopt(worker)
@@ -203,6 +208,12 @@ class HighPipeline(Pipeline):
         self.key_bases: dict[int, np.ndarray] = {}  # basis of each raw key bit, by epoch
         self.raw_keys_lock = threading.Lock()
         self.costream: Optional[stages.Costream] = None
+        # The missing type-2 epoch whose timer runs (a later epoch arrived before it),
+        # and the epoch whose timer ran out. See type2_overdue.
+        self.t2_missing: Optional[int] = None
+        self.t2_timer: Optional[threading.Timer] = None
+        self.t2_overdue_epoch: Optional[int] = None
+        self.skipped: set[int] = set()   # skipped epochs costream has not closed yet
         self.search: "stages.OffsetFinder | stages.FrequencySearch | None" = None
         self.pair_ratio = INITIAL_PAIR_RATIO       # running coincidences/(accidentals + 1)
         # (errors, bits) per basis of the last disclosed service epochs.
@@ -218,6 +229,15 @@ class HighPipeline(Pipeline):
         super().start()
         self.source_worker.put("start")
         self.node.engine.move(S.PEAK_FINDING, "waiting for overlapping epochs of both sides")
+
+    def stop(self) -> None:
+        if self.t2_timer is not None:
+            self.t2_timer.cancel()
+        super().stop()
+
+    @property
+    def timer_pending(self) -> bool:
+        return self.t2_timer is not None and self.t2_timer.is_alive()
 
     def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
         self.costream_worker.put(("t1", chopped.epoch))
@@ -277,7 +297,12 @@ class HighPipeline(Pipeline):
 
     def match(self, item) -> None:
         kind, epoch = item
-        (self.t1 if kind == "t1" else self.t2).add(epoch)
+        if kind == "t1":
+            self.t1.add(epoch)
+        elif kind == "t2":
+            self.t2.add(epoch)
+        elif kind == "t2_overdue":
+            self.t2_overdue_epoch = epoch
         # Search again at once after a failed search or a lost lock: with a source that
         # is faster than real time, no later file may arrive to trigger it.
         while True:
@@ -352,6 +377,7 @@ class HighPipeline(Pipeline):
                                         self.config["remote_coincidence_window"],
                                         self.config["tracking_window"],
                                         self.config["track_filter_time_constant"])
+        self.skipped.clear()
         for store in (self.t1, self.t2):
             for old in [e for e in store if e < start]:
                 store.discard(old)
@@ -386,15 +412,68 @@ class HighPipeline(Pipeline):
             epoch = costream.next_type2_epoch
             if epoch in self.t2:
                 self.t2.discard(epoch)
-                costream.push_type2(self.take_file("t2", epoch))
                 pushed = True
-        # NOTE: an epoch that one chopper never wrote (no events at all) stalls costream
-        # here; a link that loses every event for a whole epoch needs a restart.
+                if epoch == self.t2_missing and self.t2_timer is not None:
+                    self.t2_timer.cancel()
+                try:
+                    costream.push_type2(self.take_file("t2", epoch))
+                except qkd_core.FormatError as error:
+                    # Corrupt, labelled with another epoch or of another protocol.
+                    self.skip_type2(epoch, str(error))
+            elif self.type2_overdue(epoch):
+                self.skip_type2(epoch, f"no type-2 file arrived within "
+                                       f"{self.config['type2_timeout_s']:g} s "
+                                       "(type2_timeout_s) after a later epoch")
+                pushed = True
+        self.drop_late_type2(costream.next_type2_epoch)
+        # NOTE: an epoch without a type-1 file (no events at all on this side) still
+        # stalls costream here. A link that loses every event for a whole epoch needs a
+        # restart.
         for result in costream.advance():
             self.match_epoch(result)
             if self.costream is None:
                 return True
         return False
+
+    def type2_overdue(self, epoch: int) -> bool:
+        """Tell whether costream should stop waiting for the peer's type-2 file of epoch.
+
+        The peer sends its epochs in order over one connection, so a later epoch that
+        arrived first means this one was lost or never written. The file is overdue once
+        type2_timeout_s passed since this side noticed that. A timer then queues an item
+        on the costream worker, which never polls.
+        """
+        if epoch == self.t2_overdue_epoch:
+            return True
+        if epoch != self.t2_missing and any(e > epoch for e in self.t2):
+            self.t2_missing = epoch
+            if self.t2_timer is not None:
+                self.t2_timer.cancel()
+            self.t2_timer = threading.Timer(self.config["type2_timeout_s"],
+                                            self.costream_worker.put,
+                                            args=(("t2_overdue", epoch),))
+            self.t2_timer.daemon = True
+            self.t2_timer.start()
+        return False
+
+    def skip_type2(self, epoch: int, reason: str) -> None:
+        """Let costream step over a type-2 epoch it cannot use, so that neither side
+        takes raw key from it, and log the epoch once with the reason."""
+        assert self.costream is not None
+        self.costream.skip_type2()
+        self.skipped.add(epoch)
+        self.node.stats.skipped_epochs += 1
+        log.warning("type-2 epoch %08x skipped, no raw key from it on either side: %s",
+                    epoch, reason)
+
+    def drop_late_type2(self, next_epoch: int) -> None:
+        """Remove type-2 files of epochs that costream has passed, such as a skipped
+        epoch's file that arrived after all."""
+        for late in [e for e in self.t2 if e < next_epoch]:
+            log.warning("type-2 file of epoch %08x arrived after costream passed that epoch; "
+                        "removed unused", late)
+            self.t2.discard(late)
+            self.remove_files(late)
 
     def match_epoch(self, result: stages.CoincidenceEpoch) -> None:
         epoch = result.epoch
@@ -406,6 +485,13 @@ class HighPipeline(Pipeline):
                 self.key_bases.pop(old, None)
         if result.t4 is not None:
             self.node.send_file_bytes(4, epoch, result.t4)
+        if epoch in self.skipped:
+            # No pairs were looked for, so the epoch is no evidence about the clock lock.
+            self.skipped.discard(epoch)
+            self.node.progress("epoch", role="high", epoch=epoch, coincidences=0, accidentals=0,
+                               raw_bits=0)
+            self.send_epoch_stats(skipped_epochs=self.node.stats.skipped_epochs)
+            return
         stats = self.node.stats
         stats.coincidences = result.coincidences
         stats.accidentals = result.accidentals
@@ -419,7 +505,8 @@ class HighPipeline(Pipeline):
         self.send_epoch_stats(epoch=epoch, coincidences=result.coincidences,
                               accidentals=result.accidentals,
                               tracked_offset_ticks=result.tracked_offset_ticks,
-                              histogram=list(result.histogram), basis_qber=stats.basis_qber)
+                              histogram=list(result.histogram), basis_qber=stats.basis_qber,
+                              skipped_epochs=stats.skipped_epochs)
         self.check_lock(result)
 
     def check_lock(self, result: stages.CoincidenceEpoch) -> None:

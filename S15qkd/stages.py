@@ -199,6 +199,14 @@ class Costream:
     def push_type2(self, content: bytes) -> None:
         self._stage.push_type2(content)
 
+    def skip_type2(self) -> int:
+        """Queue the next type-2 epoch without events and return it; see qkd_core.Costream.
+
+        The epoch closes with no raw key here, and its type-4 file has no entries, so the
+        peer's splicer takes no bits from it either.
+        """
+        return self._stage.skip_type2()
+
     def advance(self) -> list[CoincidenceEpoch]:
         closed, _need, _epoch = self._stage.advance()
         offset = self._stage.current_offset

@@ -116,6 +116,8 @@ class RawKeyStatus:
     accidentals_per_epoch: int | None = None
     last_received_epoch: int | None = None
     service_qber: float | None = None
+    #: Type-2 epochs skipped because the peer's file was invalid or never arrived.
+    skipped_epochs: int = 0
 
 
 @dataclass(frozen=True)

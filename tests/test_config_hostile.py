@@ -56,6 +56,7 @@ HOSTILE: dict[str, list] = {
     "reconnect_max_s": number_range(0.1, 600.0),
     "reply_timeout_s": number_range(0.5, 600.0),
     "block_timeout_s": number_range(1.0, 3600.0),
+    "type2_timeout_s": number_range(1.0, 3600.0),
     "data_root": NOT_LINE + [""],
     "final_key_folder": NOT_LINE + [""],
     "source.kind": NOT_SCALAR + ["", "tdc2", "File"],

@@ -441,6 +441,9 @@ HOSTILE_STATS = [
      "epoch": 1, "basis_qber": {"x" * 1000: 0.1}},
     {"histogram": [0] * 5000, "coincidences": 5, "accidentals": 0, "tracked_offset_ticks": 0,
      "epoch": 1, "basis_qber": {}},
+    {"skipped_epochs": -1},
+    {"skipped_epochs": "3"},
+    {"skipped_epochs": 2**63},
 ]
 
 
@@ -524,6 +527,7 @@ def test_hostile_epoch_stats_change_nothing(high_node_and_fake_peer):
     assert stats.histogram is None
     assert stats.coincidences is None or stats.coincidences >= 0
     assert stats.basis_qber == {}
+    assert stats.skipped_epochs == 0
     # Each malformed message was dropped and acknowledged on the one connection.
     assert peer.link.stats.connections == 1
     wait_for(lambda: not peer.link.queued_frames)

@@ -101,15 +101,22 @@ def test_simulated_link_keys_match(tmp_path):
     assert keys
 
 
-def run_nodes(high_config: Config, low_config: Config, timeout: float = 120.0) -> str:
-    """Run two nodes until their sources ended and they are idle; return the outcome."""
+def run_nodes(high_config: Config, low_config: Config, timeout: float = 120.0,
+              inspect=None) -> str:
+    """Run two nodes until their sources ended and they are idle; return the outcome.
+
+    inspect(high, low), when given, is called with the nodes before they close.
+    """
     progress = Progress(io.StringIO(), quiet=True)
     high = Node(high_config, progress=progress, auto_start=True)
     low = Node(low_config, progress=progress)
     high.start()
     low.start()
     try:
-        return wait_until_idle(high, low, progress, timeout)
+        outcome = wait_until_idle(high, low, progress, timeout)
+        if inspect is not None:
+            inspect(high, low)
+        return outcome
     finally:
         high.close()
         low.close()
@@ -276,6 +283,84 @@ def test_corrupted_frame_reconnects(tmp_path):
         link.close()
     assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
     assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+
+
+def truncate_file(content: bytes) -> bytes:
+    return content[:len(content) // 2]
+
+
+def relabel_file(content: bytes) -> bytes:
+    """Label a type-2 file with the epoch after its own (header field at byte 4)."""
+    epoch = int.from_bytes(content[4:8], "little")
+    return content[:4] + (epoch + 1).to_bytes(4, "little") + content[8:]
+
+
+def change_base_bits(content: bytes) -> bytes:
+    """Give a type-2 file the 4 base bits of the service protocol (header field at byte 16)."""
+    return content[:16] + (4).to_bytes(4, "little") + content[20:]
+
+
+#: How each case damages one type-2 file on its way to costream, the reason expected in
+#: the log line, and the type2_timeout_s in force. None drops the file.
+TYPE2_DAMAGE = {
+    "truncated": (truncate_file, "invalid type-2 file", 10.0),
+    "relabelled": (relabel_file, "labelled epoch", 10.0),
+    "base_bits": (change_base_bits, "base bits", 10.0),
+    "missing": (None, "type2_timeout_s", 1.0),
+}
+
+
+def run_with_damaged_type2(tmp_path: Path, monkeypatch, change, index: int,
+                           timeout: float) -> tuple[int, tuple[int, int]]:
+    """Run a simulated link whose type-2 epoch number index (from 0) reaches the
+    high-count side damaged by change, or not at all when change is None.
+
+    Returns that epoch and the skipped epochs both status pages show at the end.
+    """
+    from S15qkd.pipeline import HighPipeline
+
+    received: list[int] = []
+    original = HighPipeline.on_file
+
+    def on_file(pipeline, file_type, epoch, content):
+        received.append(epoch)
+        if epoch == received[0] + index:
+            if change is None:
+                return
+            content = change(content)
+        original(pipeline, file_type, epoch, content)
+
+    monkeypatch.setattr(HighPipeline, "on_file", on_file)
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path, epochs=24))
+    for config in (high_config, low_config):
+        config.update({"type2_timeout_s": timeout})
+    skipped = []
+
+    def count_skipped(high: Node, low: Node) -> None:
+        skipped.extend(node.status().raw_key.skipped_epochs for node in (high, low))
+
+    assert run_nodes(high_config, low_config, inspect=count_skipped) == "input used up"
+    return received[0] + index, (skipped[0], skipped[1])
+
+
+@needs_keys
+@pytest.mark.parametrize("damage", list(TYPE2_DAMAGE))
+def test_bad_type2_epoch_skipped(tmp_path, monkeypatch, caplog, damage):
+    change, reason, timeout = TYPE2_DAMAGE[damage]
+    caplog.set_level("INFO", logger="S15qkd")
+    # The 11th epoch: costream matches it, after the offset search.
+    bad, skipped_counts = run_with_damaged_type2(tmp_path, monkeypatch, change, 10, timeout)
+
+    skipped = [r.getMessage() for r in caplog.records if "skipped, no raw key" in r.getMessage()]
+    assert len(skipped) == 1, skipped
+    assert f"type-2 epoch {bad:08x} skipped" in skipped[0]
+    assert reason in skipped[0]
+    assert skipped_counts == (1, 1)
+    keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    # The link went on after the bad epoch.
+    assert [name for name in keys if int(name, 16) > bad], sorted(keys)
+    assert not [r for r in caplog.records if "stage worker costream failed" in r.getMessage()]
 
 
 @needs_keys

@@ -152,6 +152,11 @@ def test_raw_key_card_shows_corrected_frequency():
     assert rows["Frequency offset (corrected)"] == "-2.5000e-06 (-2.5000 ppm)"
 
 
+def test_raw_key_card_shows_skipped_epochs():
+    rows = dict(status_page.raw_key_rows(StatusSnapshot(time=0.0, raw_key=RawKeyStatus(skipped_epochs=3))))
+    assert rows["Skipped epochs (type-2 invalid or missing)"] == "3"
+
+
 def test_raw_key_card_without_frequency_search():
     rows = dict(status_page.raw_key_rows(StatusSnapshot(time=0.0)))
     assert "Frequency offset (corrected)" not in rows

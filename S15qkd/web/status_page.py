@@ -146,6 +146,7 @@ def raw_key_rows(snapshot: StatusSnapshot) -> list[tuple[str, str]]:
         ("Coincidences per epoch", _number(raw.coincidences_per_epoch)),
         ("Accidentals per epoch", _number(raw.accidentals_per_epoch)),
         ("Last received epoch", _epoch(raw.last_received_epoch)),
+        ("Skipped epochs (type-2 invalid or missing)", _number(raw.skipped_epochs)),
     ]
     if raw.frequency_offset is not None:
         # 1 ppm of relative frequency is 1 µs of drift per second.
