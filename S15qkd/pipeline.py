@@ -540,6 +540,7 @@ class LowPipeline(Pipeline):
         super().__init__(node, run)
         self.t3: set[int] = set()          # epochs with a type-3 file in folders["t3"]
         self.t4: dict[int, bytes] = {}     # type-4 files from the peer, by epoch
+        self.last_spliced = -1             # latest epoch that gave a raw key here
         self.splicer: Optional[stages.Splicer] = None
         self.servo = QberServo(self.config["QBER_limit"], self.config["servo_blocks"],
                                self.config["default_QBER"])
@@ -608,15 +609,45 @@ class LowPipeline(Pipeline):
                 self.remove_files(old)
         else:
             self.t4[epoch] = content
-        for ready in sorted(self.t3 & self.t4.keys()):
-            if self.splicer is None:
-                self.splicer = stages.Splicer()
-            self.t3.discard(ready)
-            bits = self.splicer.process(ready, self.take_file("t3", ready), self.t4.pop(ready))
+        if self.splicer is None:
+            self.splicer = stages.Splicer()
+        # The chopper writes its epochs in order, so a type-4 epoch older than the newest
+        # type-3 one without a type-3 file of its own had no events on this side.
+        newest = max(self.t3, default=-1)
+        without_t3 = {e for e in self.t4 if e not in self.t3 and e < newest}
+        for ready in sorted((self.t3 & self.t4.keys()) | without_t3):
+            t4 = self.t4.pop(ready)
+            if ready <= self.last_spliced:
+                log.warning("type-4 file of epoch %08x dropped: that epoch was spliced before",
+                            ready)
+                continue
+            if ready in without_t3:
+                bits = self.splice_without_type3(ready, t4)
+                if bits is None:
+                    continue
+            else:
+                self.t3.discard(ready)
+                bits = self.splicer.process(ready, self.take_file("t3", ready), t4)
+            self.last_spliced = ready
             self.node.progress("epoch", role="low", epoch=ready, raw_bits=int(len(bits)))
             self.ec_worker.put(("raw_key", ready, bits))
             # Carries the servoed QBER of the blocks corrected since the last one.
             self.send_epoch_stats()
+
+    def splice_without_type3(self, epoch: int, t4: bytes) -> Optional[np.ndarray]:
+        """Return the raw key of an epoch without events on this side: empty when the
+        peer skipped it or kept nothing of it, None (logged) when the peer kept events."""
+        assert self.splicer is not None
+        try:
+            bits = self.splicer.process_without_type3(epoch, t4)
+        except qkd_core.FormatError as error:
+            # The raw key epochs around it then do not join one block on either side.
+            log.error("type-4 file of epoch %08x dropped: this side has no events in that "
+                      "epoch, but the peer kept some (%s)", epoch, error)
+            return None
+        log.info("epoch %08x has no events on this side and no kept events at the peer; "
+                 "its raw key is empty", epoch)
+        return bits
 
 
 def encode_bits(bits: np.ndarray) -> str:

@@ -226,6 +226,17 @@ class Splicer:
     def process(self, epoch: int, t3: bytes, t4: bytes) -> np.ndarray:
         return raw_key_bits(self._stage.splice(epoch, t3, t4).type3)
 
+    def process_without_type3(self, epoch: int, t4: bytes) -> np.ndarray:
+        """Splice an epoch that this side's chopper never wrote (no events in it).
+
+        Returns the empty raw key when the peer kept no event of the epoch, as for an
+        epoch it skipped. Raises qkd_core.FormatError when it kept some, because their
+        bits are not on this side.
+        """
+        # A raw-key file of BBM92 (1 bit per entry) with no entries.
+        empty_type3 = np.array([3, epoch, 0, 1], dtype="<u4").tobytes()
+        return self.process(epoch, empty_type3, t4)
+
 
 def raw_key_bits(type3: Optional[bytes]) -> np.ndarray:
     """Unpack a BBM92 raw-key file (type 3, one bit per entry) into uint8 key bits."""
