@@ -352,13 +352,16 @@ class HighPipeline(Pipeline):
             return True
         try:
             result = search.find(self.folders["t1"], self.folders["t2"], epochs[0], needed)
-        except qkd_core.SyncError as error:
-            # The next attempt starts one epoch later, with one more epoch of events.
+        except (qkd_core.SyncError, qkd_core.FormatError) as error:
+            # The next attempt starts one epoch later, with one more epoch of events. A
+            # FormatError names an invalid epoch file, which later attempts leave out.
             log.warning("offset search in epochs %08x..%08x failed: %s", epochs[0], epochs[-1],
                         error)
             # The error lists every pre-compensation tried; the log has it in full.
+            outcome = ("found no peak" if isinstance(error, qkd_core.SyncError)
+                       else "read an invalid epoch file")
             self.node.engine.note(f"offset search in epochs {epochs[0]:08x}..{epochs[-1]:08x} "
-                                  "found no peak; trying later epochs")
+                                  f"{outcome}; trying later epochs")
             self.drop_epoch(common[0])
             return True
         stats = self.node.stats

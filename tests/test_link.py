@@ -364,6 +364,23 @@ def test_bad_type2_epoch_skipped(tmp_path, monkeypatch, caplog, damage):
 
 
 @needs_keys
+def test_bad_type2_epoch_in_offset_search(tmp_path, monkeypatch, caplog):
+    caplog.set_level("INFO", logger="S15qkd")
+    # The 3rd epoch is in the first search window, which starts at the 2nd.
+    bad, skipped_counts = run_with_damaged_type2(tmp_path, monkeypatch, truncate_file, 2, 10.0)
+
+    failed = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("offset search in epochs")]
+    assert failed, "the offset search did not fail on the invalid file"
+    assert f"{bad:08x}" in failed[0]
+    assert skipped_counts == (0, 0)
+    keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert keys
+    assert all(int(name, 16) > bad for name in keys), sorted(keys)
+    assert not [r for r in caplog.records if "stage worker costream failed" in r.getMessage()]
+
+
+@needs_keys
 def test_silent_peer_block_times_out(tmp_path, caplog):
     caplog.set_level("INFO", logger="S15qkd")
     link = LinkUnderTest(tmp_path, proxy=True, config={"block_timeout_s": 2.0})
