@@ -106,6 +106,41 @@ def test_both_sides_disable_nagle(pair):
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0, role
 
 
+def test_ack_travels_with_reply(certs):
+    # A side that replies to each frame sends the ACK of the request in the same write as
+    # its reply. The long delay keeps a slow machine from sending the ACKs alone.
+    port = free_port()
+    inboxes = {"high": Inbox(), "low": Inbox()}
+    links = {role: make_link(certs, role, port, inboxes[role], ack_delay_s=5.0)
+             for role in ("high", "low")}
+    for link in links.values():
+        link.start()
+    try:
+        assert links["low"].wait_connected(10)
+        assert links["high"].wait_connected(10)
+        writes_before = links["high"].stats.writes
+        exchanges = 50
+        for index in range(exchanges):
+            links["low"].send(FrameType.RECONCILE, b"request %d" % index)
+            assert inboxes["high"].wait_for(index + 1)
+            links["high"].send(FrameType.RECONCILE, b"reply %d" % index)
+            assert inboxes["low"].wait_for(index + 1)
+        # One write per reply and none for an ACK alone, give or take the ACK of the
+        # connection's start.
+        assert links["high"].stats.writes - writes_before <= exchanges + 1
+    finally:
+        for link in links.values():
+            link.stop()
+
+
+def test_ack_goes_alone_without_reply(pair):
+    links, inboxes, _ = pair
+    acked = threading.Event()
+    links["low"].send(FrameType.RECONCILE, b"no reply", on_acked=acked.set)
+    assert inboxes["high"].wait_for(1)
+    assert acked.wait(5)
+
+
 def test_resume_after_drop_loses_and_repeats_nothing(pair):
     links, inboxes, _ = pair
     for index in range(300):

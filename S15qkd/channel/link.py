@@ -74,6 +74,7 @@ class Outgoing:
 @dataclass
 class LinkStats:
     frames_sent: int = 0
+    writes: int = 0                 # write calls to the TLS stream, each one or more frames
     frames_received: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -103,6 +104,7 @@ class LinkSettings:
     reconnect_max_s: float = 10.0
     handshake_timeout_s: float = 10.0
     ping_interval_s: float = 2.0
+    ack_delay_s: float = 0.005       # maximum seconds an ACK waits for an outgoing frame to join
     idle_timeout_s: float = 15.0
     extra_hello: dict = field(default_factory=dict)
 
@@ -566,13 +568,12 @@ class Link:
 
     async def _write_loop(self, writer: asyncio.StreamWriter) -> None:
         assert self._wakeup is not None
+        loop = asyncio.get_running_loop()
         cursor = self._resend_from
         self._ack_due = True
+        ack_deadline: Optional[float] = None   # loop time when an owed ACK goes out alone
         while True:
             chunks: list[bytes] = []
-            if self._ack_due:
-                self._ack_due = False
-                chunks.append(Frame(FrameType.ACK, self._recv_next - 1, b"").encode())
             with self._lock:
                 for item in self._outbox:
                     if item.seq >= cursor:
@@ -580,19 +581,35 @@ class Link:
                         cursor = item.seq + 1
                         if len(chunks) >= 64:
                             break
+            if self._ack_due:
+                # An ACK waits up to ack_delay_s for a frame to travel with. A request
+                # and its reply then cost one TLS write and one read on each side,
+                # instead of two.
+                now = loop.time()
+                if ack_deadline is None:
+                    ack_deadline = now + self.settings.ack_delay_s
+                if chunks or now >= ack_deadline:
+                    self._ack_due = False
+                    ack_deadline = None
+                    chunks.insert(0, Frame(FrameType.ACK, self._recv_next - 1, b"").encode())
             if not chunks:
                 self._wakeup.clear()
+                timeout = (self.settings.ping_interval_s if ack_deadline is None
+                           else max(ack_deadline - loop.time(), 0.0))
                 try:
-                    await asyncio.wait_for(self._wakeup.wait(), self.settings.ping_interval_s)
+                    await asyncio.wait_for(self._wakeup.wait(), timeout)
                     continue
                 except asyncio.TimeoutError:
+                    if ack_deadline is not None:
+                        continue
                     chunks.append(Frame(FrameType.PING, 0, b"").encode())
             if writer.is_closing():
                 raise ConnectionResetError("connection closed locally")
-            for chunk in chunks:
-                writer.write(chunk)
-                self.stats.frames_sent += 1
-                self.stats.bytes_sent += len(chunk)
+            # One call, so that the TLS records of all chunks leave in one send.
+            writer.writelines(chunks)
+            self.stats.writes += 1
+            self.stats.frames_sent += len(chunks)
+            self.stats.bytes_sent += sum(len(chunk) for chunk in chunks)
             await writer.drain()
 
 
