@@ -85,6 +85,8 @@ class Progress:
         self.events = {"high": 0, "low": 0}
         self.matched_at: list[float] = []   # wall time of each epoch costream closed
         self.finished_at: dict[str, float] = {}  # wall time each node's source ended
+        # Wall time and epoch count of each block released on the low-count side.
+        self.released: list[tuple[float, int]] = []
 
     def __call__(self, kind: str, node: str, **fields) -> None:
         with self.lock:
@@ -112,6 +114,7 @@ class Progress:
                            f"QBER {fields['qber']:.4f} over {fields['bits']} bits")
             elif kind == "block" and node == "low":
                 record = fields["record"]
+                self.released.append((self.last_event, record.num_epochs))
                 self.blocks += 1
                 self.final_bits += record.final_bits
                 self.key_epochs += record.num_epochs
