@@ -14,7 +14,8 @@ block lengths (the mean epochs per released block times 0.537 s). A stage that f
 behind builds a backlog that grows with the run, so its lag exceeds that bound on a
 long enough run.
 
-    python benches/link_rate.py [--epochs 20] [--rates 1e5,1e6,4e6] [--real-time]
+    python benches/link_rate.py [--epochs 20] [--rates 1e5,1e6,4e6] [--block-seconds 0.1]
+        [--real-time]
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ def simulator_seconds(pair_rate: float, epochs: int, seed: int) -> float:
     return time.perf_counter() - started
 
 
-def run(pair_rate: float, epochs: int, seed: int, real_time: bool) -> dict:
+def run(pair_rate: float, epochs: int, seed: int, real_time: bool,
+        block_seconds: float = 0.1) -> dict:
     """Run both nodes until the input is used up; time until the last epoch or block."""
     with tempfile.TemporaryDirectory() as workdir:
         args = argparse.Namespace(events_high=None, events_low=None, epochs=epochs,
                                   pair_rate=pair_rate, qber=0.03, seed=seed, real_time=real_time,
-                                  block_bits=max(20000, int(pair_rate * 0.1)))
+                                  block_bits=max(20000, int(pair_rate * block_seconds)))
         high_config, low_config = node_configs(Path(workdir), args)
         progress = Progress(io.StringIO(), quiet=True)
         factory = shared_simulator_factory(high_config)
@@ -85,6 +87,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--rates", default="1e5,1e6,4e6")
     parser.add_argument("--seed", type=int, default=11)
+    # About a tenth of the pairs become raw key (20 % reach the low-count side, half of
+    # those have matching bases), so the default makes blocks of about 1 s of raw key.
+    parser.add_argument("--block-seconds", type=float, default=0.1,
+                        help="minimal raw key bits per block: the pair rate times this many "
+                             "seconds (default 0.1, about 1 s of raw key)")
     parser.add_argument("--real-time", action="store_true",
                         help="pace the simulated events at the wall clock")
     args = parser.parse_args()
@@ -97,7 +104,7 @@ def main() -> None:
     for rate in (float(r) for r in args.rates.split(",")):
         load_before = os.getloadavg()[0]
         baseline = simulator_seconds(rate, args.epochs, args.seed)
-        result = run(rate, args.epochs, args.seed, args.real_time)
+        result = run(rate, args.epochs, args.seed, args.real_time, args.block_seconds)
         load_after = os.getloadavg()[0]
         # Every simulated pair gives one high-count side event (no loss on that side).
         matching_kept_up = args.real_time and result["lag_s"] < 2 * EPOCH_SECONDS
