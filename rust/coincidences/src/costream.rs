@@ -230,19 +230,42 @@ struct Type1Events {
     base: u64,
 }
 
-/// Per-epoch outputs and counters of the type-2 epoch being matched.
+/// Counters of the type-2 epoch being matched, and its kept events.
 #[derive(Debug)]
 struct OpenEpoch {
     epoch: u32,
     type2_events: u32,
     coincidences: u32,
     accidentals: u32,
-    tests: u32,
     histogram: [u32; HISTOGRAM_BINS],
-    key_bases: Vec<u8>,
+    /// One slot per type-2 event of the epoch; the first `kept_count` hold the kept
+    /// events as [`kept_entry`] words, in type-2 order. The slot after them is scratch:
+    /// every examined pair writes it, and only a kept one advances `kept_count`, so
+    /// the matching loop has no branch on the sifting outcome.
+    kept_events: Vec<u64>,
+    kept_count: usize,
+    /// Encoder with the type-4 width of this epoch; the entries go in at closing.
     type4: Type4Encoder,
-    type3: BitWriter,
-    type5: BitWriter,
+}
+
+/// Sifting outcome of one pattern pair as the matching loop stores it: the type-3 or
+/// type-5 value in bits 0..=7, the type-4 data in bits 8..=15, [`SIFT_TEST`] and
+/// [`SIFT_KEEP`].
+const SIFT_TEST: u32 = 1 << 16;
+const SIFT_KEEP: u32 = 1 << 31;
+
+/// Returns the word stored for a kept event: the type-2 index in bits 32..=63, the
+/// remote data `p2` in bits 24..=27 and the sifting code's bits 0..=16.
+#[inline(always)]
+fn kept_entry(index: u32, p2: u8, code: u32) -> u64 {
+    u64::from(index) << 32 | u64::from(p2) << 24 | u64::from(code & (SIFT_TEST | 0xFFFF))
+}
+
+/// Stream whose current file a matching step has run past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Exhausted {
+    Type1,
+    Type2,
 }
 
 /// Division by a divisor fixed for the whole run, as one multiplication and one shift
@@ -280,11 +303,10 @@ impl FixedDivisor {
             return n / self.divisor;
         }
         let q = ((u128::from(n.unsigned_abs()) * u128::from(self.multiplier)) >> self.shift) as i64;
-        if n < 0 {
-            -q
-        } else {
-            q
-        }
+        // The sign of a tracking pair's diff is random, so it is applied without a
+        // branch: `sign` is 0 or -1, and (q ^ -1) - (-1) = -q.
+        let sign = n >> 63;
+        (q ^ sign) - sign
     }
 }
 
@@ -346,6 +368,10 @@ impl ClockServo {
 pub struct Costream {
     config: CostreamConfig,
     protocol: CostreamProtocol,
+    /// The protocol's outcome per `p1 | p2 << 4` as `SIFT_*` codes.
+    sift_codes: [u32; 256],
+    /// Kept-event slots of the last closed epoch, reused by the next one.
+    spare_kept: Vec<u64>,
 
     // Type-1 stream: queued files, the file being read, and the current event.
     queue1: VecDeque<Type1Events>,
@@ -368,7 +394,6 @@ pub struct Costream {
     position2: usize,
     next_epoch2: u32,
     t2: u64,
-    p2: u8,
     need2: bool,
     extended: Option<bool>,
 
@@ -441,6 +466,8 @@ impl Costream {
         // either stream are never dropped as out of order.
         let start_time = u64::from(config.start_epoch.wrapping_sub(1)) << 32;
         Ok(Costream {
+            sift_codes: sift_codes(&protocol),
+            spare_kept: Vec::new(),
             servo: ClockServo::new(config.track_filter),
             corrector: config.frequency_correction,
             offset: config.time_offset,
@@ -460,7 +487,6 @@ impl Costream {
             position2: 0,
             next_epoch2: config.start_epoch,
             t2: start_time,
-            p2: 0,
             need2: true,
             extended: None,
             long_width: (INITIAL_TYPE4_WIDTH as i32) << 8,
@@ -608,15 +634,14 @@ impl Costream {
         if self.done {
             return Ok(Need::Done);
         }
-        let window = self.config.coincidence_window;
-        let tracking = self.config.tracking_window;
-        let accidental = self.config.accidental_distance;
-        let accidental_floor = accidental - 2 * window;
-        let tracking_on = self.config.track_filter != 0;
         loop {
-            let diff = (self.t1.wrapping_sub(self.t2) as i64).wrapping_add(self.offset);
-            if self.need1 || diff < -tracking {
-                if self.position1 == self.current1.words.len() {
+            let exhausted = if self.skew == [0; 16] {
+                self.match_current_files::<false>()
+            } else {
+                self.match_current_files::<true>()
+            };
+            match exhausted {
+                Exhausted::Type1 => {
                     let Some(next) = self.queue1.pop_front() else {
                         return Ok(Need::Type1(self.next_epoch1));
                     };
@@ -625,17 +650,10 @@ impl Costream {
                     let finished = std::mem::replace(&mut self.current1, next);
                     self.spare1 = finished.words;
                     self.position1 = 0;
-                    continue;
                 }
-                if self.scan_type1(-tracking) {
-                    self.need1 = false;
-                }
-                continue;
-            }
-            if self.need2 || diff > accidental {
-                if self.position2 == self.current2.times.len() {
+                Exhausted::Type2 => {
                     if let Some(open) = self.open.take() {
-                        closed.push(self.close_epoch(open));
+                        closed.push(self.close_epoch(open)?);
                         self.epochs_done += 1;
                     }
                     if self.config.epoch_count > 0 && self.epochs_done >= self.config.epoch_count {
@@ -649,111 +667,113 @@ impl Costream {
                     self.next_epoch2 = next.epoch.wrapping_add(1);
                     self.current2 = next;
                     self.position2 = 0;
+                }
+            }
+        }
+    }
+
+    /// Runs the reference's matching loop over the current type-1 and type-2 files
+    /// until a step needs the next file of one stream, and returns that stream.
+    ///
+    /// One pass of the reference loop, with `diff = t1 - t2 + Δ`: take a type-1 event
+    /// while `need1` or `diff < -U`, else a type-2 event while `need2` or `diff > A`,
+    /// else examine the pair and set both `need` flags. The state lives in locals
+    /// here and goes back to `self` on return, so the next call resumes exactly.
+    /// `SKEWED` is false when every skew is 0, which saves a table lookup per type-1
+    /// event.
+    fn match_current_files<const SKEWED: bool>(&mut self) -> Exhausted {
+        let tracking = self.config.tracking_window;
+        let accidental = self.config.accidental_distance;
+        let type1 = Type1Scan {
+            words: &self.current1.words,
+            base: self.current1.base,
+            skew: self.skew,
+        };
+        let times = &self.current2.times[..];
+        let patterns = &self.current2.patterns[..];
+        let mut examiner = Examiner {
+            window: self.config.coincidence_window,
+            accidental_floor: accidental - 2 * self.config.coincidence_window,
+            tracking,
+            tracking_on: self.config.track_filter != 0,
+            time_offset: self.config.time_offset,
+            codes: &self.sift_codes,
+            servo: &mut self.servo,
+            open: self.open.as_mut(),
+            drift: self.drift,
+        };
+
+        let (mut t1, mut p1, mut position1, mut need1) =
+            (self.t1, self.p1, self.position1, self.need1);
+        let (mut t2, mut position2, mut need2) = (self.t2, self.position2, self.need2);
+        let mut offset = self.offset;
+
+        let exhausted = 'steps: loop {
+            let diff = (t1.wrapping_sub(t2) as i64).wrapping_add(offset);
+            if need1 || diff < -tracking {
+                if position1 == type1.words.len() {
+                    break Exhausted::Type1;
+                }
+                if type1.scan::<SKEWED>(&mut position1, &mut t1, &mut p1, t2, offset, -tracking) {
+                    need1 = false;
+                }
+                continue;
+            }
+            if !(need2 || diff > accidental) {
+                // Here -U <= diff <= A: examine the pair and consume both events.
+                let index = position2 - 1;
+                offset = examiner.examine(diff, t1, p1, patterns[index], index as u32, offset);
+                need1 = true;
+                need2 = true;
+                continue;
+            }
+            // The next step takes a type-2 event, and no type-1 event is pending. From
+            // here the steps repeat per type-2 event, with `need1` and `need2` implied
+            // by the place in the loop; any other case goes back to the general steps.
+            loop {
+                if position2 == times.len() {
+                    need2 = true;
+                    break 'steps Exhausted::Type2;
+                }
+                t2 = times[position2];
+                position2 += 1;
+                let diff = loop {
+                    let diff = (t1.wrapping_sub(t2) as i64).wrapping_add(offset);
+                    if diff >= -tracking {
+                        break diff;
+                    }
+                    if !type1.scan::<SKEWED>(
+                        &mut position1,
+                        &mut t1,
+                        &mut p1,
+                        t2,
+                        offset,
+                        -tracking,
+                    ) {
+                        (need1, need2) = (true, false);
+                        continue 'steps;
+                    }
+                };
+                if diff > accidental {
                     continue;
                 }
-                self.scan_type2(accidental);
-                self.need2 = false;
-                continue;
-            }
-            // Here -U <= diff <= A: examine the pair and consume both events.
-            let open = self
-                .open
-                .as_mut()
-                .expect("a type-2 event implies an open epoch");
-            if let Some(bin) = histogram_bin(diff) {
-                open.histogram[bin] += 1;
-            }
-            if diff > accidental_floor {
-                open.accidentals += 1;
-            }
-            if -window < diff && diff < window {
-                open.coincidences += 1;
-                let index = (self.position2 - 1) as u32;
-                match self.protocol.sift(self.p1, self.p2) {
-                    Sift::Discard => {}
-                    Sift::Key { value, data } => {
-                        open.type3.put(u32::from(value), self.protocol.type3_bits);
-                        if self.protocol.index == 1 {
-                            open.key_bases.push(self.p2);
-                        }
-                        push_type4(open, index, data)?;
-                    }
-                    Sift::Test { value, data } => {
-                        open.type5.put(u32::from(value), self.protocol.type5_bits);
-                        open.tests += 1;
-                        push_type4(open, index, data)?;
-                    }
+                let index = position2 - 1;
+                offset = examiner.examine(diff, t1, p1, patterns[index], index as u32, offset);
+                // Both events are consumed: take the next type-1 event, scanning
+                // against this type-2 event as the reference does, then the next
+                // type-2 event.
+                if !type1.scan::<SKEWED>(&mut position1, &mut t1, &mut p1, t2, offset, -tracking) {
+                    (need1, need2) = (true, true);
+                    continue 'steps;
                 }
             }
-            if tracking_on && diff < tracking {
-                self.drift = self.servo.update(diff, self.t1);
-                self.offset = self.config.time_offset.wrapping_sub(self.drift);
-            }
-            self.need1 = true;
-            self.need2 = true;
-        }
-    }
+        };
 
-    /// Takes type-1 events of the current file until one is accepted with
-    /// `diff >= floor`; returns false when the file ends first.
-    ///
-    /// This is the reference's one-event-per-pass loop in one scan: events not later
-    /// than the last accepted one are dropped, every other event becomes the current
-    /// one, and the scan goes on while `diff < floor`. The offset cannot change here
-    /// because the servo only runs on examined pairs.
-    #[inline]
-    fn scan_type1(&mut self, floor: i64) -> bool {
-        let words = &self.current1.words[..];
-        let (base, skew) = (self.current1.base, &self.skew);
-        let (t2, offset) = (self.t2, self.offset);
-        let mut t1 = self.t1;
-        let mut accepted = None;
-        let mut position = self.position1;
-        let mut found = false;
-        while position < words.len() {
-            let word = words[position];
-            position += 1;
-            let time = (word >> 15)
-                .wrapping_add(base)
-                .wrapping_add(skew[(word & 0xF) as usize]);
-            // Out-of-order events (after skew) are dropped.
-            if time <= t1 {
-                continue;
-            }
-            t1 = time;
-            accepted = Some(word);
-            if (t1.wrapping_sub(t2) as i64).wrapping_add(offset) >= floor {
-                found = true;
-                break;
-            }
-        }
-        self.position1 = position;
-        if let Some(word) = accepted {
-            self.t1 = t1;
-            self.p1 = (word & 0xF) as u8;
-        }
-        found
-    }
-
-    /// Takes type-2 events of the current file until `diff <= ceiling` or the file ends.
-    /// At least one event is taken; the caller checks that one is left.
-    #[inline]
-    fn scan_type2(&mut self, ceiling: i64) {
-        let times = &self.current2.times[..];
-        let (t1, offset) = (self.t1, self.offset);
-        let mut position = self.position2;
-        loop {
-            let t2 = times[position];
-            position += 1;
-            if position == times.len()
-                || (t1.wrapping_sub(t2) as i64).wrapping_add(offset) <= ceiling
-            {
-                break;
-            }
-        }
-        self.t2 = times[position - 1];
-        self.p2 = self.current2.patterns[position - 1];
-        self.position2 = position;
+        self.drift = examiner.drift;
+        (self.t1, self.p1, self.position1, self.need1) = (t1, p1, position1, need1);
+        (self.t2, self.position2, self.need2) = (t2, position2, need2);
+        self.offset = offset;
+        exhausted
     }
 
     fn open_epoch(&mut self, events: &EpochEvents) -> Result<(), CoincidenceError> {
@@ -771,68 +791,111 @@ impl Costream {
             events.length,
             self.type4_width
         );
+        // Only grows: the slots past the kept events are never read.
+        let mut kept_events = std::mem::take(&mut self.spare_kept);
+        if kept_events.len() < events.times.len() {
+            kept_events.resize(events.times.len(), 0);
+        }
         self.open = Some(OpenEpoch {
             epoch: events.epoch,
             type2_events: events.length,
             coincidences: 0,
             accidentals: 0,
-            tests: 0,
             histogram: [0; HISTOGRAM_BINS],
-            key_bases: Vec::new(),
+            kept_events,
+            kept_count: 0,
             type4,
-            type3: BitWriter::new(),
-            type5: BitWriter::new(),
         });
         Ok(())
     }
 
-    fn close_epoch(&mut self, open: OpenEpoch) -> ClosedEpoch {
+    fn close_epoch(&mut self, open: OpenEpoch) -> Result<ClosedEpoch, CoincidenceError> {
+        let OpenEpoch {
+            epoch,
+            type2_events,
+            coincidences,
+            accidentals,
+            histogram,
+            kept_events,
+            kept_count,
+            type4: mut type4_encoder,
+        } = open;
+        let protocol = &self.protocol;
+        let mut type3_writer = BitWriter::new();
+        let mut type5_writer = BitWriter::new();
+        let mut key_bases = Vec::new();
+        if protocol.index == 1 {
+            key_bases.reserve(kept_count);
+        }
+        let mut tests = 0u32;
+        for &entry in &kept_events[..kept_count] {
+            let value = (entry & 0xFF) as u32;
+            let data = (entry >> 8) as u8;
+            if entry & u64::from(SIFT_TEST) != 0 {
+                type5_writer.put(value, protocol.type5_bits);
+                tests += 1;
+            } else {
+                type3_writer.put(value, protocol.type3_bits);
+                if protocol.index == 1 {
+                    key_bases.push((entry >> 24) as u8 & 0xF);
+                }
+            }
+            type4_encoder
+                .push((entry >> 32) as u32, data)
+                .map_err(|source| CoincidenceError::Format {
+                    stream: Stream::Type4,
+                    epoch,
+                    source,
+                })?;
+        }
+        self.spare_kept = kept_events;
+
         let extended = self.extended.unwrap_or(false);
-        let kept = open.type4.len();
+        let kept = type4_encoder.len();
         let policy = self.config.zero_policy;
         let type4_width = self.type4_width;
         let mut width_servo = None;
         let mut type4 = None;
         if kept > 0 || policy != ZeroPolicy::NoFiles {
-            type4 = Some(open.type4.finish(open.epoch, extended));
+            type4 = Some(type4_encoder.finish(epoch, extended));
             if kept > 0 {
-                width_servo = self.update_type4_width(open.type2_events, kept);
+                width_servo = self.update_type4_width(type2_events, kept);
             }
         }
         let mut type3 = None;
         let mut type5 = None;
         if kept > 0 || policy == ZeroPolicy::BothFiles {
-            let key = kept - open.tests;
+            let key = kept - tests;
             type3 = Some(bit_file(
-                open.epoch,
+                epoch,
                 extended,
                 key,
                 self.protocol.type3_bits,
-                open.type3,
+                type3_writer,
             ));
             if self.config.type5_output {
                 type5 = Some(bit_file(
-                    open.epoch,
+                    epoch,
                     extended,
-                    open.tests,
+                    tests,
                     self.protocol.type5_bits,
-                    open.type5,
+                    type5_writer,
                 ));
             }
         }
         let closed = ClosedEpoch {
-            epoch: open.epoch,
-            type2_events: open.type2_events,
+            epoch,
+            type2_events,
             kept,
-            tests: open.tests,
+            tests,
             type4_width,
             next_type4_width: self.type4_width,
             tracked_drift: self.drift,
-            accidentals: open.accidentals,
-            coincidences: open.coincidences,
+            accidentals,
+            coincidences,
             type1_events: self.type1_events,
-            histogram: open.histogram.to_vec(),
-            key_bases: open.key_bases,
+            histogram: histogram.to_vec(),
+            key_bases,
             width_servo,
             type4,
             type3,
@@ -847,7 +910,7 @@ impl Costream {
             closed.kept,
             closed.tracked_drift
         );
-        closed
+        Ok(closed)
     }
 
     /// Adapts the type-4 width to the mean index distance of kept events, as the
@@ -898,15 +961,125 @@ fn check_window(
     })
 }
 
-#[inline]
-fn push_type4(open: &mut OpenEpoch, index: u32, data: u8) -> Result<(), CoincidenceError> {
-    open.type4
-        .push(index, data)
-        .map_err(|source| CoincidenceError::Format {
-            stream: Stream::Type4,
-            epoch: open.epoch,
-            source,
-        })
+/// What examining a pair updates: the counters and kept events of the open epoch,
+/// and the clock servo.
+struct Examiner<'a> {
+    window: i64,
+    accidental_floor: i64,
+    tracking: i64,
+    tracking_on: bool,
+    time_offset: i64,
+    codes: &'a [u32; 256],
+    servo: &'a mut ClockServo,
+    /// None only before the first type-2 file, when there is no pair to examine.
+    open: Option<&'a mut OpenEpoch>,
+    /// Tracked drift `ft` in ticks.
+    drift: i64,
+}
+
+impl Examiner<'_> {
+    /// Counts the pair with time difference `diff`, keeps it if the protocol does, feeds
+    /// the servo, and returns the offset in use after it.
+    ///
+    /// Kept out of line: inlined, its state would crowd the scans' registers.
+    #[inline(never)]
+    fn examine(&mut self, diff: i64, t1: u64, p1: u8, p2: u8, index: u32, offset: i64) -> i64 {
+        let open = self
+            .open
+            .as_deref_mut()
+            .expect("a type-2 event implies an open epoch");
+        if let Some(bin) = histogram_bin(diff) {
+            open.histogram[bin] += 1;
+        }
+        open.accidentals += u32::from(diff > self.accidental_floor);
+        let coincident = -self.window < diff && diff < self.window;
+        open.coincidences += u32::from(coincident);
+        // The sifting outcome is random (a basis match or not), so it is stored
+        // without a branch; see `OpenEpoch::kept_events`.
+        let code = self.codes[usize::from(p1 | p2 << 4)];
+        open.kept_events[open.kept_count] = kept_entry(index, p2, code);
+        open.kept_count += usize::from(coincident) & (code >> 31) as usize;
+        if self.tracking_on && diff < self.tracking {
+            self.drift = self.servo.update(diff, t1);
+            return self.time_offset.wrapping_sub(self.drift);
+        }
+        offset
+    }
+}
+
+/// The type-1 file being matched, read in place: times are computed from the raw words
+/// as the scan reaches them.
+struct Type1Scan<'a> {
+    words: &'a [u64],
+    /// Added to `word >> 15` so that epoch bits 15..31 come from the file label.
+    base: u64,
+    /// Skew in ticks per detector pattern (two's complement).
+    skew: [u64; 16],
+}
+
+impl Type1Scan<'_> {
+    /// Takes events from `position` until one is accepted with `diff >= floor`;
+    /// returns false when the file ends first.
+    ///
+    /// This is the reference's one-event-per-pass loop in one scan: events not later
+    /// than the last accepted one (`t1`) are dropped, every other event becomes the
+    /// current one (`t1`, `p1`), and the scan goes on while `diff < floor`. The offset
+    /// cannot change here because the servo only runs on examined pairs.
+    #[inline(always)]
+    fn scan<const SKEWED: bool>(
+        &self,
+        position: &mut usize,
+        t1: &mut u64,
+        p1: &mut u8,
+        t2: u64,
+        offset: i64,
+        floor: i64,
+    ) -> bool {
+        let mut time_last = *t1;
+        let mut accepted = None;
+        let mut found = false;
+        let mut next = *position;
+        while next < self.words.len() {
+            let word = self.words[next];
+            next += 1;
+            let mut time = (word >> 15).wrapping_add(self.base);
+            if SKEWED {
+                time = time.wrapping_add(self.skew[(word & 0xF) as usize]);
+            }
+            // Out-of-order events (after skew) are dropped.
+            if time <= time_last {
+                continue;
+            }
+            time_last = time;
+            accepted = Some(word);
+            if (time.wrapping_sub(t2) as i64).wrapping_add(offset) >= floor {
+                found = true;
+                break;
+            }
+        }
+        *position = next;
+        if let Some(word) = accepted {
+            *t1 = time_last;
+            *p1 = (word & 0xF) as u8;
+        }
+        found
+    }
+}
+
+/// Returns the `SIFT_*` code of every `p1 | p2 << 4`.
+fn sift_codes(protocol: &CostreamProtocol) -> [u32; 256] {
+    let mut codes = [0u32; 256];
+    for (pair, code) in codes.iter_mut().enumerate() {
+        let (p1, p2) = (pair as u8 & 0xF, (pair >> 4) as u8);
+        *code = match protocol.sift(p1, p2) {
+            Sift::Discard => 0,
+            Sift::Key { value, data } => SIFT_KEEP | u32::from(data) << 8 | u32::from(value),
+            Sift::Test { value, data } => {
+                SIFT_KEEP | SIFT_TEST | u32::from(data) << 8 | u32::from(value)
+            }
+        };
+    }
+    codes
 }
 
 /// Returns the skew of each 4-bit detector pattern: `skews[i]` for the single detector
