@@ -249,16 +249,16 @@ struct OpenEpoch {
 }
 
 /// Sifting outcome of one pattern pair as the matching loop stores it: the type-3 or
-/// type-5 value in bits 0..=7, the type-4 data in bits 8..=15, [`SIFT_TEST`] and
-/// [`SIFT_KEEP`].
+/// type-5 value in bits 0..=7, the type-4 data in bits 8..=15, [`SIFT_TEST`], the
+/// remote data `p2` in bits 24..=27 and [`SIFT_KEEP`].
 const SIFT_TEST: u32 = 1 << 16;
 const SIFT_KEEP: u32 = 1 << 31;
 
-/// Returns the word stored for a kept event: the type-2 index in bits 32..=63, the
-/// remote data `p2` in bits 24..=27 and the sifting code's bits 0..=16.
+/// Returns the word stored for a kept event: the type-2 index in bits 32..=63 and the
+/// sifting code in bits 0..=31.
 #[inline(always)]
-fn kept_entry(index: u32, p2: u8, code: u32) -> u64 {
-    u64::from(index) << 32 | u64::from(p2) << 24 | u64::from(code & (SIFT_TEST | 0xFFFF))
+fn kept_entry(index: u32, code: u32) -> u64 {
+    u64::from(index) << 32 | u64::from(code)
 }
 
 /// Stream whose current file a matching step has run past.
@@ -271,38 +271,51 @@ enum Exhausted {
 /// Division by a divisor fixed for the whole run, as one multiplication and one shift
 /// (Granlund and Montgomery, 1994), with the result of C's truncating `/`.
 ///
-/// For a divisor `d` >= 1, `l = ceil(log2 d)` and `m = ceil(2^(63 + l) / d)` (below
+/// For a divisor `d` >= 2, `l = ceil(log2 d)` and `m = ceil(2^(63 + l) / d)` (below
 /// 2^64), `floor(n · m / 2^(63 + l)) = floor(n / d)` for every `n < 2^63`, which covers
 /// the magnitude of every `i64` but `i64::MIN`; that one value takes the plain division.
+/// As `63 + l >= 64`, the shift takes the high word of the product and shifts it by
+/// `l - 1`. A divisor of 1 returns `n` itself.
 #[derive(Debug, Clone, Copy)]
 struct FixedDivisor {
     divisor: i64,
     multiplier: u64,
-    shift: u32,
+    /// `l - 1`, the shift applied to the high word of the product.
+    high_shift: u32,
 }
 
 impl FixedDivisor {
     /// Prepares division by `divisor`, which must be at least 1.
     fn new(divisor: i64) -> FixedDivisor {
         assert!(divisor >= 1, "FixedDivisor needs a divisor of 1 or more");
+        if divisor == 1 {
+            return FixedDivisor {
+                divisor,
+                multiplier: 0,
+                high_shift: 0,
+            };
+        }
         let d = divisor as u128;
         let l = 64 - (divisor as u64 - 1).leading_zeros();
-        let shift = 63 + l;
-        let multiplier = ((1u128 << shift).div_ceil(d)) as u64;
+        let multiplier = ((1u128 << (63 + l)).div_ceil(d)) as u64;
         FixedDivisor {
             divisor,
             multiplier,
-            shift,
+            high_shift: l - 1,
         }
     }
 
     /// Returns `n / divisor`, rounded toward zero.
     #[inline]
     fn divide(&self, n: i64) -> i64 {
+        if self.divisor == 1 {
+            return n;
+        }
         if n == i64::MIN {
             return n / self.divisor;
         }
-        let q = ((u128::from(n.unsigned_abs()) * u128::from(self.multiplier)) >> self.shift) as i64;
+        let high = (u128::from(n.unsigned_abs()) * u128::from(self.multiplier)) >> 64;
+        let q = ((high as u64) >> self.high_shift) as i64;
         // The sign of a tracking pair's diff is random, so it is applied without a
         // branch: `sign` is 0 or -1, and (q ^ -1) - (-1) = -q.
         let sign = n >> 63;
@@ -1006,7 +1019,7 @@ impl Examiner<'_> {
         // The sifting outcome is random (a basis match or not), so it is stored
         // without a branch; see `OpenEpoch::kept_events`.
         let code = self.codes[usize::from(p1 | p2 << 4)];
-        open.kept_events[open.kept_count] = kept_entry(index, p2, code);
+        open.kept_events[open.kept_count] = kept_entry(index, code);
         open.kept_count += usize::from(coincident) & (code >> 31) as usize;
         if self.tracking_on && diff < self.tracking {
             self.drift = self.servo.update(diff, t1);
@@ -1144,7 +1157,7 @@ fn sift_codes(protocol: &CostreamProtocol) -> [u32; 256] {
             Sift::Test { value, data } => {
                 SIFT_KEEP | SIFT_TEST | u32::from(data) << 8 | u32::from(value)
             }
-        };
+        } | u32::from(p2) << 24;
     }
     codes
 }
