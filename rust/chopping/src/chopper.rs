@@ -88,6 +88,10 @@ pub struct Chopper {
 /// Events converted per step when fed as words.
 const RUN_EVENTS: usize = 1 << 16;
 
+/// Events checked and encoded per pass of [`Chopper::accept_run`]; their type-2 entries
+/// and patterns wait in two arrays on the stack, 9 bytes per event.
+const PASS_EVENTS: usize = 512;
+
 impl Chopper {
     /// Creates a chopper writing type-2 files to `type2` and type-3 files to `type3`.
     pub fn new(
@@ -255,58 +259,95 @@ impl Chopper {
     /// most the maximum gap, and after the previous encoded offset. Returns how many it
     /// took; the caller handles the next event one at a time. The bits are the same as
     /// event-by-event processing.
+    ///
+    /// The events go in passes of [`PASS_EVENTS`]: one loop checks them and computes
+    /// their type-2 entries, then the type-2 and type-3 encoders take the whole pass.
+    /// Three short loops keep their state in registers, where one loop doing all three
+    /// kept much of it on the stack.
     fn accept_run(&mut self, bytes: &[u8]) -> usize {
         if !self.started || self.flushed {
             return 0;
         }
-        let current = u64::from(self.current);
-        let max_gap = self.order.max_gap;
-        let mut last = self.order.last;
-        let mut previous = self.previous_offset;
-        let mut encoded = self.encoded_offset;
-        let mut counts = [0u32; 16];
         let proto = self.protocol;
-        let Some(mut type2) = self.type2.run_writer() else {
-            // Degenerate widths: every event goes through the reference emulation.
-            return 0;
-        };
-        let mut type3 = self.type3.run_writer(proto.type3_bits);
-        let mut n = 0;
-        for c in bytes.chunks_exact(8) {
-            let word = legacy_word(c.try_into().expect("8-byte record"));
-            let time = word >> 15;
-            let offset = time as u32;
-            let outside = (word >> 47) != current
-                || time < last
-                || (max_gap > 0 && time - last > max_gap)
-                || offset <= previous;
-            if outside {
+        let mut events = [0u64; PASS_EVENTS];
+        let mut patterns = [0u8; PASS_EVENTS];
+        let mut accepted = 0;
+        for records in bytes.chunks(8 * PASS_EVENTS) {
+            let n = self.check_pass(records, &mut events, &mut patterns);
+            self.type2.push_packed(&events[..n]);
+            self.type3
+                .put_mapped(&patterns[..n], &proto.type3_values, proto.type3_bits);
+            accepted += n;
+            if n < records.len() / 8 {
                 break;
             }
-            let pattern = (word & 0xF) as usize;
-            let diff;
-            (diff, encoded) = type2_difference(offset, encoded);
-            type2.push(diff, u32::from(proto.type2_values[pattern]));
-            type3.put(u32::from(proto.type3_values[pattern]));
-            counts[pattern] += 1;
-            previous = offset;
-            last = time;
-            n += 1;
         }
-        drop(type2);
-        drop(type3);
-        if n == 0 {
+        self.stats.events_in += accepted as u64;
+        self.stats.accepted += accepted as u64;
+        accepted
+    }
+
+    /// Checks the leading events of `records` (at most [`PASS_EVENTS`]) as
+    /// [`Chopper::accept_run`] describes. Stores each accepted event for
+    /// [`Type2Encoder::push_packed`] and its pattern. Returns how many it accepted.
+    fn check_pass(
+        &mut self,
+        records: &[u8],
+        events: &mut [u64; PASS_EVENTS],
+        patterns: &mut [u8; PASS_EVENTS],
+    ) -> usize {
+        let epoch_start = u64::from(self.current) << 32;
+        let last = self.order.last;
+        if last != epoch_start | u64::from(self.previous_offset) {
+            // After an event dropped by rule C, `last` lies in another epoch. The checks
+            // below measure from the previous encoded event, so `process` takes over
+            // until an event is encoded again.
             return 0;
+        }
+        let epoch_end = epoch_start + (1 << 32);
+        // An event is accepted when it is 0 to `gap_bound - 1` ticks after `earliest`,
+        // one tick after the previous event. Every later event of the same epoch is less
+        // than 2^32 ticks after the previous one.
+        let mut earliest = last + 1;
+        let gap_bound = match self.order.max_gap {
+            0 => 1 << 32,
+            gap => gap.min(1 << 32),
+        };
+        // Decoder's time: the epoch start plus the differences sent so far.
+        let mut encoded = epoch_start + self.encoded_offset;
+        let type2_values = &self.protocol.type2_values;
+        let base_bits = self.protocol.type2_bits;
+        let mut counts = [0u32; 16];
+        let mut n = 0;
+        let slots = events.iter_mut().zip(patterns.iter_mut());
+        for (c, (event_slot, pattern_slot)) in records.chunks_exact(8).zip(slots) {
+            let word = legacy_word(c.try_into().expect("8-byte record"));
+            let time = word >> 15;
+            if time.wrapping_sub(earliest) >= gap_bound || time >= epoch_end {
+                break;
+            }
+            // The same rule as `type2_difference`, on times instead of offsets.
+            let decoded = time.max(encoded + 2);
+            let pattern = (word & 0xF) as usize;
+            *event_slot = Type2Encoder::packed_event(
+                (decoded - encoded) as u32,
+                u32::from(type2_values[pattern]),
+                base_bits,
+            );
+            encoded = decoded;
+            *pattern_slot = pattern as u8;
+            counts[pattern] += 1;
+            earliest = time + 1;
+            n += 1;
         }
         for (pattern, &count) in counts.iter().enumerate() {
             self.histogram[pattern] += u64::from(count);
             self.epoch_histogram[pattern] += count;
         }
+        let last = earliest - 1;
         self.order.last = last;
-        self.previous_offset = previous;
-        self.encoded_offset = encoded;
-        self.stats.events_in += n as u64;
-        self.stats.accepted += n as u64;
+        self.previous_offset = last as u32;
+        self.encoded_offset = encoded - epoch_start;
         n
     }
 
@@ -548,6 +589,7 @@ fn type2_difference(offset: u32, encoded: u64) -> (u32, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::{file_listing, messy_events};
 
     fn event(high: u32, low: u32) -> u64 {
         (u64::from(high) << 32) | u64::from(low)
@@ -584,6 +626,78 @@ mod tests {
         .unwrap();
         let summaries = chopper.feed(input).unwrap();
         (dir, summaries)
+    }
+
+    /// Runs `config` on `input` twice: through `feed`, which takes ordinary events in
+    /// blocks, and through `process` alone. Both must write the same files and return
+    /// the same summaries and counts; returns those of the first run.
+    fn check_fast_path_equals_process(
+        config: ChopperConfig,
+        input: &[u64],
+    ) -> (Vec<EpochSummary>, ChopStats) {
+        let mut outcomes = Vec::new();
+        for fast in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let (t2, t3) = (dir.path().join("t2"), dir.path().join("t3"));
+            fs::create_dir(&t2).unwrap();
+            fs::create_dir(&t3).unwrap();
+            let mut chopper = Chopper::new(
+                config,
+                Destination::directory(&t2).unwrap(),
+                Destination::directory(&t3).unwrap(),
+            )
+            .unwrap();
+            let mut summaries = Vec::new();
+            if fast {
+                summaries.extend(chopper.feed(input).unwrap());
+            } else {
+                for &word in input {
+                    chopper.process(word).unwrap();
+                    summaries.extend(chopper.settle().unwrap());
+                }
+            }
+            summaries.extend(chopper.flush().unwrap());
+            let stats = chopper.stats();
+            drop(chopper);
+            outcomes.push((summaries, stats, file_listing(&t2), file_listing(&t3)));
+        }
+        assert!(outcomes[0].0 == outcomes[1].0, "summaries differ");
+        assert_eq!(outcomes[0].1, outcomes[1].1);
+        assert!(outcomes[0].2 == outcomes[1].2, "type-2 files differ");
+        assert!(outcomes[0].3 == outcomes[1].3, "type-3 files differ");
+        let (summaries, stats, _, _) = outcomes.swap_remove(0);
+        assert!(stats.dropped_backward > 0);
+        assert!(stats.dropped_not_after_previous > 0);
+        (summaries, stats)
+    }
+
+    #[test]
+    fn fast_path_equals_process() {
+        for (seed, protocol, servo_filter) in [(1, 1, 5), (2, 0, 0), (3, 5, 1), (4, 3, 5)] {
+            let config = ChopperConfig {
+                protocol,
+                servo_filter,
+                verbosity: 4,
+                ..Default::default()
+            };
+            let input = messy_events(seed, 100_000, 0);
+            let (summaries, _) = check_fast_path_equals_process(config, &input);
+            assert!(summaries.len() > 50, "only {} epochs", summaries.len());
+        }
+    }
+
+    #[test]
+    fn fast_path_equals_process_with_max_gap() {
+        let config = ChopperConfig {
+            max_gap_us: 25,
+            servo_filter: 5,
+            verbosity: 4,
+            ..Default::default()
+        };
+        let input = messy_events(5, 200_000, 25 * TICKS_PER_MICROSECOND);
+        let (summaries, stats) = check_fast_path_equals_process(config, &input);
+        assert!(summaries.len() > 3, "only {} epochs", summaries.len());
+        assert!(stats.dropped_gap > 0);
     }
 
     #[test]

@@ -169,6 +169,64 @@ pub(crate) fn suspicious_change(current: u32, new: u32) -> Option<&'static str> 
     }
 }
 
+/// Event words over several epochs from a fixed seed, for tests of the block fast paths
+/// against the event-by-event rules. The steps mix duplicates, backward steps, 1- and
+/// 2-tick steps and about 100000 ticks on average. With `max_gap` 0 there are
+/// escape-sized steps and steps to offset 0 of the next epoch too. Otherwise there are
+/// steps of exactly `max_gap` ticks, and one step above it near the end drops the rest
+/// of the stream (rule B).
+#[cfg(test)]
+pub(crate) fn messy_events(seed: u64, count: usize, max_gap: u64) -> Vec<u64> {
+    let mut state = seed;
+    let mut time = 0x4f86u64 << 32;
+    // Latest time so far: the time that rules A and B measure from.
+    let mut latest = time;
+    let mut pattern = 1u64;
+    let mut out = Vec::with_capacity(count);
+    for i in 0..count {
+        // splitmix64: deterministic and cheap.
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut r = state;
+        r = (r ^ (r >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        r = (r ^ (r >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        r ^= r >> 31;
+        time = match r % 1000 {
+            0..=4 => time - (r >> 56),
+            5..=9 => time,
+            10..=29 => time + 1,
+            30..=34 => time + 2,
+            35 if max_gap > 0 => latest + max_gap,
+            36 if max_gap == 0 => time + (1 << 24) + (r >> 40),
+            37 if max_gap == 0 => ((time >> 32) + 1) << 32,
+            _ => time + 1 + (r >> 40) % 200_000,
+        };
+        if max_gap > 0 && i == count - 100 {
+            time = latest + max_gap + 1;
+        }
+        latest = latest.max(time);
+        if r % 50 == 0 {
+            pattern = (r >> 8) & 0xF;
+        }
+        out.push((time << 15) | ((r >> 50) & 0x7FF) << 4 | pattern);
+    }
+    out
+}
+
+/// Names and contents of the files in `dir`, sorted by name, for tests that compare
+/// two runs.
+#[cfg(test)]
+pub(crate) fn file_listing(dir: &std::path::Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -53,37 +53,51 @@ impl BitWriter {
         }
     }
 
-    /// Returns a writer of many `width`-bit fields (1..=32) with its state in registers;
-    /// dropping it stores the state back. The bits equal those of [`BitWriter::put`].
-    #[inline]
-    pub fn run_writer(&mut self, width: u32) -> BitRunWriter<'_> {
-        debug_assert!((1..=32).contains(&width));
-        BitRunWriter {
-            acc: u64::from(self.acc) << 32,
-            filled: 32 - self.free,
-            width,
-            writer: self,
+    /// Appends `table[key & 0xF]` as a `width`-bit field (`width` in 1..=8) for each key in
+    /// `keys`, with the same bits as calling [`BitWriter::put`] for each. Widths that
+    /// divide 32 are packed a whole word at a time once the writer is at a word boundary.
+    pub fn put_mapped(&mut self, keys: &[u8], table: &[u8; 16], width: u32) {
+        debug_assert!((1..=8).contains(&width));
+        debug_assert!(table.iter().all(|&v| u32::from(v) >> width == 0));
+        let mut rest = keys;
+        // Fill the partial word field by field. With a width that divides 32 and a word
+        // filled by fields of that width, this ends at a word boundary.
+        while self.free < 32 {
+            let Some((&key, tail)) = rest.split_first() else {
+                return;
+            };
+            self.put(u32::from(table[usize::from(key & 0xF)]), width);
+            rest = tail;
+        }
+        rest = match width {
+            1 => self.put_mapped_words::<1>(rest, table),
+            2 => self.put_mapped_words::<2>(rest, table),
+            4 => self.put_mapped_words::<4>(rest, table),
+            8 => self.put_mapped_words::<8>(rest, table),
+            _ => rest,
+        };
+        for &key in rest {
+            self.put(u32::from(table[usize::from(key & 0xF)]), width);
         }
     }
 
-    /// Appends each value in `values` as a `width`-bit field (`width` in 1..=32); the same
-    /// as calling [`BitWriter::put`] for each, with the state kept in registers.
-    pub fn put_all(&mut self, values: impl Iterator<Item = u32>, width: u32) {
-        debug_assert!((1..=32).contains(&width));
-        // `acc` holds the unwritten bits left-aligned at bit 63; `filled` counts them.
-        let mut acc = u64::from(self.acc) << 32;
-        let mut filled = 32 - self.free;
-        for value in values {
-            acc |= u64::from(value) << (64 - filled - width);
-            filled += width;
-            if filled >= 32 {
-                self.words.push((acc >> 32) as u32);
-                acc <<= 32;
-                filled -= 32;
-            }
-        }
-        self.acc = (acc >> 32) as u32;
-        self.free = 32 - filled;
+    /// Appends whole words of `32 / WIDTH` mapped keys each, the writer being at a word
+    /// boundary; returns the keys left over for a partial word.
+    #[inline]
+    fn put_mapped_words<'k, const WIDTH: u32>(
+        &mut self,
+        keys: &'k [u8],
+        table: &[u8; 16],
+    ) -> &'k [u8] {
+        debug_assert_eq!(self.free, 32);
+        let groups = keys.chunks_exact((32 / WIDTH) as usize);
+        let rest = groups.remainder();
+        self.words.extend(groups.map(|group| {
+            group.iter().fold(0u32, |word, &key| {
+                (word << WIDTH) | u32::from(table[usize::from(key & 0xF)])
+            })
+        }));
+        rest
     }
 
     /// Number of bits written so far.
@@ -109,36 +123,6 @@ impl BitWriter {
             self.words.push(self.acc);
         }
         self.words
-    }
-}
-
-/// Fast writer of fixed-width fields, from [`BitWriter::run_writer`].
-pub struct BitRunWriter<'a> {
-    /// Unwritten bits left-aligned at bit 63; `filled` counts them, below 32 between puts.
-    acc: u64,
-    filled: u32,
-    width: u32,
-    writer: &'a mut BitWriter,
-}
-
-impl BitRunWriter<'_> {
-    /// Appends `value` (below 2^width) as one field.
-    #[inline(always)]
-    pub fn put(&mut self, value: u32) {
-        self.acc |= u64::from(value) << (64 - self.filled - self.width);
-        self.filled += self.width;
-        if self.filled >= 32 {
-            self.writer.words.push((self.acc >> 32) as u32);
-            self.acc <<= 32;
-            self.filled -= 32;
-        }
-    }
-}
-
-impl Drop for BitRunWriter<'_> {
-    fn drop(&mut self) {
-        self.writer.acc = (self.acc >> 32) as u32;
-        self.writer.free = 32 - self.filled;
     }
 }
 
@@ -205,9 +189,10 @@ pub fn words_from_le_bytes(bytes: &[u8], what: &'static str) -> Result<Vec<u32>,
 
 /// Appends 32-bit words as little-endian bytes.
 pub fn extend_le_bytes(out: &mut Vec<u8>, words: &[u32]) {
-    out.reserve(words.len() * 4);
-    for w in words {
-        out.extend_from_slice(&w.to_le_bytes());
+    let start = out.len();
+    out.resize(start + 4 * words.len(), 0);
+    for (bytes, word) in out[start..].chunks_exact_mut(4).zip(words) {
+        bytes.copy_from_slice(&word.to_le_bytes());
     }
 }
 
@@ -274,27 +259,26 @@ mod tests {
         }
 
         #[test]
-        fn put_all_equals_put(width in 1u32..=32, raw in prop::collection::vec(any::<u32>(), 0..100), lead in 0u32..32) {
-            let values: Vec<u32> = raw.iter().map(|v| if width == 32 { *v } else { v & ((1 << width) - 1) }).collect();
+        fn put_mapped_equals_put(
+            width in 1u32..=8,
+            raw_table in any::<[u8; 16]>(),
+            keys in prop::collection::vec(any::<u8>(), 0..300),
+            lead in 0u32..32,
+            split in 0usize..300,
+        ) {
+            let table = raw_table.map(|v| (u32::from(v) & ((1 << width) - 1)) as u8);
+            let split = split.min(keys.len());
             let mut one = BitWriter::new();
-            let mut all = BitWriter::new();
+            let mut mapped = BitWriter::new();
             one.put(0, lead);
-            all.put(0, lead);
-            for &v in &values {
-                one.put(v, width);
+            mapped.put(0, lead);
+            for &key in &keys {
+                one.put(u32::from(table[usize::from(key & 0xF)]), width);
             }
-            all.put_all(values.iter().copied(), width);
-            let mut run = BitWriter::new();
-            run.put(0, lead);
-            {
-                let mut w = run.run_writer(width);
-                for &v in &values {
-                    w.put(v);
-                }
-            }
-            let expected = one.finish();
-            prop_assert_eq!(&expected, &all.finish());
-            prop_assert_eq!(&expected, &run.finish());
+            mapped.put_mapped(&keys[..split], &table, width);
+            mapped.put_mapped(&keys[split..], &table, width);
+            prop_assert_eq!(one.bit_len(), mapped.bit_len());
+            prop_assert_eq!(one.finish(), mapped.finish());
         }
     }
 }

@@ -317,7 +317,11 @@ pub struct Type2Encoder {
     base_bits: u32,
     /// `2^T - 1` with the shift count taken modulo 32.
     mask: u32,
+    /// Full words in `words[..used]`. The words after them are scratch space that
+    /// [`Type2Encoder::push_packed`] writes ahead into, kept between packets so that it
+    /// is zeroed only when it grows.
     words: Vec<u32>,
+    used: usize,
     acc: u32,
     /// Free bits in `acc`; signed because degenerate widths can drive it below zero.
     free: i32,
@@ -342,6 +346,7 @@ impl Type2Encoder {
             base_bits: 0,
             mask: 0,
             words: Vec::new(),
+            used: 0,
             acc: 0,
             free: 32,
             count: 0,
@@ -355,7 +360,7 @@ impl Type2Encoder {
         self.time_order = time_order;
         self.base_bits = base_bits;
         self.mask = shl32(1, time_order as i32).wrapping_sub(1);
-        self.words.clear();
+        self.used = 0;
         self.acc = 0;
         self.free = 32;
         self.count = 0;
@@ -377,19 +382,28 @@ impl Type2Encoder {
     }
 
     #[inline]
+    fn push_word(&mut self, word: u32) {
+        match self.words.get_mut(self.used) {
+            Some(slot) => *slot = word,
+            None => self.words.push(word),
+        }
+        self.used += 1;
+    }
+
+    #[inline]
     fn put(&mut self, value: u32, width: i32) {
         if self.free >= width {
             self.acc |= shl32(value, self.free - width);
             self.free -= width;
             if self.free == 0 {
-                self.words.push(self.acc);
+                self.push_word(self.acc);
                 self.acc = 0;
                 self.free = 32;
             }
         } else {
             let spill = width - self.free;
             self.acc |= shr32(value, spill);
-            self.words.push(self.acc);
+            self.push_word(self.acc);
             self.free = 32 - spill;
             self.acc = shl32(value, self.free);
         }
@@ -405,10 +419,10 @@ impl Type2Encoder {
             // with the normal entry below the stream reads T zeros, 32-bit diff, value.
             let high = shr32(diff, self.time_order as i32);
             if self.free == 32 {
-                self.words.push(high);
+                self.push_word(high);
             } else {
                 self.acc |= shr32(high, 32 - self.free);
-                self.words.push(self.acc);
+                self.push_word(self.acc);
                 self.acc = shl32(high, self.free);
             }
         }
@@ -417,77 +431,50 @@ impl Type2Encoder {
         self.count += 1;
     }
 
-    /// Appends many events: `diffs[i]` with the value `values[patterns[i] & 0xF]`. Gives
-    /// the same bits as calling [`Type2Encoder::push`] for each event, faster.
-    pub fn push_run(&mut self, diffs: &[u32], patterns: &[u8], values: &[u8; 16]) {
-        debug_assert_eq!(diffs.len(), patterns.len());
+    /// Appends many events, each given as `(diff << D) | value` (see
+    /// [`Type2Encoder::packed_event`]). Gives the same bits as calling
+    /// [`Type2Encoder::push`] for each event, faster.
+    pub fn push_packed(&mut self, events: &[u64]) {
         let (t, d) = (self.time_order, self.base_bits);
-        if t > 31 || t + d > 32 {
+        let width = t + d;
+        if t > 31 || width > 32 || width == 0 {
             // Degenerate widths: only the word-level emulation gives the reference's bits.
-            for (&diff, &pattern) in diffs.iter().zip(patterns) {
-                self.push(diff, u32::from(values[usize::from(pattern & 0xF)]));
+            for &event in events {
+                self.push((event >> d) as u32, (event & ((1 << d) - 1)) as u32);
             }
             return;
         }
-        // `acc` holds the unwritten bits left-aligned at bit 63; `filled` counts them and
-        // stays below 32 between entries, so an entry of up to 32 bits always fits.
-        let mut acc = u64::from(self.acc) << 32;
-        let mut filled = (32 - self.free) as u32;
-        let width = t + d;
-        let limit = self.mask;
-        self.words
-            .reserve(diffs.len() * (width as usize + 32) / 32 + 1);
-        macro_rules! put {
-            ($value:expr, $bits:expr) => {
-                acc |= u64::from($value) << (64 - filled - $bits);
-                filled += $bits;
-                if filled >= 32 {
-                    self.words.push((acc >> 32) as u32);
-                    acc <<= 32;
-                    filled -= 32;
+        // An escape is 32 bits longer than a normal entry.
+        let max_bits = events.len() * (width as usize + 32);
+        let mut bits = PackedBits::new(&mut self.words, self.used, self.acc, self.free, max_bits);
+        let max_normal = (1u64 << width) - 1;
+        let mut rest = events;
+        if 2 * width <= 32 {
+            // Two normal entries go in as one field of 2 (T + D) bits.
+            let pairs = events.chunks_exact(2);
+            rest = pairs.remainder();
+            for pair in pairs {
+                let (first, second) = (pair[0], pair[1]);
+                if first | second > max_normal {
+                    bits.put_event(first, t, d, max_normal);
+                    bits.put_event(second, t, d, max_normal);
+                } else {
+                    bits.put((first << width) | second, 2 * width);
                 }
-            };
-        }
-        for (&diff, &pattern) in diffs.iter().zip(patterns) {
-            let value = u32::from(values[usize::from(pattern & 0xF)]);
-            if diff > limit {
-                // Escape: T zero bits, the 32-bit difference, then the value.
-                filled += t;
-                if filled >= 32 {
-                    self.words.push((acc >> 32) as u32);
-                    acc <<= 32;
-                    filled -= 32;
-                }
-                put!(diff, 32);
-                if d > 0 {
-                    put!(value, d);
-                }
-            } else {
-                put!((diff << d) | value, width);
             }
         }
-        self.acc = (acc >> 32) as u32;
-        self.free = 32 - filled as i32;
-        self.count += diffs.len() as u32;
+        for &event in rest {
+            bits.put_event(event, t, d, max_normal);
+        }
+        (self.used, self.acc, self.free) = bits.finish();
+        self.count += events.len() as u32;
     }
 
-    /// Returns a writer for many events in a row with its state in registers, or `None`
-    /// for degenerate widths (`T` > 31 or `T + D` > 32), which need [`Type2Encoder::push`].
-    /// Dropping the writer stores its state back; the bits equal those of `push`.
+    /// Returns an event as [`Type2Encoder::push_packed`] takes it: the time difference
+    /// `diff` in ticks above the `D`-bit `value`.
     #[inline]
-    pub fn run_writer(&mut self) -> Option<Type2RunWriter<'_>> {
-        if self.time_order > 31 || self.time_order + self.base_bits > 32 {
-            return None;
-        }
-        Some(Type2RunWriter {
-            acc: u64::from(self.acc) << 32,
-            filled: (32 - self.free) as u32,
-            count: 0,
-            time_order: self.time_order,
-            base_bits: self.base_bits,
-            limit: self.mask,
-            encoder: self,
-        })
+    pub fn packed_event(diff: u32, value: u32, base_bits: u32) -> u64 {
+        (u64::from(diff) << base_bits) | u64::from(value)
     }
 
     /// Appends the end entry and the padding; returns the packed words.
@@ -495,67 +482,82 @@ impl Type2Encoder {
         let width = (self.time_order + self.base_bits) as i32;
         self.put(shl32(1, self.base_bits as i32), width);
         if self.free < 32 {
-            self.words.push(self.acc);
+            self.push_word(self.acc);
             self.acc = 0;
             self.free = 32;
         }
-        &self.words
+        &self.words[..self.used]
     }
 }
 
-/// Fast writer of type-2 entries for normal widths, from [`Type2Encoder::run_writer`].
-pub struct Type2RunWriter<'a> {
-    /// Unwritten bits left-aligned at bit 63; `filled` counts them and stays below 32
-    /// between entries, so an entry of up to 32 bits always fits.
+/// Bit writer of [`Type2Encoder::push_packed`] with its state in registers.
+///
+/// `acc` contains the unwritten bits left-aligned at bit 63 and `filled` counts them. It
+/// stays below 32 between fields, so a field of up to 32 bits always fits. Every field
+/// stores the top word of `acc` at `pos` and moves `pos` on only when that word is full,
+/// which needs no branch, so `words` must have room for the partial word after the bits.
+struct PackedBits<'a> {
+    words: &'a mut [u32],
     acc: u64,
     filled: u32,
-    count: u32,
-    time_order: u32,
-    base_bits: u32,
-    limit: u32,
-    encoder: &'a mut Type2Encoder,
+    pos: usize,
 }
 
-impl Type2RunWriter<'_> {
+impl<'a> PackedBits<'a> {
+    /// Continues after the full words `words[..used]` and the partial word `acc` with
+    /// `free` bits left, first growing `words` to hold at most `bits` more bits.
+    fn new(words: &'a mut Vec<u32>, used: usize, acc: u32, free: i32, bits: usize) -> Self {
+        let filled = (32 - free) as u32;
+        let needed = used + (filled as usize + bits) / 32 + 1;
+        if words.len() < needed {
+            words.resize(needed, 0);
+        }
+        PackedBits {
+            words,
+            acc: u64::from(acc) << 32,
+            filled,
+            pos: used,
+        }
+    }
+
+    /// Appends the low `bits` bits of `value` (1..=32; higher bits must be zero).
     #[inline(always)]
-    fn put(&mut self, value: u32, bits: u32) {
-        self.acc |= u64::from(value) << (64 - self.filled - bits);
+    fn put(&mut self, value: u64, bits: u32) {
+        self.acc |= value << (64 - self.filled - bits);
         self.filled += bits;
-        if self.filled >= 32 {
-            self.encoder.words.push((self.acc >> 32) as u32);
-            self.acc <<= 32;
-            self.filled -= 32;
-        }
+        self.flush();
     }
 
-    /// Appends one event: difference `diff` in ticks and its `D`-bit value.
+    /// Stores the top word of `acc` and moves on past it if it is full.
     #[inline(always)]
-    pub fn push(&mut self, diff: u32, value: u32) {
-        let (t, d) = (self.time_order, self.base_bits);
-        if diff > self.limit {
-            // Escape: T zero bits, the 32-bit difference, then the value.
-            self.filled += t;
-            if self.filled >= 32 {
-                self.encoder.words.push((self.acc >> 32) as u32);
-                self.acc <<= 32;
-                self.filled -= 32;
-            }
-            self.put(diff, 32);
-            if d > 0 {
-                self.put(value, d);
-            }
-        } else {
-            self.put((diff << d) | value, t + d);
-        }
-        self.count += 1;
+    fn flush(&mut self) {
+        self.words[self.pos] = (self.acc >> 32) as u32;
+        self.pos += (self.filled >> 5) as usize;
+        self.acc <<= self.filled & 32;
+        self.filled &= 31;
     }
-}
 
-impl Drop for Type2RunWriter<'_> {
-    fn drop(&mut self) {
-        self.encoder.acc = (self.acc >> 32) as u32;
-        self.encoder.free = 32 - self.filled as i32;
-        self.encoder.count += self.count;
+    /// Appends one event `(diff << d) | value`, as an escape if its difference needs
+    /// more than `t` bits, that is if the event exceeds `max_normal`.
+    #[inline(always)]
+    fn put_event(&mut self, event: u64, t: u32, d: u32, max_normal: u64) {
+        if event <= max_normal {
+            self.put(event, t + d);
+            return;
+        }
+        // Escape: T zero bits, the 32-bit difference, then the value. The zero bits are
+        // already in `acc`, so they only need counting.
+        self.filled += t;
+        self.flush();
+        self.put(event >> d, 32);
+        if d > 0 {
+            self.put(event & ((1 << d) - 1), d);
+        }
+    }
+
+    /// Returns the number of full words, the partial word and its free bits.
+    fn finish(self) -> (usize, u32, i32) {
+        (self.pos, (self.acc >> 32) as u32, 32 - self.filled as i32)
     }
 }
 
@@ -795,44 +797,25 @@ mod tests {
 
     proptest! {
         #[test]
-        fn push_run_equals_push(
+        fn push_packed_equals_push(
             t in 2u32..=33,
             d in 0u32..=4,
-            entries in prop::collection::vec((prop_oneof![2u32..1000, 2u32..=u32::MAX], 0u8..16), 0..300),
+            entries in prop::collection::vec((prop_oneof![2u32..1000, 2u32..=u32::MAX], 0u32..16), 0..300),
             split in 0usize..300,
         ) {
-            let values: [u8; 16] = core::array::from_fn(|p| (p as u8) & ((1u16 << d) - 1) as u8);
-            let diffs: Vec<u32> = entries.iter().map(|e| e.0).collect();
-            let patterns: Vec<u8> = entries.iter().map(|e| e.1).collect();
-            let split = split.min(diffs.len());
+            let entries: Vec<(u32, u32)> = entries.into_iter().map(|(diff, v)| (diff, v & ((1 << d) - 1))).collect();
+            let packed: Vec<u64> = entries.iter().map(|&(diff, v)| Type2Encoder::packed_event(diff, v, d)).collect();
+            let split = split.min(entries.len());
             let mut one = Type2Encoder::new(t, d);
-            for (&diff, &p) in diffs.iter().zip(&patterns) {
-                one.push(diff, u32::from(values[p as usize]));
+            for &(diff, v) in &entries {
+                one.push(diff, v);
             }
             let mut run = Type2Encoder::new(t, d);
-            run.push_run(&diffs[..split], &patterns[..split], &values);
-            run.push_run(&diffs[split..], &patterns[split..], &values);
+            run.push_packed(&packed[..split]);
+            run.push_packed(&packed[split..]);
             prop_assert_eq!(one.len(), run.len());
-            let mut writer_encoder = Type2Encoder::new(t, d);
-            let degenerate = match writer_encoder.run_writer() {
-                Some(mut w) => {
-                    for (&diff, &p) in diffs[..split].iter().zip(&patterns) {
-                        w.push(diff, u32::from(values[p as usize]));
-                    }
-                    false
-                }
-                None => true,
-            };
-            if degenerate {
-                for (&diff, &p) in diffs[..split].iter().zip(&patterns) {
-                    writer_encoder.push(diff, u32::from(values[p as usize]));
-                }
-            }
-            writer_encoder.push_run(&diffs[split..], &patterns[split..], &values);
-            prop_assert_eq!(one.len(), writer_encoder.len());
             let expected = one.finish().to_vec();
             prop_assert_eq!(&expected[..], run.finish());
-            prop_assert_eq!(&expected[..], writer_encoder.finish());
         }
 
         #[test]
