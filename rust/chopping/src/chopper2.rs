@@ -428,6 +428,7 @@ fn legacy_bytes(word: u64) -> [u8; 8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::{file_listing, messy_events};
     use std::fs;
 
     fn event(high: u32, low: u32) -> u64 {
@@ -454,6 +455,62 @@ mod tests {
 
     fn chopper2(config: Chopper2Config, dir: &std::path::Path) -> Chopper2 {
         Chopper2::new(config, Destination::directory(dir).unwrap()).unwrap()
+    }
+
+    /// Runs `config` on `input` twice: through `feed`, which copies ordinary events in
+    /// blocks, and through `process` alone. Both must write the same files and return
+    /// the same summaries and counts; returns those of the first run.
+    fn check_fast_path_equals_process(
+        config: Chopper2Config,
+        input: &[u64],
+    ) -> (Vec<EpochSummary>, ChopStats) {
+        let mut outcomes = Vec::new();
+        for fast in [true, false] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut c = chopper2(config, dir.path());
+            let mut summaries = Vec::new();
+            if fast {
+                summaries.extend(c.feed(input).unwrap());
+            } else {
+                for &word in input {
+                    c.process(word, legacy_bytes(word)).unwrap();
+                    summaries.extend(c.settle().unwrap());
+                }
+            }
+            summaries.extend(c.flush().unwrap());
+            let stats = c.stats();
+            drop(c);
+            outcomes.push((summaries, stats, file_listing(dir.path())));
+        }
+        assert!(outcomes[0].0 == outcomes[1].0, "summaries differ");
+        assert_eq!(outcomes[0].1, outcomes[1].1);
+        assert!(outcomes[0].2 == outcomes[1].2, "type-1 files differ");
+        let (summaries, stats, _) = outcomes.swap_remove(0);
+        assert!(stats.dropped_backward > 0);
+        (summaries, stats)
+    }
+
+    #[test]
+    fn fast_path_equals_process() {
+        let config = Chopper2Config {
+            verbosity: 4,
+            ..Default::default()
+        };
+        let (summaries, _) = check_fast_path_equals_process(config, &messy_events(1, 100_000, 0));
+        assert!(summaries.len() > 50, "only {} epochs", summaries.len());
+    }
+
+    #[test]
+    fn fast_path_equals_process_with_max_gap() {
+        let config = Chopper2Config {
+            max_gap_us: 25,
+            verbosity: 4,
+            ..Default::default()
+        };
+        let input = messy_events(2, 200_000, 25 * TICKS_PER_MICROSECOND);
+        let (summaries, stats) = check_fast_path_equals_process(config, &input);
+        assert!(summaries.len() > 3, "only {} epochs", summaries.len());
+        assert!(stats.dropped_gap > 0);
     }
 
     #[test]
