@@ -971,7 +971,7 @@ mod tests {
 
     fn epoch_offsets() -> impl proptest::strategy::Strategy<Value = Vec<Vec<u32>>> {
         use proptest::prelude::*;
-        // Gaps mix 1-tick steps (sent as 3), short steps and escape-sized ones.
+        // Gaps mix 1-tick steps (sent as 2), short steps and escape-sized ones.
         let gap = prop_oneof![Just(1u32), 2u32..300, 100_000u32..50_000_000];
         let epoch = prop::collection::vec(gap, 1..200).prop_map(|gaps| {
             let mut offset = 0u32;

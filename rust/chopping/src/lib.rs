@@ -23,7 +23,8 @@
 //!   the 6th suspicious event since the last good change is a fatal
 //!   [`ChopError::EpochJump`].
 //! - D and E (chopper only): events not strictly after the previous encoded one in the
-//!   epoch are dropped (so offset 0 always is); a 1-tick difference is sent as 3.
+//!   epoch are dropped (so offset 0 always is). A 1-tick difference is sent as 2. The
+//!   next difference counts from the decoded time (docs/epoch-files.md, rule E).
 //!
 //! Example:
 //!

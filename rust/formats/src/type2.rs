@@ -197,8 +197,10 @@ pub struct Type2File {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Type2Events {
     /// Event times in ticks of 1/8 ns: `(epoch << 32)` plus the running sum of the
-    /// differences. Times equal the chopper's input except that every difference of one
-    /// tick was sent as 3, which delays that event and the rest of its epoch by 2 ticks.
+    /// differences. Times equal the chopper's input, except that an event less than 2 ticks
+    /// after the previous decoded time decodes at 2 ticks after it (0 and 1 are reserved
+    /// codes). A file from the reference chopper sends a 1-tick difference as 3, and the
+    /// rest of that epoch then decodes 2 ticks late.
     pub times: Vec<u64>,
     /// Per-event values of `D` bits (basis bits for protocol 1).
     pub values: Vec<u8>,
