@@ -703,7 +703,7 @@ def run_node_until_signal(config: Config, start: bool = False, web_port: Optiona
                 if getattr(error, "errno", None) == errno.EADDRINUSE:
                     error = "another process uses the port; stop it, or choose another --web-port"
                 return _start_failed(f"cannot start the web page on {web_host}:{web_port}: {error}")
-            log.info("web page on %s", web.url)
+            log.info("web page on %s (%s)", web.url, web.bind_description)
         try:
             node.start()
         except ChannelError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import stat
@@ -315,6 +316,24 @@ def test_https_serves_routes(node, certificate):
         with pytest.raises(requests.exceptions.ConnectionError):
             requests.get(f"http://127.0.0.1:{running.port}/status_data", timeout=5)
     assert node.calls == [("start_keygen",)]
+
+
+def test_start_log_names_bind_address(node, caplog):
+    caplog.set_level(logging.INFO, logger="S15qkd.web.server")
+    with WebServer(node, TOKEN, host="127.0.0.1", port=0) as running:
+        pass
+    lines = [r.getMessage() for r in caplog.records if "web page serving" in r.getMessage()]
+    assert lines == [f"web page serving on http://127.0.0.1:{running.port} (listening on 127.0.0.1 only)"]
+
+
+def test_wildcard_host_named_every_interface(node):
+    # Not started: binding 0.0.0.0 here would open a port beyond loopback. The URL to
+    # open stays on 127.0.0.1, but the log must not suggest the page is local only.
+    server = WebServer(node, TOKEN, host="0.0.0.0", port=8123)
+    server.port = 8123
+    assert server.url == "http://127.0.0.1:8123"
+    assert server.bind_description == ("listening on every network interface, port 8123; "
+                                "--web-host 127.0.0.1 keeps it on this machine")
 
 
 def test_https_needs_both_files(node, certificate):

@@ -80,6 +80,18 @@ class WebServer:
         host = "127.0.0.1" if self._host in ("0.0.0.0", "") else self._host
         return f"{self.scheme}://{host}:{self.port}"
 
+    @property
+    def bind_description(self) -> str:
+        """Where the socket accepts connections, for the start-up log.
+
+        :attr:`url` names 127.0.0.1 for a wildcard host, which would hide that every
+        network interface of the machine reaches the page.
+        """
+        if self._host in ("0.0.0.0", "", "::"):
+            return (f"listening on every network interface, port {self.port}; "
+                    "--web-host 127.0.0.1 keeps it on this machine")
+        return f"listening on {self._host} only"
+
     def start(self) -> None:
         """Bind the listening socket and start serving; raises OSError if the port is taken."""
         if self._certfile:
@@ -103,7 +115,7 @@ class WebServer:
             )
             self.port = int(self._waitress.effective_port)
         self._spawn(self._run_waitress, name="web-waitress")
-        log.info("web page serving on %s", self.url)
+        log.info("web page serving on %s (%s)", self.url, self.bind_description)
 
     def stop(self) -> None:
         """Stop accepting, close every connection and wait for the server threads."""
