@@ -708,6 +708,13 @@ def run_node_until_signal(config: Config, start: bool = False, web_port: Optiona
             node.start()
         except ChannelError as error:
             return _start_failed(f"classical channel: {error}")
+        if config["source.kind"] == "simulator":
+            # The default source: a site file without a source section still runs, and
+            # both nodes then derive their keys from the simulator's seed.
+            log.warning("source.kind is 'simulator' (the default): the keys come from "
+                        "simulated detections that anyone with source.seed %d can compute, "
+                        "so they are not secret; set source.kind to 'tdc1' or 'pipe' for a "
+                        "real link", config["source.seed"])
         stop.wait()
     finally:
         if web is not None:

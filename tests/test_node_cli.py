@@ -135,6 +135,19 @@ def test_start_up_lines_at_default_verbosity(tmp_path, certs):
     assert any("node stopped" in line for line in node.lines)
 
 
+def test_simulator_source_warned(tmp_path, certs):
+    config = write_config(tmp_path / "high.json", certs, "high", free_port())
+    node = NodeProcess("node", "--config", str(config))
+    try:
+        line = node.wait_for("source.kind is 'simulator'", timeout=10)
+    finally:
+        code = node.stop()
+    assert code == 0
+    assert " WARNING " in line
+    assert "not secret" in line
+    assert "source.seed 1 " in line
+
+
 def test_connection_and_state_changes_logged(tmp_path, certs):
     port = free_port()
     high = NodeProcess("node", "--config", str(write_config(tmp_path / "high.json", certs, "high", port)))
