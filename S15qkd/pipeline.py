@@ -630,12 +630,27 @@ class LowPipeline(Pipeline):
                     continue
             else:
                 self.t3.discard(ready)
-                bits = self.splicer.process(ready, self.take_file("t3", ready), t4)
+                bits = self.splice_with_type3(ready, t4)
+                if bits is None:
+                    continue
             self.last_spliced = ready
             self.node.progress("epoch", role="low", epoch=ready, raw_bits=int(len(bits)))
             self.ec_worker.put(("raw_key", ready, bits))
             # Carries the servoed QBER of the blocks corrected since the last one.
             self.send_epoch_stats()
+
+    def splice_with_type3(self, epoch: int, t4: bytes) -> Optional[np.ndarray]:
+        """Return the raw key of an epoch from this side's type-3 file and the peer's
+        type-4 file, or None (logged) when either file is invalid."""
+        assert self.splicer is not None
+        try:
+            return self.splicer.process(epoch, self.take_file("t3", epoch), t4)
+        except qkd_core.FormatError as error:
+            # Raising would lose the epoch too, but with a traceback and a worker restart
+            # that counts towards stopping key generation. The raw key epochs around it
+            # then do not join one block on either side.
+            log.error("epoch %08x dropped, no raw key from it: %s", epoch, error)
+            return None
 
     def splice_without_type3(self, epoch: int, t4: bytes) -> Optional[np.ndarray]:
         """Return the raw key of an epoch without events on this side: empty when the

@@ -85,6 +85,27 @@ def test_splice_kept_events_without_type3_dropped(tmp_path, caplog):
     assert f"type-4 file of epoch {EPOCH:08x} dropped: this side has no events" in caplog.text
 
 
+def test_splice_invalid_type3_dropped(tmp_path, caplog):
+    pipeline = low_pipeline(tmp_path)
+    # Tag 3, then zeros: a header of another epoch with 0 bits per entry.
+    (pipeline.folders["t3"] / f"{EPOCH:08x}").write_bytes(b"\x03" + bytes(20))
+    pipeline.splice(("t3", EPOCH, None))
+    pipeline.splice(("t4", EPOCH, type4_file(EPOCH, [0])))
+
+    assert raw_keys(pipeline) == []
+    assert EPOCH not in pipeline.t3
+    assert EPOCH not in pipeline.t4
+    assert not (pipeline.folders["t3"] / f"{EPOCH:08x}").exists()
+    assert (f"epoch {EPOCH:08x} dropped, no raw key from it: invalid type-3 file of epoch "
+            f"{EPOCH:08x}") in caplog.text
+
+    # The next epoch is spliced as usual.
+    pipeline.splice(("t3", EPOCH + 2, None))
+    pipeline.splice(("t4", EPOCH + 1, type4_file(EPOCH + 1, [])))
+    keys = raw_keys(pipeline)
+    assert [epoch for epoch, _ in keys] == [EPOCH + 1]
+
+
 def test_splice_repeated_type4_dropped(tmp_path, caplog):
     pipeline = low_pipeline(tmp_path)
     pipeline.splice(("t3", EPOCH + 1, None))
