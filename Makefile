@@ -25,8 +25,12 @@ test: install test-rust test-python  ## run every test: cargo tests, then pytest
 test-rust:  ## cargo tests of the Rust core
 	$(CARGO) test --workspace --exclude qkd-python
 
-test-python:  ## pytest against the installed packages
-	$(PYTHON) -m pytest tests
+# Extra pytest options; PYTEST_OPTIONS="-m 'not slow'" skips the long fault tests
+# (among them a 30 s channel cut), which CI runs.
+PYTEST_OPTIONS ?=
+
+test-python:  ## pytest against the installed packages (PYTEST_OPTIONS adds options)
+	$(PYTHON) -m pytest $(PYTEST_OPTIONS) tests
 
 lint:  ## rustfmt and clippy, warnings as errors
 	$(CARGO) fmt --all -- --check

@@ -236,12 +236,21 @@ def wait_until(condition, timeout: float = 60.0) -> bool:
     return True
 
 
+def assert_no_epoch_reused(caplog) -> None:
+    """Check that neither node tried to use an epoch twice (keystore or service check)."""
+    reused = [record.getMessage() for record in caplog.records
+              if "refusing to use it twice" in record.getMessage()
+              or "which this side used before" in record.getMessage()]
+    assert not reused, reused
+
+
 @needs_keys
-def test_cut_channel_resumes_keys(tmp_path):
+def test_cut_channel_resumes_keys(tmp_path, caplog):
+    caplog.set_level("INFO", logger="S15qkd")
     link = LinkUnderTest(tmp_path, proxy=True)
     try:
         assert link.wait_keys(1), link.high.engine.reason
-        before = len(link.keys("high"))
+        before = set(link.keys("high"))
         link.proxy.cut()
         time.sleep(CUT_SECONDS)
         assert not link.high.link.state.value == "connected"
@@ -254,19 +263,23 @@ def test_cut_channel_resumes_keys(tmp_path):
             assert wait_until(lambda: node.engine.state is EngineState.KEY_GENERATION), \
                 node.engine.reason
         assert "reconnected" in link.high.engine.reason
-        assert link.wait_keys(before + 2), link.high.engine.reason
+        assert link.wait_keys(len(before) + 2), link.high.engine.reason
+        # One link session from start to end: the cut resumed it instead of starting anew.
         assert link.high.link.stats.resets == 1, link.high.link.stats
+        assert link.low.link.stats.resets == 1, link.low.link.stats
     finally:
         link.close()
-    assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert set(keys) - before, "no key released after the channel came back"
     assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_no_epoch_reused(caplog)
 
 
 @pytest.mark.slow
 @needs_keys
-def test_cut_channel_for_30_seconds(tmp_path, monkeypatch):
+def test_cut_channel_for_30_seconds(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(sys.modules[__name__], "CUT_SECONDS", 30.0)
-    test_cut_channel_resumes_keys(tmp_path)
+    test_cut_channel_resumes_keys(tmp_path, caplog)
 
 
 @needs_keys
