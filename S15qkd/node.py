@@ -39,8 +39,10 @@ import json
 import logging
 import re
 import secrets
+import select
 import shutil
 import signal
+import socket
 import sys
 import threading
 import time
@@ -677,10 +679,14 @@ def run_node_until_signal(config: Config, start: bool = False, web_port: Optiona
 
     With web_certfile and web_keyfile (PEM) the web page is served over HTTPS. Returns
     the process exit status: 0 after a signal, 2 when the node or its web page cannot start.
+    Must run in the main thread, because only that thread can install signal handlers.
     """
-    stop = threading.Event()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signal_number, lambda *_: stop.set())
+    with StopSignals((signal.SIGINT, signal.SIGTERM)) as stop:
+        return _run_node(config, stop, start, web_port, web_host, web_certfile, web_keyfile)
+
+
+def _run_node(config: Config, stop: "StopSignals", start: bool, web_port: Optional[int],
+              web_host: str, web_certfile: Optional[str], web_keyfile: Optional[str]) -> int:
     try:
         node = Node(config, auto_start=start)
     except (ConfigError, FolderInUseError) as error:
@@ -715,13 +721,63 @@ def run_node_until_signal(config: Config, start: bool = False, web_port: Optiona
                         "simulated detections that anyone with source.seed %d can compute, "
                         "so they are not secret; set source.kind to 'tdc1' or 'pipe' for a "
                         "real link", config["source.seed"])
-        stop.wait()
+        received = stop.wait()
+        log.info("received %s; stopping the node", signal.Signals(received).name)
     finally:
         if web is not None:
             web.stop()
         node.close()
     log.info("node stopped")
     return 0
+
+
+class StopSignals:
+    """Handlers that turn the given signals into a stop request the main thread waits for.
+
+    The kernel delivers a signal sent to the process to any thread that does not block
+    it. CPython's C handler then only sets a flag, and the Python handler runs once the
+    main thread executes bytecode again, so a main thread blocked on a lock or an event
+    misses a signal that another thread received. The C handler also writes the
+    signal number to the wake-up file descriptor (``signal.set_wakeup_fd``) on whichever
+    thread it runs, and :meth:`wait` waits on that descriptor. Signals that arrive while
+    the node stops are ignored, so a second Ctrl-C does not cut the settlement of staged
+    keys short.
+    """
+
+    def __init__(self, signals: tuple[int, ...]):
+        self.signals = frozenset(signals)
+        self._reader, self._writer = socket.socketpair()
+        self._previous_handlers: dict[int, Any] = {}
+        self._previous_fd = -1
+
+    def __enter__(self) -> "StopSignals":
+        for sock in (self._reader, self._writer):
+            sock.setblocking(False)
+        # The handler does nothing, because the byte on the wake-up descriptor is the request.
+        for number in self.signals:
+            self._previous_handlers[number] = signal.signal(number, lambda *_: None)
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(),
+                                                 warn_on_full_buffer=False)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._reader.close()
+        self._writer.close()
+
+    def wait(self) -> int:
+        """Block until one of the signals arrives, or has arrived since entering, and return it."""
+        while True:
+            select.select([self._reader], [], [])
+            try:
+                received = self._reader.recv(64)
+            except BlockingIOError:
+                continue
+            for number in received:
+                if number in self.signals:
+                    return number
 
 
 def _start_failed(message: str) -> int:
