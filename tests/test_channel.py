@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import logging
 import socket
 import ssl
@@ -13,6 +15,7 @@ import pytest
 from linkproxy import LinkProxy
 from S15qkd.channel import FrameType, Link, LinkSettings, LinkState, create_node_certificate, make_context
 from S15qkd.channel.frames import HEADER, MAGIC, VERSION, Frame, FrameError, parse_header
+from S15qkd.channel.link import _retrieve_exception
 
 
 def wait_until(condition, timeout: float = 20.0) -> bool:
@@ -139,6 +142,37 @@ def test_ack_goes_alone_without_reply(pair):
     links["low"].send(FrameType.RECONCILE, b"no reply", on_acked=acked.set)
     assert inboxes["high"].wait_for(1)
     assert acked.wait(5)
+
+
+def test_stop_retrieves_errors_of_ending_tasks(certs, caplog):
+    """A connection task that fails while the link stops leaves no traceback in the log.
+
+    A reader cancelled at the moment its connection closes can end with the read error
+    instead of the cancellation, in the same event loop iteration in which the link's
+    main coroutine returns. Its done callback, which retrieves the error, is then still
+    queued when the loop stops.
+    """
+    link = make_link(certs, "low", free_port(), Inbox())
+
+    async def fails_when_cancelled() -> None:
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            raise ConnectionResetError("connection closed while cancelled") from None
+
+    async def main() -> None:
+        reader = asyncio.ensure_future(fails_when_cancelled())
+        reader.add_done_callback(_retrieve_exception)
+        await asyncio.sleep(0)
+        reader.cancel()
+
+    link._main = main
+    caplog.set_level("ERROR", logger="asyncio")
+    link._thread_main()
+    gc.collect()
+    unretrieved = [record.getMessage() for record in caplog.records
+                   if "exception was never retrieved" in record.getMessage()]
+    assert not unretrieved
 
 
 def test_resume_after_drop_loses_and_repeats_nothing(pair):

@@ -218,6 +218,11 @@ class Link:
                 task.cancel()
             if remaining:
                 loop.run_until_complete(asyncio.gather(*remaining, return_exceptions=True))
+            # A task that ended in the loop's last iteration, such as a reader whose
+            # connection closed as it was cancelled, still has its done callback queued.
+            # That callback retrieves the task's error, which asyncio would otherwise log
+            # with a traceback, so one more pass runs it.
+            loop.run_until_complete(asyncio.sleep(0))
             loop.close()
 
     async def _main(self) -> None:
