@@ -439,6 +439,19 @@ def random_key(start_epoch: int, seed: int) -> FinalKey:
     return FinalKey(start_epoch, 4, 300, pack_key_bits(bits))
 
 
+def settle_after_restart(high_config: Config, low_config: Config) -> None:
+    """Start both nodes without key generation until they settled every staged key."""
+    high, low = Node(high_config), Node(low_config)
+    high.start()
+    low.start()
+    try:
+        assert wait_until(lambda: not high.keystore.staged_keys(), 30)
+        assert wait_until(lambda: not low.keystore.releasing, 30)
+    finally:
+        high.close()
+        low.close()
+
+
 def test_restart_settles_staged_keys(tmp_path):
     high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path))
     high_store = KeyStore(high_config["final_key_folder"], high_config["data_root"])
@@ -455,15 +468,7 @@ def test_restart_settles_staged_keys(tmp_path):
     low_store.mark_releasing(0x200)
     low_store.commit(0x200)
 
-    high, low = Node(high_config), Node(low_config)
-    high.start()
-    low.start()
-    try:
-        assert wait_until(lambda: not high.keystore.staged_keys(), 30)
-        assert wait_until(lambda: not low.keystore.releasing, 30)
-    finally:
-        high.close()
-        low.close()
+    settle_after_restart(high_config, low_config)
     high_keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
     assert sorted(high_keys) == ["00000100", "00000200"]
     assert high_keys["00000100"] == keys[0x100]
