@@ -236,13 +236,16 @@ class Node:
 
     def close(self) -> None:
         """Stop the run on both sides, settle the staged keys with the peer, then stop."""
-        self._closed = True
-        self._cancel_start_timer()
-        connected = self.link.state is LinkState.CONNECTED
-        if connected and self.pipeline is not None:
-            name = self.config["identity"] or f"{self.role}-count node"
-            self.send_control({"msg": "stop", "reason": f"{name} shut down"})
-        self._stop_pipeline("node shut down")
+        # Under the lock, so that a start request of the peer or the web page that runs
+        # meanwhile either ends before the pipeline stops or begins no run at all.
+        with self._lock:
+            self._closed = True
+            self._cancel_start_timer()
+            connected = self.link.state is LinkState.CONNECTED
+            if connected and self.pipeline is not None:
+                name = self.config["identity"] or f"{self.role}-count node"
+                self.send_control({"msg": "stop", "reason": f"{name} shut down"})
+            self._stop_pipeline("node shut down")
         if connected:
             self.release.settle_at_close(min(self.config["reply_timeout_s"], 5.0))
         self.link.stop()
@@ -428,6 +431,7 @@ class Node:
 
     def start_keygen(self) -> None:
         """Stop any run on both sides, then start a new key generation run."""
+        self._reject_if_closed()
         if self.link.state is not LinkState.CONNECTED:
             raise ControlError("cannot start key generation: the channel to the peer is not "
                                f"connected ({self.link.stats.last_error or 'no connection yet'})")
@@ -436,14 +440,22 @@ class Node:
             self._arm_start_timer()
             return
         with self._lock:
+            self._reject_if_closed()
             self._stop_pipeline("new run requested")
             self.run = secrets.randbelow(MAX_RUN_ID) + 1
             self._begin(HighPipeline)
             self.send_control({"msg": "st2"})
         self._arm_start_timer()
 
+    def _reject_if_closed(self) -> None:
+        if self._closed:
+            raise ControlError("cannot start key generation: the node is shutting down")
+
     def _join_run(self, run: int) -> None:
         with self._lock:
+            if self._closed:
+                log.info("run %d of the peer not joined: the node is shutting down", run)
+                return
             self._cancel_start_timer()
             self._stop_pipeline("peer started a new run")
             self.run = run
@@ -517,7 +529,8 @@ class Node:
 
         def start_if_idle() -> None:
             with self._lock:
-                if self.pipeline is None and self.link.state is LinkState.CONNECTED:
+                connected = self.link.state is LinkState.CONNECTED
+                if self.pipeline is None and connected and not self._closed:
                     self.start_keygen()
 
         self._in_thread(start_if_idle)

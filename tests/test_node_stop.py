@@ -15,10 +15,13 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from S15qkd.config import Config
 from S15qkd.folder_lock import FolderLock
 from S15qkd.node import Node
 from S15qkd.simulate import node_configs
+from S15qkd.status import ControlError
 from test_link import (LinkUnderTest, assert_keystores_agree, assert_nothing_staged, needs_keys,
                        settle_after_restart, wait_until)
 
@@ -167,3 +170,19 @@ def test_stop_with_silent_peer_in_time(tmp_path):
     keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
     assert keys
     assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+
+
+def test_closed_node_starts_no_run(tmp_path):
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path))
+    low = Node(low_config)
+    low.close()
+    # The peer's start message can still arrive while close() settles the staged keys.
+    low._join_run(7)
+    assert low.pipeline is None
+    assert not list((tmp_path / "low" / "data").glob("run-*"))
+
+    high = Node(high_config)
+    high.close()
+    with pytest.raises(ControlError, match="the node is shutting down"):
+        high.start_keygen()
+    assert high.pipeline is None
