@@ -11,7 +11,6 @@ folders and exits with status 0 only if they hold the same non-empty set of keys
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import signal
 import socket
@@ -298,46 +297,70 @@ def simulate_in(workdir: Path, args: argparse.Namespace, out: TextIO) -> int:
     low.start()
     started = time.monotonic()
     interrupted = False
-    try:
-        with sigterm_as_interrupt():
-            outcome = wait_until_idle(high, low, progress, args.timeout)
-    except KeyboardInterrupt:
-        # Ctrl-C or SIGTERM: close both nodes and remove the temporary folder (it
-        # contains private keys and final keys) instead of dying with a traceback.
-        outcome = "interrupted"
-        interrupted = True
-    try:
-        states = {"high": (high.engine.state.value, high.engine.reason),
-                  "low": (low.engine.state.value, low.engine.reason)}
-    finally:
-        # Each node logs the other closing its channel, which is expected at the end of a run.
-        channel_log = logging.getLogger("S15qkd.channel.link")
-        level = channel_log.level
-        channel_log.setLevel(logging.ERROR)
+    with InterruptOnce() as interrupts:
         try:
-            high.close()
-            low.close()
+            try:
+                outcome = wait_until_idle(high, low, progress, args.timeout)
+            finally:
+                interrupts.disarm()
+        except KeyboardInterrupt:
+            # Ctrl-C or SIGTERM: close both nodes and remove the temporary folder (it
+            # contains private keys and final keys) instead of dying with a traceback.
+            outcome = "interrupted"
+            interrupted = True
+        try:
+            states = {"high": (high.engine.state.value, high.engine.reason),
+                      "low": (low.engine.state.value, low.engine.reason)}
         finally:
-            channel_log.setLevel(level)
-    status = report(high, low, progress, outcome, states, time.monotonic() - started, out)
+            # Each node logs the other closing its channel, which is expected at the end
+            # of a run.
+            channel_log = logging.getLogger("S15qkd.channel.link")
+            level = channel_log.level
+            channel_log.setLevel(logging.ERROR)
+            try:
+                high.close()
+                low.close()
+            finally:
+                channel_log.setLevel(level)
+        status = report(high, low, progress, outcome, states, time.monotonic() - started, out)
     return EXIT_INTERRUPTED if interrupted else status
 
 
-@contextlib.contextmanager
-def sigterm_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt while the block runs, so it cleans up like Ctrl-C."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+class InterruptOnce:
+    """SIGINT and SIGTERM as one KeyboardInterrupt, then ignored until the block ends.
 
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
+    The first signal before :meth:`disarm` raises KeyboardInterrupt, so the wait ends
+    and the nodes close as after Ctrl-C. Later signals are ignored, because one during
+    the close would cut it short: SIGINT with a traceback and a channel still open,
+    SIGTERM by ending the process and leaving the temporary folder with the nodes'
+    private keys behind. Outside the main thread, which alone can install signal
+    handlers, nothing changes.
+    """
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.armed = True
+        self._previous: dict = {}
+
+    def __enter__(self) -> "InterruptOnce":
+        if threading.current_thread() is threading.main_thread():
+            for number in self.SIGNALS:
+                self._previous[number] = signal.signal(number, self._handle)
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+
+    def disarm(self) -> None:
+        """Ignore every signal from now on."""
+        self.armed = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.armed:
+            self.armed = False
+            raise KeyboardInterrupt
 
 
 def wait_until_idle(high: Node, low: Node, progress: Progress, timeout: float,

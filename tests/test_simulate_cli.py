@@ -101,22 +101,43 @@ def test_too_few_epochs_explained(tmp_path):
     assert "the input ended before the link measured its QBER: give more --epochs" in text
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_cleans_up(tmp_path, signum):
+def interrupt_simulation(tmp_path, signum, *waits: str) -> tuple[int, str, str]:
+    """Run `qkdserver simulate`, send signum after each stdout line that starts with one
+    of waits in turn, and return its exit status, stdout and stderr."""
     environment = dict(os.environ, TMPDIR=str(tmp_path))
     command = [sys.executable, "-m", "S15qkd.cli.main", "simulate", "--epochs", "400"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=environment)
     try:
-        # Wait until the nodes run, so the signal arrives mid-run.
-        for line in process.stdout:
-            if line.startswith("epoch "):
-                break
-        process.send_signal(signum)
+        for wait in waits:
+            for line in process.stdout:
+                if line.startswith(wait):
+                    break
+            process.send_signal(signum)
         out, error = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, error
+    return process.returncode, out, error
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_cleans_up(tmp_path, signum):
+    # Wait until the nodes run, so the signal arrives mid-run.
+    status, out, error = interrupt_simulation(tmp_path, signum, "epoch ")
+    assert status == 130, error
+    assert "Traceback" not in error
+    assert "finished (interrupted)" in out
+    assert list(tmp_path.glob("qkd-simulate-*")) == []
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_second_interrupt_ignored_while_closing(tmp_path, signum):
+    # The first signal comes during key generation, so the close has staged keys to
+    # settle. The second comes while the nodes close, when the low-count node reports
+    # the stop of the high-count node.
+    status, out, error = interrupt_simulation(tmp_path, signum, "block ",
+                                              " low-count side: ONLY_COMMUNICATION")
+    assert status == 130, error
     assert "Traceback" not in error
     assert "finished (interrupted)" in out
     assert list(tmp_path.glob("qkd-simulate-*")) == []
