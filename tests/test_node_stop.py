@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import threading
@@ -186,3 +187,66 @@ def test_closed_node_starts_no_run(tmp_path):
     with pytest.raises(ControlError, match="the node is shutting down"):
         high.start_keygen()
     assert high.pipeline is None
+
+
+def key_files(folder: Path) -> list[str]:
+    """Names of the released keys in a keys folder (8 hex digits), sorted."""
+    if not folder.exists():
+        return []
+    return sorted(path.name for path in folder.iterdir()
+                  if path.is_file() and len(path.name) == 8 and not path.name.startswith("."))
+
+
+def wait_for_exit(process: subprocess.Popen, role: str, log: Path) -> str:
+    """Return the log of a node process that exits within STOP_LIMIT_S, or fail."""
+    try:
+        process.wait(timeout=STOP_LIMIT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise AssertionError(f"{role} node still running {STOP_LIMIT_S} s after the signal:\n"
+                             f"{log.read_text()}") from None
+    return log.read_text()
+
+
+@needs_keys
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_stops_nodes_one_by_one(tmp_path, signum):
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path))
+    source = {"source": {"real_time": True, "epochs": 0, "start_time": time.time()}}
+    processes, logs = {}, {}
+    for role, config in (("high", high_config), ("low", low_config)):
+        config.update(source)
+        command = [sys.executable, "-m", "S15qkd.cli.main", "node", "--start", "--config",
+                   str(write_config(tmp_path / f"{role}.json", config))]
+        # A file, not a pipe, takes the log: a full pipe would block the node.
+        logs[role] = tmp_path / f"{role}.log"
+        with open(logs[role], "w") as log:
+            processes[role] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=log)
+    high_keys, low_keys = tmp_path / "high" / "keys", tmp_path / "low" / "keys"
+
+    try:
+        assert wait_until(lambda: key_files(high_keys) and key_files(low_keys), 120)
+        # The low-count node stops during key generation; the high-count node stays up.
+        processes["low"].send_signal(signum)
+        low_error = wait_for_exit(processes["low"], "low", logs["low"])
+        assert processes["high"].poll() is None
+        processes["high"].send_signal(signum)
+        high_error = wait_for_exit(processes["high"], "high", logs["high"])
+    finally:
+        for process in processes.values():
+            process.kill()
+    name = signal.Signals(signum).name
+    for role, error in (("low", low_error), ("high", high_error)):
+        assert processes[role].returncode == 0, error
+        assert "Traceback" not in error
+        assert f"received {name}; stopping the node" in error
+        assert "node stopped" in error
+        FolderLock(tmp_path / role / "data", "node.lock").release()
+    assert "peer stopped key generation: sim-low shut down" in high_error
+    keys = assert_keystores_agree(high_keys, low_keys)
+    assert keys
+    assert_nothing_staged(high_keys, low_keys)
+    for folder in (high_keys, low_keys):
+        # A key file is written under a temporary name and renamed, so none is partial.
+        assert not [path.name for path in folder.iterdir() if path.name.startswith(".")
+                    and path.name != ".staging"]
