@@ -179,11 +179,13 @@ class Costream:
     def __init__(self, start_epoch: int, offset: OffsetResult, coincidence_window: int,
                  tracking_window: int, filter_time_constant_us: int):
         # Options as the reference server runs costream: -p 1 -T 2 -R 5 -Q -<time constant>.
+        # The servo carries its division remainders: truncated steps, as the reference
+        # computes them, let the offset walk off the peak at 1e7 pairs/s.
         self._stage = _require("Costream")(
             start_epoch, offset.offset_ticks, protocol=1, coincidence_window=coincidence_window,
             tracking_window=tracking_window, track_filter=-filter_time_constant_us,
             width_filter=5, zero_policy=2, relative_frequency=offset.frequency_offset,
-            frequency_origin_ticks=offset.origin_ticks)
+            frequency_origin_ticks=offset.origin_ticks, servo_remainder=True)
 
     @property
     def next_type1_epoch(self) -> int:

@@ -356,3 +356,49 @@ def test_detector_counts_like_getrate():
     assert list(counts) == [1, 2, 0, 1, 1, 0, 0, 1]
     with pytest.raises(TypeError):
         qkd_core.detector_counts(events.astype(np.int64))
+
+
+def dense_link_epoch(rng, epoch: int, offset: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One epoch of a link at about 1e7 pairs/s (1e6 pairs, and four uncorrelated type-1
+    events per pair): type-1 words, type-2 times and type-2 basis values."""
+    start = epoch << 32
+    pairs = np.sort(rng.integers(start + (1 << 20), start + (1 << 32) - (1 << 20), 1_000_000,
+                                 dtype=np.uint64))
+    pairs = np.unique(pairs)
+    pairs = pairs[np.concatenate(([True], np.diff(pairs) >= 8))]
+    background = rng.integers(start, start + (1 << 32), 4_000_000, dtype=np.uint64)
+    high_times = np.concatenate((pairs, background))
+    high_patterns = (np.uint64(1) << rng.integers(0, 4, high_times.size, dtype=np.uint64))
+    order = np.argsort(high_times, kind="stable")
+    high_times, high_patterns = high_times[order], high_patterns[order]
+    keep = np.concatenate(([True], np.diff(high_times) > 0))
+    words = (high_times[keep] << np.uint64(15)) | high_patterns[keep]
+    jitter = rng.integers(-2, 3, pairs.size)
+    low_times = (pairs.astype(np.int64) + offset + jitter).astype(np.uint64)
+    values = rng.integers(0, 2, pairs.size, dtype=np.uint8)
+    return words, low_times, values
+
+
+def test_stage_holds_lock_on_dense_link(tmp_path):
+    """At 1e7 pairs/s the reference's truncated servo steps let the offset walk off the
+    peak. With a 60-tick tracking window the offset moved 4 ticks in the first epoch. The
+    node's costream stage carries the remainders and stays on the peak."""
+    from S15qkd import stages
+
+    rng = np.random.default_rng(5)
+    first, offset = 0x200, 1234
+    costream = stages.Costream(first, stages.OffsetResult(offset, 10.0, 10.0),
+                               coincidence_window=6, tracking_window=60,
+                               filter_time_constant_us=200000)
+    closed = []
+    for epoch in range(first, first + 3):
+        words, times, values = dense_link_epoch(rng, epoch, offset)
+        qkd_core.write_type1(tmp_path / "t1", epoch, words)
+        qkd_core.write_type2(tmp_path / "t2", epoch, times, values)
+        costream.push_type1((tmp_path / "t1").read_bytes())
+        costream.push_type2((tmp_path / "t2").read_bytes())
+        closed += costream.advance()
+    assert [result.epoch for result in closed] == [first, first + 1, first + 2]
+    for result in closed:
+        assert result.coincidences > 900_000, (hex(result.epoch), result.coincidences)
+        assert abs(result.tracked_offset_ticks - offset) <= 2, hex(result.epoch)

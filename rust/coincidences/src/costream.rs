@@ -76,6 +76,14 @@ pub struct CostreamConfig {
     /// offset between side L and the corrected side H. None matches the times as read,
     /// as the reference does.
     pub frequency_correction: Option<FrequencyCorrector>,
+    /// Time-mode clock servo (`track_filter < 0`): carry the remainder of each step's
+    /// division into the next step. The reference truncates every step toward zero, so
+    /// a step below 1/4096 tick is lost; at about 1e6 pairs per epoch nearly all steps
+    /// of pairs near the peak are lost, while the rarer pairs of an earlier uncorrelated
+    /// type-1 event (diff between -U and the peak) still move the offset. The offset then
+    /// walks away from the peak by about one tick every two epochs until the peak leaves
+    /// the coincidence window. false computes as the reference does.
+    pub servo_remainder: bool,
 }
 
 impl Default for CostreamConfig {
@@ -94,6 +102,7 @@ impl Default for CostreamConfig {
             skews: [0; 4],
             type5_output: false,
             frequency_correction: None,
+            servo_remainder: false,
         }
     }
 }
@@ -334,11 +343,15 @@ struct ClockServo {
     /// Time mode: pairs further apart than this many ticks do not update.
     max_gap: i64,
     accumulator: i64,
+    /// Time mode with remainder carry: numerator left over by the last step's division,
+    /// in 1/4096 tick times `gain`; its magnitude stays below `gain`.
+    remainder: i64,
+    carry_remainder: bool,
     last_time: u64,
 }
 
 impl ClockServo {
-    fn new(filter: i64) -> ClockServo {
+    fn new(filter: i64, carry_remainder: bool) -> ClockServo {
         let (gain, max_gap) = if filter > 0 {
             (4096 / filter, 0)
         } else {
@@ -352,6 +365,8 @@ impl ClockServo {
             gain_divisor: (filter < 0 && gain >= 1).then(|| FixedDivisor::new(gain)),
             max_gap,
             accumulator: 0,
+            remainder: 0,
+            carry_remainder,
             last_time: 0,
         }
     }
@@ -366,8 +381,16 @@ impl ClockServo {
             if self.last_time != 0 && gap < self.max_gap {
                 if let Some(divisor) = &self.gain_divisor {
                     // A hardware division here cost more than the rest of the pair.
-                    let step = divisor.divide(diff.wrapping_mul(gap).wrapping_shl(1));
-                    self.accumulator = self.accumulator.wrapping_add(step);
+                    let numerator = diff.wrapping_mul(gap).wrapping_shl(1);
+                    if self.carry_remainder {
+                        let numerator = numerator.wrapping_add(self.remainder);
+                        let step = divisor.divide(numerator);
+                        self.remainder = numerator.wrapping_sub(step.wrapping_mul(self.gain));
+                        self.accumulator = self.accumulator.wrapping_add(step);
+                    } else {
+                        let step = divisor.divide(numerator);
+                        self.accumulator = self.accumulator.wrapping_add(step);
+                    }
                 }
             }
             self.last_time = t1;
@@ -481,7 +504,7 @@ impl Costream {
         Ok(Costream {
             sift_codes: sift_codes(&protocol),
             spare_kept: Vec::new(),
-            servo: ClockServo::new(config.track_filter),
+            servo: ClockServo::new(config.track_filter, config.servo_remainder),
             corrector: config.frequency_correction,
             offset: config.time_offset,
             drift: 0,
@@ -1177,7 +1200,29 @@ fn skew_table(skews: &[i64; 4]) -> [u64; 16] {
 
 #[cfg(test)]
 mod tests {
-    use super::FixedDivisor;
+    use super::{ClockServo, FixedDivisor};
+
+    /// Feeds `pairs` tracking pairs of one `diff`, `gap` ticks apart, to a servo with the
+    /// server's time constant (0.2 s, divisor 390 625); returns the accumulator.
+    fn servo_after(diff: i64, gap: u64, pairs: u64, carry_remainder: bool) -> i64 {
+        let mut servo = ClockServo::new(-200_000, carry_remainder);
+        // The first pair only sets the time of the last pair.
+        for k in 0..=pairs {
+            servo.update(diff, (k + 1) * gap);
+        }
+        servo.accumulator
+    }
+
+    #[test]
+    fn servo_remainder_keeps_small_steps() {
+        // 2 · 1 · 4000 = 8000 per pair, 1/48.8 of a unit: the reference loses every step.
+        assert_eq!(servo_after(1, 4000, 390_625, false), 0);
+        assert_eq!(servo_after(1, 4000, 390_625, true), 8000);
+        assert_eq!(servo_after(-1, 4000, 390_625, true), -8000);
+        // Steps of one unit and more lose only their fraction in the reference.
+        assert_eq!(servo_after(30, 10_000, 1000, false), 1000);
+        assert_eq!(servo_after(30, 10_000, 1000, true), 1536);
+    }
 
     #[test]
     fn fixed_divisor_equals_truncating_division() {

@@ -374,6 +374,8 @@ fn engine_matches_reference_loop_model() {
             skews,
             type5_output: protocol == 3 || protocol == 4,
             frequency_correction: None,
+            // The model computes the servo as the reference does.
+            servo_remainder: false,
         };
         let expected = model(&config, &type1, &type2);
         assert!(!expected.is_empty(), "case {case} closes no epoch");

@@ -188,14 +188,19 @@ impl CostreamEpoch {
 /// Costream(start_epoch, time_offset=17, *, epoch_count=0, protocol=1,
 ///          coincidence_window=8, tracking_window=40, accidental_distance=160,
 ///          track_filter=0, width_filter=0, zero_policy=1, skews=(0, 0, 0, 0),
-///          type5_output=False, relative_frequency=0.0, frequency_origin_ticks=None)
+///          type5_output=False, relative_frequency=0.0, frequency_origin_ticks=None,
+///          servo_remainder=False)
 ///
 /// Times and windows are in ticks of 1/8 ns; time_offset is t_L - t_H (pfind's result).
 /// A non-zero relative_frequency rescales the type-1 times before matching, as
 /// FrequencyCorrector(relative_frequency, frequency_origin_ticks) does; pass a
 /// FrequencyOffset's relative_frequency, origin_ticks and rounded offset_ticks.
 /// track_filter > 0 averages the clock servo over that many pairs, < 0 gives its time
-/// constant in -µs, 0 turns it off. width_filter adapts the type-4 width (0: fixed at 8).
+/// constant in -µs, 0 turns it off. servo_remainder=True carries each time-constant
+/// servo step's division remainder into the next step instead of truncating the step
+/// as the reference does; the reference's truncation loses the steps of the pairs near
+/// the peak at about 1e6 pairs per epoch, and the offset then walks off the peak.
+/// width_filter adapts the type-4 width (0: fixed at 8).
 /// zero_policy: 0 no files for epochs without kept events, 1 only a type-4 file, 2 both.
 /// epoch_count 0 runs without end.
 ///
@@ -227,6 +232,7 @@ impl Costream {
         type5_output = false,
         relative_frequency = 0.0,
         frequency_origin_ticks = None,
+        servo_remainder = false,
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -245,6 +251,7 @@ impl Costream {
         type5_output: bool,
         relative_frequency: f64,
         frequency_origin_ticks: Option<u64>,
+        servo_remainder: bool,
     ) -> PyResult<Costream> {
         let frequency_correction = if relative_frequency == 0.0 {
             None
@@ -268,6 +275,7 @@ impl Costream {
             skews: [skews.0, skews.1, skews.2, skews.3],
             type5_output,
             frequency_correction,
+            servo_remainder,
         };
         let inner = CoreCostream::new(config).map_err(coincidence_error)?;
         Ok(Costream { inner })
