@@ -181,11 +181,18 @@ class KeyRelease:
         # The last decisions and confirmations must reach the peer before the link stops.
         while self.node.link.queued_frames and self._connected() and time.monotonic() < deadline:
             time.sleep(0.02)
-        if not settled or self.node.link.queued_frames:
+        if settled and not self.node.link.queued_frames:
+            return
+        staged, releasing = self.keystore.staged_keys(), self.keystore.releasing
+        if staged or releasing:
             log.warning("closing before the peer settled every staged final key (staged %s, "
                         "releasing %s); the next link session settles them",
-                        [f"{b:08x}" for b in self.keystore.staged_keys()],
-                        [f"{b:08x}" for b in self.keystore.releasing])
+                        [f"{b:08x}" for b in staged], [f"{b:08x}" for b in releasing])
+        else:
+            # Nothing waits for a decision here. A key that the peer still has staged is
+            # settled in its next link session, as after any lost connection.
+            log.info("closing before the peer confirmed the settlement, with no final key "
+                     "staged or waiting for release on this side")
 
     def _wait(self, predicate, deadline: float) -> bool:
         with self._lock:

@@ -475,6 +475,31 @@ def test_restart_settles_staged_keys(tmp_path):
     assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
 
 
+@pytest.mark.parametrize("role", ["high", "low"])
+def test_unsettled_close_warns_only_about_staged_keys(tmp_path, caplog, role):
+    """A close that cannot reach the peer warns only when a key waits for a decision here."""
+    configs = dict(zip(("high", "low"), node_configs(tmp_path, simulate_args(tmp_path))))
+    node = Node(configs[role])   # The peer never starts, so the settlement cannot finish.
+    node.start()
+    try:
+        caplog.set_level("INFO", logger="S15qkd.release")
+        node.release.settle_at_close(0.2)
+        messages = [(r.levelname, r.getMessage()) for r in caplog.records]
+        assert not [m for level, m in messages if level == "WARNING"], messages
+        assert any("with no final key staged" in m for _, m in messages), messages
+
+        caplog.clear()
+        node.keystore.stage(random_key(0x500, 5))
+        if role == "low":
+            # The coordinator drops an undecided key at close, so only a decided one waits.
+            node.keystore.mark_releasing(0x500)
+        node.release.settle_at_close(0.2)
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "00000500" in warnings[0], warnings
+    finally:
+        node.close()
+
+
 @needs_matching
 def test_wrong_certificate_makes_no_key(tmp_path):
     from S15qkd.channel.tls import create_node_certificate
