@@ -155,7 +155,7 @@ base-image:  ## build the Debian base image offline with debootstrap
 	$(require_docker)
 	docker/build-base-image.sh $(OFFLINE_BASE_IMAGE)
 
-default:  ## run the node in container qkd: web page on port 8080, channel on 4853
+default:  ## run the node in container qkd: web page on port 8080, channel on 4853, events from source.kind
 	$(require_docker)
 	$(require_image)
 	@[ -f $(CONFIG_DIR)/$(CONFIG_FILE) ] || { echo "configuration $(CONFIG_DIR)/$(CONFIG_FILE) not found: write the node's site file there (see docs/container-run.rst), or set CONFIG_DIR and CONFIG_FILE"; exit 1; }

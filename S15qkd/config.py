@@ -168,7 +168,9 @@ SCHEMA: dict[str, Option] = {
     # Event source.
     "source.kind": Option("simulator", _one_of(*SOURCE_KINDS),
                           "'simulator', 'file', 'tdc1' or 'pipe'",
-                          "where the timestamps come from"),
+                          "where the timestamps come from: 'tdc1', 'pipe' or 'file' for a real "
+                          "link, 'simulator' for a test link whose keys anyone with source.seed "
+                          "can compute. qkdserver node starts only if the site file names it"),
     "source.events_file": Option("", _is_line, "a path to a raw event file or named pipe, on one line",
                                  "recorded raw events (readevents -X legacy words), or the "
                                  "named pipe of source.kind 'pipe'"),
@@ -295,12 +297,15 @@ class Config:
         self.path = path
         self._values: dict[str, Any] = {key: copy.deepcopy(opt.default)
                                         for key, opt in SCHEMA.items()}
+        #: Keys set by a site file or an update, as opposed to left at their default.
+        self.explicit_keys: set[str] = set()
         if values:
             self.update(values)
 
     def update(self, values: Mapping[str, Any]) -> None:
         """Check and apply a nested mapping of overrides; raise ConfigError on the first bad one."""
         staged = dict(self._values)
+        updated_keys: set[str] = set()
         for key, value in _flatten(values):
             top = key.split(".", 1)[0]
             if key not in SCHEMA:
@@ -315,8 +320,10 @@ class Config:
                 raise ConfigError(f"invalid value for {key!r}: expected {option.expected}, "
                                   f"got {_shorten(value)}")
             staged[key] = value
+            updated_keys.add(key)
         self._values = staged
         self._check_consistency()
+        self.explicit_keys |= updated_keys
 
     def _check_consistency(self) -> None:
         for smaller, larger in (("reconnect_min_s", "reconnect_max_s"),
@@ -392,6 +399,19 @@ class Config:
         if self["role"] == "low" and not self["target_hostname"]:
             raise ConfigError("missing value for 'target_hostname': the low-count side "
                               "connects to the peer and needs its host name or address")
+
+    def require_explicit_source_kind(self) -> None:
+        """Raise ConfigError unless the site file names source.kind.
+
+        The default kind is the built-in simulator, whose keys anyone with
+        source.seed can compute, so a node of a real link must not fall back to it.
+        """
+        if "source.kind" in self.explicit_keys:
+            return
+        raise ConfigError("missing value for 'source.kind': a node needs its event source named "
+                          "in the site file. Set it to 'tdc1' (time tagger at source.device), "
+                          "'pipe' or 'file' (raw events at source.events_file), or 'simulator' "
+                          "for a test link whose keys are not secret")
 
     def require_event_source(self) -> None:
         """Raise ConfigError unless the event file or named pipe of source.kind exists.

@@ -229,10 +229,18 @@ class Node:
         self.watchdog.record(f"node {name} started as {self.role}-count side")
         settings = self.link.settings
         channel = ("listening on" if self.role == "high" else "connecting to")
-        log.info("node %s: %s-count side, data_root %s, final keys in %s, channel %s %s:%d",
-                 name, self.role, self.data_root, self.config["final_key_folder"], channel,
-                 settings.host, settings.port)
+        log.info("node %s: %s-count side, event source %s, data_root %s, final keys in %s, "
+                 "channel %s %s:%d", name, self.role, self._source_description(), self.data_root,
+                 self.config["final_key_folder"], channel, settings.host, settings.port)
         self.link.start()
+
+    def _source_description(self) -> str:
+        kind = self.config["source.kind"]
+        if kind == "tdc1":
+            return f"tdc1 at {self.config['source.device']}"
+        if kind in ("file", "pipe"):
+            return f"{kind} {self.config['source.events_file']}"
+        return f"simulator with seed {self.config['source.seed']}"
 
     def close(self) -> None:
         """Stop the run on both sides, settle the staged keys with the peer, then stop."""
@@ -728,9 +736,8 @@ def _run_node(config: Config, stop: "StopSignals", start: bool, web_port: Option
         except ChannelError as error:
             return _start_failed(f"classical channel: {error}")
         if config["source.kind"] == "simulator":
-            # The default source: a site file without a source section still runs, and
-            # both nodes then derive their keys from the simulator's seed.
-            log.warning("source.kind is 'simulator' (the default): the keys come from "
+            # Both nodes derive their keys from the simulator's seed, so a test link only.
+            log.warning("source.kind is 'simulator': the keys come from "
                         "simulated detections that anyone with source.seed %d can compute, "
                         "so they are not secret; set source.kind to 'tdc1' or 'pipe' for a "
                         "real link", config["source.seed"])

@@ -50,6 +50,7 @@ def write_config(path: Path, certs, role: str, port: int, local: str | None = No
         "local_cert": str(cert), "local_key": str(key), "remote_cert": str(certs[other][0]),
         "data_root": str(path.parent / f"{role}-data"),
         "final_key_folder": str(path.parent / f"{role}-keys"),
+        "source": {"kind": "simulator"},
         **values,
     }
     path.write_text(json.dumps(config))
@@ -126,6 +127,7 @@ def test_start_up_lines_at_default_verbosity(tmp_path, certs):
     try:
         line = node.wait_for("node test-high:")
         assert "high-count side" in line
+        assert "event source simulator with seed 1," in line
         assert f"data_root {tmp_path / 'high-data'}" in line
         assert f"final keys in {tmp_path / 'high-keys'}" in line
         assert f"listening on 127.0.0.1:{port}" in line
@@ -146,6 +148,20 @@ def test_simulator_source_warned(tmp_path, certs):
     assert " WARNING " in line
     assert "not secret" in line
     assert "source.seed 1 " in line
+
+
+def test_node_without_source_kind_rejected(tmp_path, certs):
+    config = write_config(tmp_path / "high.json", certs, "high", free_port())
+    values = json.loads(config.read_text())
+    del values["source"]
+    config.write_text(json.dumps(values))
+    result = subprocess.run([sys.executable, "-m", "S15qkd.cli.main", "node", "--config",
+                             str(config)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "missing value for 'source.kind'" in result.stderr
+    assert "'tdc1'" in result.stderr
+    assert "'simulator' for a test link" in result.stderr
 
 
 def test_connection_and_state_changes_logged(tmp_path, certs):

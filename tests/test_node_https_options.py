@@ -22,6 +22,7 @@ def write_config(tmp_path) -> str:
         "role": "high", "listen_address": "127.0.0.1", "port_authd": free_port(),
         "local_cert": str(high_cert), "local_key": str(high_key), "remote_cert": str(low_cert),
         "data_root": str(tmp_path / "data"), "final_key_folder": str(tmp_path / "keys"),
+        "source": {"kind": "simulator"},
     }
     path = tmp_path / "node.json"
     path.write_text(json.dumps(config))

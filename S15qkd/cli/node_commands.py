@@ -84,6 +84,7 @@ def run_node(args: argparse.Namespace) -> int:
         return 2
     try:
         config = load_config(args.config)
+        config.require_explicit_source_kind()
     except ConfigError as error:
         print(f"qkdserver node: {error}", file=sys.stderr)
         return 2
