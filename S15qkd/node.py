@@ -196,6 +196,9 @@ class Node:
         self.release = KeyRelease(self, self.keystore, coordinator=self.role == "low")
         self.pipeline: Optional[Pipeline] = None
         self.run = 0
+        # Run id of the last st2 received (low-count side). _join_run sets self.run in a
+        # thread, so a stop that follows st2 at once may arrive before self.run changes.
+        self._announced_run = 0
         self.stop_reason = ""
         self._lock = threading.RLock()
         self._start_timer: Optional[threading.Timer] = None
@@ -363,9 +366,16 @@ class Node:
                 log.error("st2 received on the high-count side; both nodes claim the same role")
                 return
             run = peer_int(message.get("run"), "run", 1, MAX_RUN_ID)
+            self._announced_run = run
             self._in_thread(lambda: self._join_run(run))
             return
         if kind == "stop":
+            # A stop of an earlier run, delivered again after a reconnection, must not end
+            # the run that followed it.
+            if message.get("run") not in (self.run, self._announced_run):
+                log.info("stop of run %s from the peer dropped: current run is %d",
+                         shown(message.get("run")), self.run)
+                return
             reason = f"peer stopped key generation: {message.get('reason', 'no reason given')}"
             self._in_thread(lambda: self._stop_local(reason))
             return

@@ -31,6 +31,19 @@ def wait_state(node: Node, states, timeout: float = 10.0) -> bool:
     return node.engine.wait_for(lambda state: state in states, timeout)
 
 
+def start_run(high: Node, low: Node) -> int:
+    """Start a run from the low-count side and return its id once both nodes are in it."""
+    running = {S.INITIATING, S.PEAK_FINDING, S.SERVICE_MODE, S.KEY_GENERATION}
+    low.start_keygen()
+    assert wait_state(high, running)
+    assert wait_state(low, running)
+    deadline = time.monotonic() + 30
+    while (low.run != high.run or low.pipeline is None) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert low.run == high.run != 0
+    return low.run
+
+
 def test_nodes_connect_to_only_communication(nodes):
     high, low = nodes
     assert wait_state(high, {S.ONLY_COMMUNICATION})
@@ -46,14 +59,7 @@ def test_nodes_connect_to_only_communication(nodes):
 def test_start_from_low_side_and_stop(nodes):
     high, low = nodes
     assert wait_state(low, {S.ONLY_COMMUNICATION})
-    running = {S.INITIATING, S.PEAK_FINDING, S.SERVICE_MODE, S.KEY_GENERATION}
-    low.start_keygen()
-    assert wait_state(high, running)
-    assert wait_state(low, running)
-    deadline = time.monotonic() + 30
-    while (low.run != high.run or low.pipeline is None) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert low.run == high.run != 0
+    start_run(high, low)
     assert low.status().worker("splicer") is not None
     high.stop_keygen("operator stop")
     assert wait_state(high, {S.ONLY_COMMUNICATION})
@@ -90,3 +96,28 @@ def test_save_config_applies_live_keys(nodes, tmp_path):
     config["QBER_limit"] = "high"
     problems = high.validate_config(config)
     assert problems[0].key == "QBER_limit"
+
+
+def test_stale_stop_dropped(nodes, caplog):
+    high, low = nodes
+    assert wait_state(low, {S.ONLY_COMMUNICATION})
+    first = start_run(high, low)
+    high.stop_keygen("operator stop")
+    assert wait_state(low, {S.ONLY_COMMUNICATION})
+    second = start_run(high, low)
+    assert second != first
+
+    # The peer's channel delivers the stop of the first run again.
+    caplog.set_level("INFO", logger="S15qkd.node")
+    high.send_control({"msg": "stop", "reason": "replayed", "run": first})
+    expected = f"stop of run {first} from the peer dropped: current run is {second}"
+    deadline = time.monotonic() + 10
+    while expected not in caplog.text and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert expected in caplog.text
+    time.sleep(0.5)
+    assert low.run == second
+    assert low.pipeline is not None
+    assert low.engine.state is not S.ONLY_COMMUNICATION
+    assert low.engine.reason != "peer stopped key generation: replayed"
+
