@@ -201,6 +201,10 @@ class Node:
         self._announced_run = 0
         self.stop_reason = ""
         self._lock = threading.RLock()
+        # Serializes start() and set_conn(), which both replace or start self.link. The web
+        # page is served before start() runs, so a request may arrive in between.
+        self._channel_lock = threading.Lock()
+        self._channel_started = False
         self._start_timer: Optional[threading.Timer] = None
         self._start_attempts = 0
         self._closed = False
@@ -235,7 +239,9 @@ class Node:
         log.info("node %s: %s-count side, event source %s, data_root %s, final keys in %s, "
                  "channel %s %s:%d", name, self.role, self._source_description(), self.data_root,
                  self.config["final_key_folder"], channel, settings.host, settings.port)
-        self.link.start()
+        with self._channel_lock:
+            self.link.start()
+            self._channel_started = True
 
     def _source_description(self) -> str:
         kind = self.config["source.kind"]
@@ -650,6 +656,13 @@ class Node:
             selected = self.config.with_connection(conn_id)
         except ConfigError:
             raise UnknownConnectionError(conn_id, tuple(self.config["connections"])) from None
+        with self._channel_lock:
+            if not self._channel_started:
+                raise ControlError(f"cannot switch to connection {conn_id}: the node has not "
+                                   "started its channel yet; try again once it has started")
+            self._switch_connection(conn_id, selected)
+
+    def _switch_connection(self, conn_id: str, selected: Config) -> None:
         self._stop_local(f"switching to connection {conn_id}")
         self.link.stop()
         self.config = selected

@@ -121,3 +121,19 @@ def test_stale_stop_dropped(nodes, caplog):
     assert low.engine.state is not S.ONLY_COMMUNICATION
     assert low.engine.reason != "peer stopped key generation: replayed"
 
+
+def test_set_conn_before_start_rejected(tmp_path):
+    # The web page is served before Node.start(), so a request may reach set_conn first.
+    args = argparse.Namespace(events_high=None, events_low=None, epochs=0, pair_rate=1e5,
+                              qber=0.03, seed=3, real_time=True, block_bits=8000)
+    high_config, _ = node_configs(tmp_path, args)
+    high_config.update({"connections": {"OTHER": {"port_authd": high_config["port_authd"] + 1}}})
+    high = Node(high_config)
+    try:
+        with pytest.raises(ControlError, match="has not started its channel yet"):
+            high.set_conn("OTHER")
+        assert high.link.state.name == "STOPPED"
+        high.start()
+        assert high.config["remote_connection_id"] != "OTHER"
+    finally:
+        high.close()
