@@ -36,7 +36,7 @@ import os
 import sys
 
 from .reference_options import (ReferenceExit, c_int, dropped_everything_message,
-                                read_records, run)
+                                plain_text, read_records, run)
 
 PROGRAM = "qkd-chopper"
 
@@ -124,7 +124,7 @@ def _destination(spec: tuple[str, str], status: int, what: str) -> dict:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
-        print(__doc__)
+        print(plain_text(__doc__))
         return 0
     o = _parse(argv)
     # The reference's stderr carries only errors (and chopper2's dropped-event lines), so

@@ -25,7 +25,7 @@ import sys
 import time
 
 from .qcrypto_getopt import c_integer, scan
-from .reference_options import ReferenceExit, c_int, run
+from .reference_options import ReferenceExit, c_int, plain_text, run
 
 log = logging.getLogger(__name__)
 
@@ -246,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``qkd-costream`` with ``argv`` (default: the process arguments)."""
     if argv is None:
         argv = sys.argv[1:]
+    # Only --help, because -h sets the epochs per histogram, as in the reference.
+    if argv[:1] == ["--help"]:
+        print(plain_text(__doc__))
+        return 0
     return run("qkd-costream", lambda: _run(argv))
 
 

@@ -18,11 +18,13 @@ import os
 import stat
 import sys
 
+from .reference_options import plain_text
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 1 or argv[0] in ("-h", "--help"):
-        print(__doc__, file=sys.stderr if len(argv) != 1 else sys.stdout)
+        print(plain_text(__doc__), file=sys.stderr if len(argv) != 1 else sys.stdout)
         return 0 if argv[:1] in (["-h"], ["--help"]) else 2
     import qkd_core
 

@@ -27,6 +27,8 @@ import sys
 
 import qkd_core
 
+from .reference_options import plain_text
+
 log = logging.getLogger(__name__)
 
 USAGE = __doc__.split("\n\n")[1]
@@ -187,6 +189,9 @@ def run(settings: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["-h"], ["--help"]):
+        print(plain_text(__doc__))
+        return 0
     try:
         settings = parse_arguments(argv)
         check_settings(settings)

@@ -43,6 +43,12 @@ def _stop(signum, frame):
     raise KeyboardInterrupt
 
 
+def plain_text(doc: str) -> str:
+    """Return a module docstring without its reStructuredText markup, for --help output."""
+    text = doc.strip("\n").replace("``", "")
+    return re.sub(r"::$", ":", text, flags=re.MULTILINE)
+
+
 def run(program: str, body) -> int:
     """Call ``body()`` and turn ReferenceExit into its message on stderr and its status.
 

@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``qkd-splicer`` with ``argv`` (default: the process arguments)."""
     if argv is None:
         argv = sys.argv[1:]
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     return run("qkd-splicer", lambda: _run(argv))
 
 
