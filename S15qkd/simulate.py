@@ -140,6 +140,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+#: Configuration keys that the options of qkdserver simulate set, so that an error about
+#: a value names the option the user typed.
+OPTION_OF_KEY = {
+    "source.seed": "--seed", "source.epochs": "--epochs", "source.pair_rate": "--pair-rate",
+    "source.qber": "--qber", "source.drift": "--drift", "minimal_block_size": "--block-bits",
+}
+
+
+def name_options(message: str) -> str:
+    """Replace each quoted configuration key in message by the option that sets it."""
+    for key, option in OPTION_OF_KEY.items():
+        message = message.replace(repr(key), option)
+    return message
+
+
 def node_configs(workdir: Path, args: argparse.Namespace) -> tuple[Config, Config]:
     """Build the two nodes' configurations: certificates, folders, port and event source."""
     from .channel.tls import create_node_certificate
@@ -275,7 +290,7 @@ def simulate_in(workdir: Path, args: argparse.Namespace, out: TextIO) -> int:
     try:
         high_config, low_config = node_configs(workdir, args)
     except ConfigError as error:
-        print(f"qkdserver simulate: {error}", file=sys.stderr)
+        print(f"qkdserver simulate: {name_options(str(error))}", file=sys.stderr)
         return 2
     except OSError as error:
         print(f"qkdserver simulate: cannot create the node folders in --workdir "

@@ -42,6 +42,17 @@ def test_epochs_below_one_rejected(tmp_path, capsys, epochs):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize("option, values", [("--qber", {"qber": 2.0}),
+                                            ("--block-bits", {"block_bits": 10}),
+                                            ("--pair-rate", {"pair_rate": 0.0}),
+                                            ("--seed", {"seed": -1})])
+def test_invalid_value_names_option(tmp_path, capsys, option, values):
+    error = run_rejected(simulate_args(tmp_path, **values), capsys)
+    assert f"invalid value for {option}: expected " in error
+    assert "source." not in error
+    assert "minimal_block_size" not in error
+
+
 @pytest.mark.parametrize("timeout", [0.0, -1.0])
 def test_timeout_not_positive_rejected(tmp_path, capsys, timeout):
     error = run_rejected(simulate_args(tmp_path, timeout=timeout), capsys)
