@@ -151,7 +151,11 @@ class Engine:
         self._lock.notify_all()
 
     def _announce(self, old: EngineState, new: EngineState, reason: str) -> None:
-        log.info("engine state %s -> %s: %s", old.value, new.value, reason)
+        # A move to OFF that ends a paused run keeps the state OFF, so it is no change.
+        if new is old:
+            log.info("engine stays in %s: %s", new.value, reason)
+        else:
+            log.info("engine state %s -> %s: %s", old.value, new.value, reason)
         if self._on_change is not None:
             self._on_change(old, new, reason)
 

@@ -585,7 +585,10 @@ class Node:
         self.fatal(message)
 
     def _on_engine_change(self, old: EngineState, new: EngineState, reason: str) -> None:
-        self.watchdog.record(f"engine {old.value} -> {new.value}: {reason}")
+        if new is old:
+            self.watchdog.record(f"engine stays in {new.value}: {reason}")
+        else:
+            self.watchdog.record(f"engine {old.value} -> {new.value}: {reason}")
         self.progress("state", state=new.value, reason=reason)
 
     # ---- NodeControl --------------------------------------------------------------------

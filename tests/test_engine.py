@@ -73,10 +73,14 @@ def test_engine_pause_and_resume():
     assert engine.resume("again") is False
 
 
-def test_engine_stop_ends_pause():
+def test_engine_stop_ends_pause(caplog):
     engine = running_engine()
     engine.suspend("channel to the peer lost")
+    caplog.clear()
+    caplog.set_level("INFO", logger="S15qkd.controller")
     assert engine.move(S.OFF, "new link session")
+    assert "engine stays in OFF: new link session" in caplog.text
+    assert "OFF -> OFF" not in caplog.text
     assert engine.suspended is None
     assert engine.state is S.OFF
     assert engine.reason == "new link session"
