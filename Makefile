@@ -17,8 +17,11 @@ install:  ## build qkd_core (release) and install it with S15qkd and the test to
 	$(PYTHON) -m pip install --quiet 'maturin>=1.7,<2' 'pytest>=7' 'hypothesis>=6' 'numpy>=1.23'
 	$(PYTHON) -m pip install --quiet --no-build-isolation '.[test,web]'
 
+# Options of `make run`, e.g. SIMULATE_ARGS='--workdir /tmp/sim' to keep the keys.
+SIMULATE_ARGS ?=
+
 run: install  ## simulate a two-node link on this machine and check both keystores
-	qkdserver simulate
+	qkdserver simulate $(SIMULATE_ARGS)
 
 test: install test-rust test-python  ## run every test: cargo tests, then pytest
 

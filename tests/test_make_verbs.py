@@ -110,3 +110,10 @@ def test_keygen_verbs_use_token(web_node, tmp_path):
     result = make("keygen-stop", f"WEB_URL={url}", f"WEB_TOKEN_FILE={wrong}")
     assert result.returncode != 0
     assert "invalid web token" in result.stdout
+
+
+def test_run_passes_simulate_args():
+    # -n prints the commands of run and install without running them.
+    result = make("-n", "run", "SIMULATE_ARGS=--workdir /tmp/kept-keys")
+    assert result.returncode == 0, result.stderr
+    assert "qkdserver simulate --workdir /tmp/kept-keys" in result.stdout
