@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 S = EngineState
 
-#: Raw key epochs kept on the high-count side while waiting for the peer to use them.
+#: Raw key epochs kept on the high-count side, and type-3 epochs on the low-count side,
+#: while waiting for the peer to use them.
 RAW_KEY_RETENTION_EPOCHS = 256
 
 #: The clock lock counts as lost when the running mean of coincidences/(accidentals + 1)
@@ -544,6 +545,8 @@ class LowPipeline(Pipeline):
         self.t3: set[int] = set()          # epochs with a type-3 file in folders["t3"]
         self.t4: dict[int, bytes] = {}     # type-4 files from the peer, by epoch
         self.last_spliced = -1             # latest epoch that gave a raw key here
+        self.t3_removed_through = -1       # latest type-3 epoch removed unmatched
+        self.t3_removed_dropped = 0        # type-4 epochs dropped because of that removal
         self.splicer: Optional[stages.Splicer] = None
         self.servo = QberServo(self.config["QBER_limit"], self.config["servo_blocks"],
                                self.config["default_QBER"])
@@ -610,6 +613,7 @@ class LowPipeline(Pipeline):
             for old in [e for e in self.t3 if e < epoch - RAW_KEY_RETENTION_EPOCHS]:
                 self.t3.discard(old)
                 self.remove_files(old)
+                self.t3_removed_through = max(self.t3_removed_through, old)
         else:
             self.t4[epoch] = content
         if self.splicer is None:
@@ -660,6 +664,17 @@ class LowPipeline(Pipeline):
             bits = self.splicer.process_without_type3(epoch, t4)
         except qkd_core.FormatError as error:
             # The raw key epochs around it then do not join one block on either side.
+            if epoch <= self.t3_removed_through:
+                # This side had events there, but the peer lagged by more than the
+                # retention, as when simulate's source runs ahead of costream. A lagging
+                # peer loses every epoch it lags by, so only the first one is a warning.
+                level = logging.INFO if self.t3_removed_dropped else logging.WARNING
+                self.t3_removed_dropped += 1
+                log.log(level, "type-4 file of epoch %08x dropped: this side removed the type-3 "
+                        "files up to epoch %08x unmatched, because they were more than %d "
+                        "epochs older than its newest one", epoch, self.t3_removed_through,
+                        RAW_KEY_RETENTION_EPOCHS)
+                return None
             log.error("type-4 file of epoch %08x dropped: this side has no events in that "
                       "epoch, but the peer kept some (%s)", epoch, error)
             return None

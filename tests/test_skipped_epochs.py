@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import qkd_core
-from S15qkd.pipeline import LowPipeline
+from S15qkd.pipeline import RAW_KEY_RETENTION_EPOCHS, LowPipeline
 from S15qkd.stages import Splicer
 
 EPOCH = 0x4F90
@@ -83,6 +83,35 @@ def test_splice_kept_events_without_type3_dropped(tmp_path, caplog):
     assert raw_keys(pipeline) == []
     assert EPOCH not in pipeline.t4
     assert f"type-4 file of epoch {EPOCH:08x} dropped: this side has no events" in caplog.text
+
+
+def test_splice_removed_type3_not_empty(tmp_path, caplog):
+    pipeline = low_pipeline(tmp_path)
+    # The chopper runs more than the retention ahead of the peer, as in simulate: the
+    # type-3 file of EPOCH is removed before the peer's type-4 file arrives.
+    (pipeline.folders["t3"] / f"{EPOCH:08x}").write_bytes(b"\x03")
+    pipeline.splice(("t3", EPOCH, None))
+    pipeline.splice(("t3", EPOCH + RAW_KEY_RETENTION_EPOCHS + 1, None))
+    assert not (pipeline.folders["t3"] / f"{EPOCH:08x}").exists()
+    pipeline.splice(("t4", EPOCH, type4_file(EPOCH, [0])))
+
+    assert raw_keys(pipeline) == []
+    assert EPOCH not in pipeline.t4
+    assert "ERROR" not in [record.levelname for record in caplog.records]
+    assert (f"type-4 file of epoch {EPOCH:08x} dropped: this side removed the type-3 files "
+            f"up to epoch {EPOCH:08x} unmatched") in caplog.text
+    assert [record.levelname for record in caplog.records] == ["WARNING"]
+
+    # The next removed epoch is logged at INFO: a lagging peer loses every epoch it lags by.
+    caplog.clear()
+    caplog.set_level("INFO", logger="S15qkd")
+    (pipeline.folders["t3"] / f"{EPOCH + 1:08x}").write_bytes(b"\x03")
+    pipeline.splice(("t3", EPOCH + 1, None))
+    pipeline.splice(("t3", EPOCH + RAW_KEY_RETENTION_EPOCHS + 2, None))
+    pipeline.splice(("t4", EPOCH + 1, type4_file(EPOCH + 1, [0])))
+    assert raw_keys(pipeline) == []
+    removed = [record for record in caplog.records if "removed the type-3" in record.message]
+    assert [record.levelname for record in removed] == ["INFO"]
 
 
 def test_splice_invalid_type3_dropped(tmp_path, caplog):
