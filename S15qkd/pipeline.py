@@ -65,6 +65,12 @@ RAW_KEY_RETENTION_EPOCHS = 256
 LOCK_LOST_PAIR_RATIO = 2.5
 INITIAL_PAIR_RATIO = 10.0
 
+#: The clock lock also counts as lost when the highest bin of costream's histogram lies
+#: outside the coincidence window in this many epochs in a row. The servo can hold the
+#: peak inside the tracking window but outside the coincidence window, and then the
+#: accidentals stay 0 and the pair ratio above stays high.
+LOCK_LOST_PEAK_EPOCHS = 2
+
 #: Names of the two measurement bases of BBM92, in the order of costream's basis bit.
 BASIS_NAMES = ("H/V", "diagonal")
 
@@ -195,6 +201,14 @@ class Pipeline:
         raise NotImplementedError
 
 
+def histogram_peak_ticks(histogram) -> Optional[int]:
+    """Return the time difference in ticks of the histogram's highest bin (the first of
+    equal ones), or None when the histogram counts no pair."""
+    if len(histogram) == 0 or max(histogram) == 0:
+        return None
+    return int(np.argmax(histogram)) + stages.HISTOGRAM_FIRST_TICK
+
+
 class HighPipeline(Pipeline):
     """chopper2, offset search, costream; responder of service QBER and reconciliation."""
 
@@ -217,6 +231,7 @@ class HighPipeline(Pipeline):
         self.skipped: set[int] = set()   # skipped epochs costream has not closed yet
         self.search: "stages.OffsetFinder | stages.FrequencySearch | None" = None
         self.pair_ratio = INITIAL_PAIR_RATIO       # running coincidences/(accidentals + 1)
+        self.peak_outside_epochs = 0               # epochs in a row with the peak outside
         # (errors, bits) per basis of the last disclosed service epochs.
         self.basis_results: deque = deque(maxlen=self.config["service_epochs"])
         self.source_worker = self.worker("readevents", self.read_events,
@@ -519,13 +534,26 @@ class HighPipeline(Pipeline):
         # any pair in either window count as unlocked.
         ratio = result.coincidences / (result.accidentals + 1)
         self.pair_ratio += (ratio - self.pair_ratio) / 5
+        window = self.config["remote_coincidence_window"]
+        peak = histogram_peak_ticks(result.histogram)
+        if peak is not None and not -window < peak < window:
+            self.peak_outside_epochs += 1
+        else:
+            self.peak_outside_epochs = 0
+        reason = None
         if self.pair_ratio < LOCK_LOST_PAIR_RATIO:
             reason = (f"clock lock lost in epoch {result.epoch:08x}: running mean of "
                       f"coincidences/(accidentals + 1) {self.pair_ratio:.2f} below "
                       f"{LOCK_LOST_PAIR_RATIO}")
+        elif self.peak_outside_epochs >= LOCK_LOST_PEAK_EPOCHS:
+            reason = (f"clock lock lost in epoch {result.epoch:08x}: peak of the examined "
+                      f"pairs at {peak} ticks, outside the coincidence window of ±{window} "
+                      f"ticks for {self.peak_outside_epochs} epochs")
+        if reason is not None:
             log.warning("%s; searching the offset again", reason)
             self.costream = None
             self.pair_ratio = INITIAL_PAIR_RATIO
+            self.peak_outside_epochs = 0
             self.node.send_control({"msg": "lock_lost", "reason": reason})
             self.node.engine.move(S.PEAK_FINDING, reason)
 

@@ -131,14 +131,13 @@ def test_accidentals_and_peer_figures(tmp_path):
     assert high_status.error_correction.servoed_qber is not None
 
 
-def test_lock_check_fires_without_any_pairs():
-    """An epoch with no pair in either window (no light at the low-count side, or an
-    offset far off) counts as unlocked, because coincidences/(accidentals + 1) is 0."""
+def locked_pipeline():
+    """Return a high-count pipeline stand-in in service mode with a running costream,
+    its engine and the list that collects its control messages."""
     from types import SimpleNamespace
 
     from S15qkd.controller import Engine
-    from S15qkd.pipeline import INITIAL_PAIR_RATIO, HighPipeline
-    from S15qkd.stages import CoincidenceEpoch
+    from S15qkd.pipeline import INITIAL_PAIR_RATIO
     from S15qkd.status import EngineState
 
     engine = Engine()
@@ -147,7 +146,19 @@ def test_lock_check_fires_without_any_pairs():
         engine.move(state, "test setup")
     sent = []
     node = SimpleNamespace(engine=engine, send_control=sent.append)
-    pipeline = SimpleNamespace(node=node, costream=object(), pair_ratio=INITIAL_PAIR_RATIO)
+    pipeline = SimpleNamespace(node=node, costream=object(), pair_ratio=INITIAL_PAIR_RATIO,
+                               config={"remote_coincidence_window": 6}, peak_outside_epochs=0)
+    return pipeline, engine, sent
+
+
+def test_lock_check_fires_without_any_pairs():
+    """An epoch with no pair in either window (no light at the low-count side, or an
+    offset far off) counts as unlocked, because coincidences/(accidentals + 1) is 0."""
+    from S15qkd.pipeline import HighPipeline
+    from S15qkd.stages import CoincidenceEpoch
+    from S15qkd.status import EngineState
+
+    pipeline, engine, sent = locked_pipeline()
     lost_after = None
     for epoch in range(20):
         empty = CoincidenceEpoch(epoch, None, np.zeros(0, dtype=np.uint8), 0, 0, 0)
@@ -221,3 +232,50 @@ def test_failed_search_retries_later(tmp_path):
         high.close()
         low.close()
     assert not any((tmp_path / "high" / "keys").glob("0*"))
+
+
+def run_lock_check(peak_ticks: int, epochs: int):
+    """Feed check_lock epochs of 12 000 coincidences, 0 accidentals and a histogram
+    peak at peak_ticks; return the pipeline, the engine and the control messages sent."""
+    from S15qkd.pipeline import HighPipeline
+    from S15qkd.stages import HISTOGRAM_FIRST_TICK, CoincidenceEpoch
+
+    pipeline, engine, sent = locked_pipeline()
+    histogram = [3] * 128
+    histogram[peak_ticks - HISTOGRAM_FIRST_TICK] = 2000
+    for epoch in range(epochs):
+        result = CoincidenceEpoch(epoch, None, np.zeros(0, dtype=np.uint8), 12_000, 0, 0,
+                                  tuple(histogram))
+        HighPipeline.check_lock(pipeline, result)
+        if pipeline.costream is None:
+            break
+    return pipeline, engine, sent
+
+
+def test_lock_check_fires_when_peak_leaves_window():
+    """A peak 10 ticks off, inside the tracking window but outside the coincidence window
+    of 6 ticks, leaves few coincidences and no accidentals. The pair ratio stays high, so
+    only the histogram peak shows the lost lock."""
+    from S15qkd.status import EngineState
+
+    pipeline, engine, sent = run_lock_check(10, 2)
+    assert pipeline.costream is None
+    assert engine.state is EngineState.PEAK_FINDING
+    assert [message["msg"] for message in sent] == ["lock_lost"]
+    assert "peak of the examined pairs at 10 ticks" in sent[0]["reason"]
+
+
+def test_lock_check_waits_one_epoch_off_peak():
+    pipeline, _engine, sent = run_lock_check(-6, 1)
+    assert pipeline.costream is not None
+    assert pipeline.peak_outside_epochs == 1
+    assert sent == []
+
+
+def test_lock_check_keeps_peak_inside_window():
+    from S15qkd.status import EngineState
+
+    pipeline, engine, sent = run_lock_check(5, 20)
+    assert pipeline.costream is not None
+    assert engine.state is EngineState.SERVICE_MODE
+    assert sent == []
