@@ -495,7 +495,8 @@ def test_unsettled_close_warns_only_about_staged_keys(tmp_path, caplog, role):
             node.keystore.mark_releasing(0x500)
         node.release.settle_at_close(0.2)
         warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-        assert len(warnings) == 1 and "00000500" in warnings[0], warnings
+        assert len(warnings) == 1, warnings
+        assert "00000500" in warnings[0], warnings
     finally:
         node.close()
 

@@ -78,8 +78,8 @@ pub struct CostreamConfig {
     pub frequency_correction: Option<FrequencyCorrector>,
     /// Time-mode clock servo (`track_filter < 0`): carry the remainder of each step's
     /// division into the next step. The reference truncates every step toward zero, so
-    /// a step below 1/4096 tick is lost; at about 1e6 pairs per epoch nearly all steps
-    /// of pairs near the peak are lost, while the rarer pairs of an earlier uncorrelated
+    /// a step below 1/4096 tick is lost. At about 1e6 pairs per epoch nearly all steps
+    /// of pairs near the peak are lost, but the rarer pairs of an earlier uncorrelated
     /// type-1 event (diff between -U and the peak) still move the offset. The offset then
     /// walks away from the peak by about one tick every two epochs until the peak leaves
     /// the coincidence window. false computes as the reference does.
