@@ -6,6 +6,15 @@ A block is a run of consecutive epochs; its epochs are marked used in the keysto
 both sides before any parity is exchanged, so they can never be used again, whatever
 the block's outcome.
 
+A collected block starts once it contains ``minimal_block_size`` bits, unless
+``max_blocks_in_flight`` blocks are in flight: started and not yet released or discarded.
+Then it is held back and takes in the following epochs until one of them ends or it
+reaches ``maximal_block_size`` bits or :data:`MAX_HELD_EPOCHS` epochs, when it starts
+anyway. Each block costs about the same number of messages whatever its size, so blocks
+grow while reconciliation lags behind the raw key and stay small, for a short key
+latency, while it keeps up. Collected epochs that did not start a block when the engine
+leaves key generation are dropped, and so are those of a stopped run.
+
 Release of a final key, once both reconciliation sessions report a verified key:
 
 1. each side stages the type-7 file (:meth:`KeyStore.stage`); the high-count side sends
@@ -55,6 +64,10 @@ S = EngineState
 # Most epochs one reconciliation block may name: 2**20 epochs of 0.537 s are about 6
 # days, and the bound keeps a start message cheap to check.
 MAX_BLOCK_EPOCHS = 1 << 20
+# Maximum number of epochs a held-back block takes in before it starts anyway. The high-count side
+# keeps the raw key of the last 256 epochs it matched (pipeline.RAW_KEY_RETENTION_EPOCHS),
+# and it may be ahead of the low-count side, so a block must start well within that.
+MAX_HELD_EPOCHS = 128
 # Minimum compared bits behind a service QBER that may start key generation. An unlocked
 # stream can show no error on a handful of bits. At 500 bits, a QBER near the default
 # threshold of 0.085 has a standard error of about 0.012, so a QBER of 0.5 cannot pass.
@@ -122,6 +135,8 @@ class BlockManager:
         self.initiator = pipeline.role == "low"
         self.blocks: dict[int, Block] = {}
         self.collected: list[tuple[int, np.ndarray]] = []   # raw key epochs for the next block
+        self.collected_bits = 0                             # raw key bits in collected
+        self.held_since: Optional[float] = None             # monotonic s; None: not held back
         self.service: list[tuple[int, int]] = []            # (errors, bits) per disclosed epoch
         self.awaiting: set[int] = set()                     # disclosed, result not back yet
         self.window_disclosed = 0                           # epochs disclosed in this window
@@ -149,6 +164,8 @@ class BlockManager:
             self.check_timeouts()
         else:
             raise ValueError(f"unknown error-correction work item {kind!r}")
+        # Any item may have ended a block, changed the mode or the configuration.
+        self.advance_collected()
 
     # ---- service mode -------------------------------------------------------------------
 
@@ -264,16 +281,65 @@ class BlockManager:
 
     def collect(self, epoch: int, bits: np.ndarray) -> None:
         if self.collected and epoch != self.collected[-1][0] + 1:
-            log.info("raw key epochs %08x..%08x dropped: epoch %08x does not follow them",
-                     self.collected[0][0], self.collected[-1][0], epoch)
-            self.collected.clear()
+            self.drop_collected(f"epoch {epoch:08x} does not follow them")
         self.collected.append((epoch, bits))
-        total = sum(len(b) for _, b in self.collected)
-        if total >= self.config["minimal_block_size"]:
-            epochs = [e for e, _ in self.collected]
-            key = np.concatenate([b for _, b in self.collected])
-            self.collected.clear()
-            self.start_block(epochs, key)
+        self.collected_bits += len(bits)
+        self.advance_collected()
+
+    def drop_collected(self, reason: str) -> None:
+        """Forget the collected epochs. They were never marked used, so no block contains them."""
+        if not self.collected:
+            return
+        log.info("raw key epochs %08x..%08x (%d bits) dropped: %s", self.collected[0][0],
+                 self.collected[-1][0], self.collected_bits, reason)
+        self.collected.clear()
+        self.collected_bits = 0
+        self.held_since = None
+
+    @property
+    def blocks_in_flight(self) -> int:
+        """Number of blocks started or joined and not yet released or discarded."""
+        return len(self.blocks)
+
+    def advance_collected(self) -> None:
+        """Start the collected epochs as a block when they are ready, hold them back
+        while max_blocks_in_flight blocks are in flight, or drop them outside key generation."""
+        if not self.collected:
+            return
+        mode = self.node.engine.mode
+        if mode is not S.KEY_GENERATION:
+            # Key generation resumes only after service mode disclosed later epochs, so
+            # no epoch after the change of mode follows these. They are dropped now
+            # instead of when the next collected epoch does not follow them.
+            self.drop_collected(f"the engine left key generation for {mode.value}")
+            return
+        if self.collected_bits < self.config["minimal_block_size"]:
+            return
+
+        running, limit = self.blocks_in_flight, self.config["max_blocks_in_flight"]
+        maximal = self.config["maximal_block_size"]
+        full = self.collected_bits >= maximal or len(self.collected) >= MAX_HELD_EPOCHS
+        if running >= limit and not full:
+            if self.held_since is None:
+                self.held_since = time.monotonic()
+                log.info("block %08x held back: %d blocks in flight, max_blocks_in_flight %d, so "
+                         "it takes in the next epochs until one of them ends or it reaches %d "
+                         "bits or %d epochs", self.collected[0][0], running, limit, maximal,
+                         MAX_HELD_EPOCHS)
+            return
+
+        note = ""
+        if self.held_since is not None:
+            note += f", held back for {time.monotonic() - self.held_since:.1f} s"
+        if running >= limit:
+            note += (f", with {running} blocks in flight because it reached maximal_block_size "
+                     f"{maximal} or {MAX_HELD_EPOCHS} epochs")
+        epochs = [e for e, _ in self.collected]
+        key = np.concatenate([b for _, b in self.collected])
+        self.collected.clear()
+        self.collected_bits = 0
+        self.held_since = None
+        self.start_block(epochs, key, note)
 
     @property
     def reconciler(self) -> "stages.Reconciler":
@@ -281,8 +347,11 @@ class BlockManager:
             self._reconciler = stages.Reconciler(self.initiator, self.config)
         return self._reconciler
 
-    def start_block(self, epochs: list[int], key: np.ndarray) -> None:
-        """Low-count side: open a block over these epochs with the own raw key."""
+    def start_block(self, epochs: list[int], key: np.ndarray, note: str = "") -> None:
+        """Low-count side: open a block over these epochs with the own raw key.
+
+        note, when given, ends the log line, for example how long the block was held back.
+        """
         block_id = epochs[0]
         try:
             self.node.keystore.consume_epochs(block_id, len(epochs))
@@ -291,7 +360,8 @@ class BlockManager:
             return
         self.blocks[block_id] = Block(block_id, epochs, int(len(key)), time.time())
         self.start_timer()
-        log.info("block %08x started: %d epochs, %d raw bits", block_id, len(epochs), len(key))
+        log.info("block %08x started: %d epochs, %d raw bits%s", block_id, len(epochs), len(key),
+                 note)
         self.send(block_id, "start", epochs=epochs, bits=int(len(key)))
         self.handle_step(self.reconciler.start_block(block_id, key))
 

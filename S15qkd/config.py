@@ -248,6 +248,21 @@ SCHEMA: dict[str, Option] = {
     "minimal_block_size": Option(20000, _int_range(256, 10_000_000),
                                  "an integer number of bits from 256 to 10000000",
                                  "raw key bits collected before one reconciliation block"),
+    # The upper bound only rejects nonsense: every running block holds its raw key and
+    # working memory on both sides.
+    "max_blocks_in_flight": Option(2, _int_range(1, 64), "an integer from 1 to 64",
+                                   "reconciliation blocks the low-count side runs at once; while "
+                                   "that many run, the next block takes in the following epochs "
+                                   "until one of them ends or it reaches maximal_block_size"),
+    # A block may pass the maximum by less than one epoch of raw key. The reconciler takes
+    # up to 2**26 bits, so 2**25 leaves room for an epoch of 3e7 raw key bits (a raw key
+    # rate of 6e7 bit/s). Memory bounds the default: a running block needs about 13 bytes
+    # per raw bit on each side, about 125 MB for 10**7 bits. Both roles of a 10**7-bit
+    # block in one process peaked 250 MB above their start.
+    "maximal_block_size": Option(10_000_000, _int_range(256, 1 << 25),
+                                 "an integer number of bits from 256 to 33554432",
+                                 "raw key bits at which a block that waits for "
+                                 "max_blocks_in_flight starts anyway"),
     "QBER_limit": Option(0.1, _number_range(0.0, 0.5), "a fraction from 0 to 0.5",
                          "mean QBER over servo_blocks above which key generation returns "
                          "to service mode"),
@@ -327,6 +342,7 @@ class Config:
 
     def _check_consistency(self) -> None:
         for smaller, larger in (("reconnect_min_s", "reconnect_max_s"),
+                                ("minimal_block_size", "maximal_block_size"),
                                 ("qcrypto.pfind.fine_resolution",
                                  "qcrypto.pfind.coarse_resolution")):
             if self[smaller] > self[larger]:

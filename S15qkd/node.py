@@ -76,7 +76,8 @@ S = EngineState
 #: Configuration keys that a running node applies at once; others need a restart of
 #: key generation (or of the node, for the channel settings).
 LIVE_KEYS = frozenset({"identity", "QBER_limit", "QBER_threshold", "default_QBER", "servo_blocks",
-                       "service_epochs", "minimal_block_size"})
+                       "service_epochs", "minimal_block_size", "max_blocks_in_flight",
+                       "maximal_block_size"})
 
 #: Maximum number of histogram bins accepted from the peer. costream sends 128, and the
 #: page redraws the histogram every second.

@@ -24,7 +24,8 @@ key and returns the count; the mean over ``service_epochs`` epochs is the servic
 and a QBER at or below ``QBER_threshold`` moves the link to key generation. Disclosed
 epochs are marked used in both keystores and never reach a key. In key generation, the
 low-count side groups consecutive raw key epochs into blocks of at least
-``minimal_block_size`` bits and starts reconciliation (:mod:`S15qkd.blocks`).
+``minimal_block_size`` bits and starts reconciliation (:mod:`S15qkd.blocks`), with at
+most ``max_blocks_in_flight`` blocks at once, so blocks grow when reconciliation lags.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ class Pipeline:
         self.source_finished = threading.Event()
         self.chopper: Optional[stages.Chopper] = None
         self.chopper_worker: StageWorker  # set by the role's constructor
+        self.blocks: BlockManager  # set by the role's constructor
         self.folder = node.data_root / f"run-{run:08x}"
         self.folders = {name: self.folder / name for name in ("t1", "t2", "t3")}
         for folder in self.folders.values():
@@ -120,6 +122,7 @@ class Pipeline:
             worker.clear()
         for worker in reversed(self.workers):
             self.node.watchdog.stop_worker(worker)
+        self.blocks.drop_collected("the run stopped")
         # Epoch files of a stopped run are never used again; type-2 and type-4 files
         # still waiting for the peer's acknowledgement are removed by their callbacks.
         for kind in ("t1", "t3"):

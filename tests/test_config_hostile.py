@@ -88,6 +88,8 @@ HOSTILE: dict[str, list] = {
     "track_filter_time_constant": int_range(1, 2**31),
     "error_correction": NOT_BOOL,
     "minimal_block_size": int_range(256, 10_000_000),
+    "max_blocks_in_flight": int_range(1, 64),
+    "maximal_block_size": int_range(256, 1 << 25),
     "QBER_limit": number_range(0.0, 0.5),
     "QBER_threshold": number_range(0.0, 0.5),
     "default_QBER": number_range(0.005, 0.5),
@@ -144,6 +146,9 @@ def test_long_value_cut_in_message(tmp_path):
     ({"qcrypto": {"pfind": {"coarse_resolution": 4, "fine_resolution": 8}}},
      "invalid value for 'qcrypto.pfind.fine_resolution': expected at most "
      "qcrypto.pfind.coarse_resolution (4), got 8"),
+    ({"minimal_block_size": 50000, "maximal_block_size": 40000},
+     "invalid value for 'minimal_block_size': expected at most maximal_block_size (40000), "
+     "got 50000"),
     ({"connections": {"QKDE0003": {"port_authd": "abc"}}},
      "in connections.QKDE0003: invalid value for 'port_authd': expected a TCP port number"),
     ({"connections": {"QKDE0003": {"QBER_limt": 0.1}}},
@@ -182,6 +187,11 @@ FILES = [
     ("range.json", b'{"QBER_limit": 0.7}', "invalid value for 'QBER_limit': expected a fraction "
                                            "from 0 to 0.5, got 0.7"),
     ("date.yaml", b"data_root: 2024-01-01\n", "invalid value for 'data_root'"),
+    ("blocks.yaml", b"max_blocks_in_flight: 0\n", "invalid value for 'max_blocks_in_flight': "
+                                                  "expected an integer from 1 to 64, got 0"),
+    ("block_size.yaml", b"minimal_block_size: 50000\nmaximal_block_size: 40000\n",
+     "invalid value for 'minimal_block_size': expected at most maximal_block_size (40000), "
+     "got 50000"),
     ("intkey.yaml", b"1: high\n", "invalid key 1: expected a string"),
 ]
 

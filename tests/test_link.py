@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,12 +103,12 @@ def test_simulated_link_keys_match(tmp_path):
 
 
 def run_nodes(high_config: Config, low_config: Config, timeout: float = 120.0,
-              inspect=None) -> str:
+              inspect=None, progress: Optional[Progress] = None) -> str:
     """Run two nodes until their sources ended and they are idle; return the outcome.
 
     inspect(high, low), when given, is called with the nodes before they close.
     """
-    progress = Progress(io.StringIO(), quiet=True)
+    progress = progress or Progress(io.StringIO(), quiet=True)
     high = Node(high_config, progress=progress, auto_start=True)
     low = Node(low_config, progress=progress)
     high.start()
@@ -371,8 +372,10 @@ def test_bad_type2_epoch_skipped(tmp_path, monkeypatch, caplog, damage):
     assert skipped_counts == (1, 1)
     keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
     assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
-    # The link went on after the bad epoch.
-    assert [name for name in keys if int(name, 16) > bad], sorted(keys)
+    # The link went on after the bad epoch. A block held back by max_blocks_in_flight
+    # may span it, because the low-count side gets an empty raw key for a skipped epoch.
+    last_epochs = {name: key.start_epoch + key.epochs - 1 for name, key in keys.items()}
+    assert [name for name, last in last_epochs.items() if last > bad], sorted(keys)
     assert not [r for r in caplog.records if "stage worker costream failed" in r.getMessage()]
 
 
@@ -432,6 +435,131 @@ def test_silent_peer_block_times_out(tmp_path, caplog):
     keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
     assert name not in keys
     assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+
+
+# ---- blocks held back by max_blocks_in_flight ------------------------------------------
+
+STARTED = re.compile(r"block ([0-9a-f]{8}) started: (\d+) epochs, (\d+) raw bits")
+DROPPED = re.compile(r"raw key epochs ([0-9a-f]{8})\.\.([0-9a-f]{8}) \((\d+) bits\) dropped: (.*)")
+
+
+class EpochBits(Progress):
+    """Progress that also records the raw key bits of each epoch on the low-count side."""
+
+    def __init__(self):
+        super().__init__(io.StringIO(), quiet=True)
+        self.bits: dict[int, int] = {}
+
+    def __call__(self, kind: str, node: str, **fields) -> None:
+        if kind == "epoch" and node == "low":
+            self.bits[fields["epoch"]] = fields["raw_bits"]
+        super().__call__(kind, node, **fields)
+
+
+def started_blocks(caplog) -> dict[int, tuple[int, int]]:
+    """Return (epochs, raw bits) of each block the low-count side started, by first epoch."""
+    blocks = {}
+    for record in caplog.records:
+        match = STARTED.match(record.getMessage())
+        if match:
+            blocks[int(match[1], 16)] = (int(match[2]), int(match[3]))
+    return blocks
+
+
+def log_lines(caplog, text: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if text in r.getMessage()]
+
+
+def fast_link_configs(tmp_path: Path, epochs: int, **options) -> tuple[Config, Config]:
+    """Configurations of a link whose simulator runs as fast as it can, so raw key
+    epochs arrive faster than blocks are reconciled."""
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path, epochs=epochs))
+    for config in (high_config, low_config):
+        config.update(options)
+    return high_config, low_config
+
+
+@needs_keys
+def test_held_back_blocks_take_in_epochs(tmp_path, caplog):
+    caplog.set_level("INFO", logger="S15qkd")
+    # One epoch has about 10800 raw bits, above minimal_block_size 8000, so every epoch
+    # would start its own block without the limit.
+    high_config, low_config = fast_link_configs(tmp_path, 24, max_blocks_in_flight=1)
+    assert run_nodes(high_config, low_config) == "input used up"
+
+    held_lines = log_lines(caplog, "held back: ")
+    assert held_lines, "no block was held back"
+    for line in held_lines:
+        assert "1 blocks in flight, max_blocks_in_flight 1" in line
+    started = started_blocks(caplog)
+    assert [first for first, (epochs, _) in started.items() if epochs > 1], started
+    keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert [name for name, key in keys.items() if key.epochs > 1], sorted(keys)
+    assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_no_epoch_reused(caplog)
+
+
+@needs_keys
+def test_held_back_block_starts_at_maximum(tmp_path, caplog):
+    caplog.set_level("INFO", logger="S15qkd")
+    maximal = 30000
+    high_config, low_config = fast_link_configs(tmp_path, 24, max_blocks_in_flight=1,
+                                                maximal_block_size=maximal)
+    progress = EpochBits()
+    assert run_nodes(high_config, low_config, progress=progress) == "input used up"
+
+    at_maximum = log_lines(caplog, f"because it reached maximal_block_size {maximal}")
+    assert at_maximum, "no block started because it reached its maximum"
+    assert "with 1 blocks in flight" in at_maximum[0]
+    started = started_blocks(caplog)
+    assert started
+    for first, (epochs, raw_bits) in started.items():
+        bits = [progress.bits[epoch] for epoch in range(first, first + epochs)]
+        assert sum(bits) == raw_bits, f"block {first:08x}"
+        # The block started with the epoch that took it to the maximum, not later.
+        assert sum(bits[:-1]) < maximal, f"block {first:08x}: {bits}"
+    assert [first for first, (epochs, _) in started.items() if epochs > 1], started
+    assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_no_epoch_reused(caplog)
+
+
+@needs_keys
+def test_held_back_block_dropped_on_service_mode(tmp_path, caplog):
+    caplog.set_level("INFO", logger="S15qkd")
+    # Each released block has a QBER near 0.03, above QBER_limit, so the low-count side
+    # returns to service mode when it releases a block, while the next one is held back.
+    high_config, low_config = fast_link_configs(tmp_path, 40, max_blocks_in_flight=1,
+                                                QBER_limit=0.01, servo_blocks=1)
+    assert run_nodes(high_config, low_config) == "input used up"
+
+    held_blocks = {line.split()[1] for line in log_lines(caplog, "held back: ")}
+    dropped = [DROPPED.match(line) for line in log_lines(caplog, "dropped: the engine left")]
+    assert dropped, "no collected epochs were dropped at the return to service mode"
+    for match in dropped:
+        assert match[4] == "the engine left key generation for SERVICE_MODE"
+    assert [match for match in dropped if match[1] in held_blocks], (held_blocks, dropped)
+    keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    used = {key.start_epoch + i for key in keys.values() for i in range(key.epochs)}
+    for match in dropped:
+        lost = set(range(int(match[1], 16), int(match[2], 16) + 1))
+        assert not lost & used, f"dropped epochs {match[1]}..{match[2]} went into a key"
+    assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_no_epoch_reused(caplog)
+
+
+@needs_keys
+def test_collected_epochs_dropped_at_stop(tmp_path, caplog):
+    caplog.set_level("INFO", logger="S15qkd")
+    # The whole run has about 10**5 raw key bits, so no block starts.
+    high_config, low_config = fast_link_configs(tmp_path, 14, minimal_block_size=1_000_000)
+    assert run_nodes(high_config, low_config) == "input used up"
+
+    dropped = [DROPPED.match(line) for line in log_lines(caplog, "dropped: the run stopped")]
+    assert len(dropped) == 1, dropped
+    assert not started_blocks(caplog)
+    first = int(dropped[0][1], 16)
+    assert KeyStore(tmp_path / "low" / "keys", tmp_path / "low" / "data").next_unused_epoch <= first
 
 
 def random_key(start_epoch: int, seed: int) -> FinalKey:

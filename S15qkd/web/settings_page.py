@@ -35,6 +35,8 @@ LABELS = {
     "error_correction": "Error correction",
     "privacy_amplification": "Privacy amplification",
     "minimal_block_size": "Minimal block size (raw bits)",
+    "maximal_block_size": "Maximal block size (raw bits)",
+    "max_blocks_in_flight": "Blocks reconciled at once",
     "QBER_limit": "QBER limit (fraction)",
     "QBER_threshold": "Service QBER threshold (fraction)",
     "default_QBER": "Initial QBER estimate (fraction)",
@@ -56,8 +58,9 @@ SECTIONS = {
         "track_filter_time_constant", "max_event_diff", "service_epochs",
     ),
     "Error correction": (
-        "error_correction", "privacy_amplification", "minimal_block_size", "QBER_limit",
-        "QBER_threshold", "default_QBER", "servo_blocks",
+        "error_correction", "privacy_amplification", "minimal_block_size",
+        "maximal_block_size", "max_blocks_in_flight", "QBER_limit", "QBER_threshold",
+        "default_QBER", "servo_blocks",
     ),
     "Folders": ("data_root", "final_key_folder"),
 }
