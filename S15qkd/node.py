@@ -601,7 +601,9 @@ class Node:
                                  else WorkerState.STOPPED, self.link.stats.connections,
                                  self.link.stats.last_error)
         blocks = tuple(stats.blocks)
-        servo = getattr(self.pipeline, "servo", None)
+        pipeline = self.pipeline
+        manager = pipeline.blocks if pipeline is not None else None
+        servo = getattr(pipeline, "servo", None)
         servoed_qber = servo.servoed if servo is not None else stats.peer_servoed_qber
         return StatusSnapshot(
             time=time.time(),
@@ -625,7 +627,10 @@ class Node:
             error_correction=ErrorCorrectionStatus(
                 blocks=stats.block_count, total_final_bits=stats.total_final_bits,
                 servoed_qber=servoed_qber,
-                qber_limit=self.config["QBER_limit"], recent_blocks=blocks),
+                qber_limit=self.config["QBER_limit"], recent_blocks=blocks,
+                undigested_epochs=len(manager.collected) if manager is not None else 0,
+                undigested_raw_bits=manager.collected_bits if manager is not None else 0,
+                blocks_in_flight=manager.blocks_in_flight if manager is not None else 0),
             detectors=self._detector_status(),
             config_note=self.engine.reason,
         )

@@ -146,8 +146,9 @@ class ErrorCorrectionStatus:
 
     blocks: int = 0
     total_final_bits: int = 0
-    undigested_epochs: int = 0
+    undigested_epochs: int = 0       # raw key epochs collected for the next block
     undigested_raw_bits: int = 0
+    blocks_in_flight: int = 0        # blocks started, not yet released or discarded
     servoed_qber: float | None = None
     qber_limit: float = 0.1
     recent_blocks: tuple[BlockRecord, ...] = ()

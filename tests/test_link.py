@@ -553,12 +553,18 @@ def test_collected_epochs_dropped_at_stop(tmp_path, caplog):
     caplog.set_level("INFO", logger="S15qkd")
     # The whole run has about 10**5 raw key bits, so no block starts.
     high_config, low_config = fast_link_configs(tmp_path, 14, minimal_block_size=1_000_000)
-    assert run_nodes(high_config, low_config) == "input used up"
+    statuses = []
+    assert run_nodes(high_config, low_config,
+                     inspect=lambda high, low: statuses.append(low.status())) == "input used up"
 
     dropped = [DROPPED.match(line) for line in log_lines(caplog, "dropped: the run stopped")]
     assert len(dropped) == 1, dropped
     assert not started_blocks(caplog)
-    first = int(dropped[0][1], 16)
+    first, last, bits = int(dropped[0][1], 16), int(dropped[0][2], 16), int(dropped[0][3])
+    error_correction = statuses[0].error_correction
+    assert error_correction.undigested_epochs == last - first + 1
+    assert error_correction.undigested_raw_bits == bits
+    assert error_correction.blocks_in_flight == 0
     assert KeyStore(tmp_path / "low" / "keys", tmp_path / "low" / "data").next_unused_epoch <= first
 
 

@@ -164,6 +164,7 @@ def error_correction_rows(snapshot: StatusSnapshot) -> list[tuple[str, str]]:
         ("Blocks", str(ec.blocks)),
         ("Total final key bits", str(ec.total_final_bits)),
         ("Undigested raw bits", str(ec.undigested_raw_bits)),
+        ("Blocks in flight", str(ec.blocks_in_flight)),
         ("Servoed QBER", _percent(ec.servoed_qber)),
         ("QBER limit", _percent(ec.qber_limit)),
     ]
