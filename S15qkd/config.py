@@ -380,8 +380,22 @@ class Config:
 
     def as_dict(self) -> dict[str, Any]:
         """Return the values as a nested mapping, the shape of a site file."""
+        return self._nested(self._values)
+
+    def explicit_dict(self) -> dict[str, Any]:
+        """Return the values of :attr:`explicit_keys` as a nested mapping.
+
+        Saving writes this, not :meth:`as_dict`, so a key left at its default stays out
+        of the site file, and rules about keys the file must name (``source.kind``)
+        still hold after a save.
+        """
+        return self._nested({key: value for key, value in self._values.items()
+                             if key in self.explicit_keys})
+
+    @staticmethod
+    def _nested(values: Mapping[str, Any]) -> dict[str, Any]:
         nested: dict[str, Any] = {}
-        for key, value in self._values.items():
+        for key, value in values.items():
             node = nested
             *parents, leaf = key.split(".")
             for part in parents:
@@ -398,6 +412,10 @@ class Config:
         selected = Config(self.as_dict(), path=self.path)
         selected.update(overrides)
         selected.update({"remote_connection_id": connection_id})
+        # Config(self.as_dict()) marks every key as explicit, but only the site file's
+        # keys, the overrides and the connection id are.
+        selected.explicit_keys = (self.explicit_keys | {name for name, _ in _flatten(overrides)}
+                                  | {"remote_connection_id"})
         return selected
 
     def skew_corrections(self) -> list[int]:
@@ -445,6 +463,19 @@ class Config:
             raise ConfigError(f"invalid value for 'source.events_file': {path!r} not found")
         if Path(path).is_dir():
             raise ConfigError(f"invalid value for 'source.events_file': {path!r} is a folder")
+
+
+def missing_keys(values: Mapping[str, Any]) -> list[str]:
+    """Return the keys of :data:`SCHEMA` that a nested mapping lacks, in SCHEMA order."""
+    missing = []
+    for key in SCHEMA:
+        node: Any = values
+        for part in key.split("."):
+            if not isinstance(node, Mapping) or part not in node:
+                missing.append(key)
+                break
+            node = node[part]
+    return missing
 
 
 def _shorten(value: Any, limit: int = 80) -> str:

@@ -54,7 +54,7 @@ from typing import Any, Callable, Mapping, Optional
 from .blocks import decode_reconcile
 from .channel import ChannelError, FrameType, Link, LinkSettings, LinkState, make_context
 from .channel.frames import decode_file, decode_json, encode_file, encode_json
-from .config import Config, ConfigError
+from .config import SCHEMA, Config, ConfigError, missing_keys
 from .controller import Engine, TransitionError
 from .folder_lock import FolderInUseError, FolderLock
 from .keystore import KeyStore, write_atomic
@@ -686,22 +686,36 @@ class Node:
         return self.config.as_dict()
 
     def validate_config(self, config: Mapping[str, Any]) -> list[ConfigProblem]:
+        problems = []
+        # A key left out would fall back to its default, not keep its current value, so
+        # a partial configuration is rejected rather than merged.
+        missing = missing_keys(config)
+        if missing:
+            problems.append(ConfigProblem("", (
+                f"missing {len(missing)} of the {len(SCHEMA)} configuration keys: "
+                f"{', '.join(missing)}; send the whole configuration as GET /api/config "
+                "returns it, with your changes")))
         try:
             Config(config)
         except ConfigError as error:
             match = re.search(r"'([^']+)'", str(error))
-            return [ConfigProblem(match.group(1) if match else "", str(error))]
-        return []
+            problems.append(ConfigProblem(match.group(1) if match else "", str(error)))
+        return problems
 
     def save_config(self, config: Mapping[str, Any]) -> ConfigSaveResult:
         problems = self.validate_config(config)
         if problems:
             raise ConfigRejected(problems)
         candidate = Config(config, path=self.config.path)
+        # The site file keeps the keys it named and gains the changed ones. A key that
+        # was only at its default stays out, so `qkdserver node` still rejects a site
+        # file that does not name source.kind.
+        candidate.explicit_keys = self.config.explicit_keys | {
+            key for key in SCHEMA if candidate[key] != self.config[key]}
         old, new = flatten_config(self.config.as_dict()), flatten_config(candidate.as_dict())
         changed = tuple(sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key)))
         if self.config.path is not None:
-            text = _dump_config(candidate.as_dict(), self.config.path)
+            text = _dump_config(candidate.explicit_dict(), self.config.path)
             write_atomic(self.config.path, text.encode("utf-8"), mode=0o644)
         applied = tuple(key for key in changed if key in LIVE_KEYS)
         restart = tuple(key for key in changed if key not in LIVE_KEYS)

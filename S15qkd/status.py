@@ -268,7 +268,10 @@ class UnknownConnectionError(LookupError):
 
 @dataclass(frozen=True)
 class ConfigProblem:
-    """One invalid configuration value: its dotted path and what is wrong with it."""
+    """One invalid configuration value: its dotted path and what is wrong with it.
+
+    The path is empty for a problem of the whole configuration, such as missing keys.
+    """
 
     key: str
     message: str
@@ -279,7 +282,7 @@ class ConfigRejected(ValueError):
 
     def __init__(self, problems: list[ConfigProblem] | tuple[ConfigProblem, ...]):
         self.problems = tuple(problems)
-        detail = "; ".join(f"{p.key}: {p.message}" for p in self.problems)
+        detail = "; ".join(f"{p.key}: {p.message}" if p.key else p.message for p in self.problems)
         super().__init__(f"configuration rejected, nothing saved: {detail}")
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from S15qkd.config import ConfigError, load_config
+from S15qkd.config import ConfigError, load_config, missing_keys
 
 
 def test_defaults_without_site_file():
@@ -76,6 +76,24 @@ def test_connection_overrides(tmp_path):
     assert config["target_hostname"] == ""
     with pytest.raises(ConfigError, match="unknown connection id 'QKDE9'"):
         config.with_connection("QKDE9")
+
+
+def test_connection_keeps_explicit_keys():
+    config = load_config(overrides={"QBER_limit": 0.08,
+                                    "connections": {"QKDE0003": {"target_hostname": "c.local"}}})
+    selected = config.with_connection("QKDE0003")
+    assert selected.explicit_keys == {"QBER_limit", "connections", "target_hostname",
+                                      "remote_connection_id"}
+    with pytest.raises(ConfigError, match="missing value for 'source.kind'"):
+        selected.require_explicit_source_kind()
+
+
+def test_missing_keys_listed():
+    assert missing_keys(load_config().as_dict()) == []
+    assert missing_keys({"QBER_limit": 0.08})[:2] == ["identity", "role"]
+    assert "source.kind" in missing_keys({"source": {"seed": 3}})
+    assert "source.seed" not in missing_keys({"source": {"seed": 3}})
+    assert "source.kind" in missing_keys({"source": "simulator"})
 
 
 def test_channel_files_required(tmp_path):
