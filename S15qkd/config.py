@@ -203,8 +203,8 @@ SCHEMA: dict[str, Option] = {
     "source.start_time": Option(0.0, _number_range(0.0, 1e11),
                                 "a Unix time in seconds from 0 to 1e11",
                                 "simulator in real time: when both nodes' simulated clocks "
-                                "started; a node started later skips ahead to the same epoch "
-                                "(0: when the source opens)"),
+                                "started, at most 6.5 days before a run starts; a node started "
+                                "later skips ahead to the same epoch (0: when the source opens)"),
     "source.epochs": Option(0, _int_range(0, 2**31), "an integer from 0 to 2147483648",
                             "stop the source after this many epochs (0: run until stopped)"),
     **{f"local_detector_skew_correction.det{detector}corr":

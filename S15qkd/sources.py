@@ -110,8 +110,9 @@ class SimulatorSource(Source):
     simulated time per batch. The keyword arguments are those of
     ``qkd_core.LinkSimulator`` (seed, pair_rate, qber, offset_ticks, drift, transmission,
     efficiency, dark_count_rate, background_rate, jitter_ps, dead_time_ps, start_ticks,
-    pair_limit). Two sources with equal arguments and opposite sides are the two nodes of
-    one link, even in different processes."""
+    pair_limit, skip_ticks). Two sources with equal arguments and opposite sides are the
+    two nodes of one link, even in different processes, and with different skip_ticks they
+    hand out the same events from the later of the two skips on."""
 
     def __init__(self, side: str, batch_duration: float = 0.1, **link: Any) -> None:
         super().__init__()

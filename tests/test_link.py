@@ -148,6 +148,34 @@ def test_restarted_simulator_skips_used_epochs(tmp_path, caplog):
 
 
 @needs_matching
+def test_simulator_runs_start_at_start_time(tmp_path):
+    # With source.start_time an hour back, a node once simulated the whole hour at every
+    # run start (7.2e8 pairs here) before its first epoch.
+    pair_rate = 2e5
+    link = LinkUnderTest(tmp_path, pair_rate=pair_rate,
+                         config={"source": {"start_time": time.time() - 3600}})
+    runs = []
+    try:
+        for run in range(3):
+            if run:
+                link.high.stop_keygen("next run")
+                assert wait_until(lambda: link.low.pipeline is None, 30)
+                link.high.start_keygen()
+            assert wait_until(lambda: link.high.pipeline is not None
+                              and link.high.pipeline.run not in runs, 30)
+            runs.append(link.high.pipeline.run)
+            assert wait_until(lambda: link.high.engine.state in (EngineState.SERVICE_MODE,
+                                                                 EngineState.KEY_GENERATION),
+                              120), link.high.engine.reason
+            for node in (link.high, link.low):
+                # At most two segments of 67 ms before the skip rebuild the detector state.
+                opening_pairs = node.pipeline.source.opening_pairs
+                assert opening_pairs < pair_rate * 0.15, (run, node.role, opening_pairs)
+    finally:
+        link.close()
+
+
+@needs_matching
 def test_golden_realistic_reaches_key_generation(tmp_path):
     events = golden_case("realistic") / "events"
     out = io.StringIO()

@@ -1,5 +1,7 @@
 """The link simulator: its output measured against its parameters."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -137,3 +139,100 @@ def test_invalid_duration_raises():
         sim.next_batch(-1.0)
     with pytest.raises(TypeError):
         qkd_core.LinkSimulator(efficiency="high")
+
+
+def test_skip_ticks_matches_run_from_zero():
+    # Dead time and dark counts make the state at the skip depend on earlier events.
+    kwargs = dict(seed=4, pair_rate=3e5, jitter_ps=(200, 400), dark_count_rate=2e4, qber=0.03,
+                  dead_time_ps=5e6, offset_ticks=123_456, start_ticks=0)
+    full = collect(qkd_core.LinkSimulator(**kwargs), 1.0)
+    skip = 4_400_000_000
+    skipped = qkd_core.LinkSimulator(skip_ticks=skip, **kwargs)
+    assert skipped.elapsed_ticks == skip
+    # Both runs end at 8e9 ticks, so both hold back the same events at the end.
+    part = skipped.next_batch(0.45)
+    cuts = {"high": skip, "low": skip + kwargs["offset_ticks"]}
+    for side, (times, patterns) in (("high", (0, 1)), ("low", (2, 3))):
+        kept = full[times] >= cuts[side]
+        assert len(part[times]) > 100_000, side
+        np.testing.assert_array_equal(part[times], full[times][kept], err_msg=side)
+        np.testing.assert_array_equal(part[patterns], full[patterns][kept], err_msg=side)
+
+
+def test_skip_ticks_simulates_little_before():
+    skip = 3600 * 8_000_000_000
+    sim = qkd_core.LinkSimulator(seed=2, pair_rate=1e6, skip_ticks=skip)
+    sim.next_batch(0.1)
+    stats = sim.stats()
+    # The state at the skip needs at most two segments of 2^29 ticks (134 ms) before it.
+    assert 0 < stats["warmup_pairs"] < 1e6 * 0.15
+    assert stats["pairs"] < 1e6 * 0.11
+    assert sim.elapsed_ticks == skip + 800_000_000
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(skip_ticks=10, pair_limit=5), "skip_ticks = 10.*pair_limit"),
+        (dict(skip_ticks=(1 << 52) + 1), "skip_ticks"),
+    ],
+)
+def test_invalid_skip_raises_value_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        qkd_core.LinkSimulator(**kwargs)
+
+
+def node_source_config(start_time: float):
+    from S15qkd.config import Config
+
+    return Config({"source": {"kind": "simulator", "real_time": True, "epochs": 0,
+                              "start_time": start_time, "pair_rate": 2e4,
+                              "background_rate": 5e4, "jitter_ps": 300.0}})
+
+
+@pytest.mark.parametrize("role", ["high", "low"])
+def test_node_source_skips_to_start_time(role):
+    from S15qkd import stages
+
+    config = node_source_config(time.time() - 120)
+    source = stages.open_source(config, role)
+    skip = source._simulator.elapsed_ticks
+    assert 119 * 8e9 < skip < 130 * 8e9
+    # Opening simulated only what the state at the skip depends on, not the 120 s before.
+    stats = source._simulator.stats()
+    assert stats["pairs"] < 100
+    assert stats["warmup_pairs"] < 2e4 * 0.15
+    # Read without the real-time pacing of next_batch.
+    batches = [source._read() for _ in range(8)]
+    times = np.concatenate([b[0] for b in batches])
+    patterns = np.concatenate([b[1] for b in batches])
+
+    # The same link from its start, as a node without source.start_time runs it.
+    arguments = stages.simulator_arguments(config)
+    reference = qkd_core.LinkSimulator(**arguments)
+    parts = [reference.next_batch(10.0) for _ in range(int(skip / TICKS_PER_SECOND / 10) + 2)]
+    column = 0 if role == "high" else 2
+    full_times = np.concatenate([p[column] for p in parts])
+    full_patterns = np.concatenate([p[column + 1] for p in parts])
+
+    # Times relative to the simulator's start, undoing the 49-bit wrap of the event time.
+    def relative(t):
+        return (t.astype(np.int64) - qkd_core.DEFAULT_START_TICKS % (1 << 49)) % (1 << 49)
+
+    cut = skip + (arguments["offset_ticks"] if role == "low" else 0)
+    # Compare up to well before the end of the skipped run, whose last events wait.
+    last = int(relative(times)[-1]) - 1_000_000
+    assert last - cut > 0.5 * TICKS_PER_SECOND
+    window = (relative(full_times) >= cut) & (relative(full_times) <= last)
+    mine = relative(times) <= last
+    assert relative(times)[0] >= cut
+    np.testing.assert_array_equal(times[mine], full_times[window])
+    np.testing.assert_array_equal(patterns[mine], full_patterns[window])
+
+
+def test_node_source_start_time_too_old():
+    from S15qkd import stages
+
+    config = node_source_config(time.time() - 7 * 86400)
+    with pytest.raises(ValueError, match=r"invalid source.start_time .* 7\.0 days ago"):
+        stages.open_source(config, "high")

@@ -114,13 +114,17 @@ fn node_stats<'py>(py: Python<'py>, s: &NodeStats) -> PyResult<Bound<'py, PyDict
 /// LinkSimulator(seed=0, pair_rate=1e5, qber=0.0, offset_ticks=0, drift=0.0,
 ///               start_ticks=DEFAULT_START_TICKS, pair_limit=None, transmission=1.0,
 ///               efficiency=1.0, dark_count_rate=0.0, background_rate=0.0,
-///               jitter_ps=0.0, dead_time_ps=0.0)
+///               jitter_ps=0.0, dead_time_ps=0.0, skip_ticks=0)
 ///
 /// - pair_rate: pairs/s emitted; qber: error probability in matching bases (0..0.5);
 /// - offset_ticks: L's clock minus H's at the start, in ticks of 1/8 ns; drift: relative
 ///   frequency difference of L's clock (positive: L fast), at most 1e-3 in magnitude;
 /// - start_ticks: H's clock at the start (only the low 49 bits reach the events);
 /// - pair_limit: stop after that many pairs (None: never);
+/// - skip_ticks: source time at which the run begins, in ticks of 1/8 ns (at most 2^52):
+///   each node returns exactly the events that a run from 0 returns from its clock's
+///   reading at that time on, at the cost of at most two segments (2^30 ticks) and one
+///   dead time of simulation before it; cannot be combined with pair_limit;
 /// - per node, a number for both nodes or a pair (high, low): transmission (1 - loss),
 ///   background_rate (counts/s over the node's 4 detectors), jitter_ps (Gaussian sigma),
 ///   dead_time_ps (per detector);
@@ -144,7 +148,7 @@ impl LinkSimulator {
         seed = 0, pair_rate = 1e5, qber = 0.0, offset_ticks = 0, drift = 0.0,
         start_ticks = DEFAULT_START_TICKS, pair_limit = None, transmission = None,
         efficiency = None, dark_count_rate = None, background_rate = None, jitter_ps = None,
-        dead_time_ps = None
+        dead_time_ps = None, skip_ticks = 0
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -161,6 +165,7 @@ impl LinkSimulator {
         background_rate: Option<Bound<'_, PyAny>>,
         jitter_ps: Option<Bound<'_, PyAny>>,
         dead_time_ps: Option<Bound<'_, PyAny>>,
+        skip_ticks: u64,
     ) -> PyResult<Self> {
         let mut high = NodeConfig::default();
         let mut low = NodeConfig::default();
@@ -190,6 +195,7 @@ impl LinkSimulator {
             drift,
             start_ticks,
             pair_limit,
+            skip_ticks,
             high,
             low,
         };
@@ -241,7 +247,7 @@ impl LinkSimulator {
     }
 
     /// Return one node of this link as an EventStream that simulates `batch_duration`
-    /// seconds per batch, from the start and with the same configuration (this simulator
+    /// seconds per batch, from skip_ticks and with the same configuration (this simulator
     /// is not advanced). Two streams with sides "high" and "low" are the two nodes of one link,
     /// even in different processes.
     #[pyo3(signature = (side, batch_duration = 0.1))]
@@ -262,18 +268,22 @@ impl LinkSimulator {
         self.inner.is_finished()
     }
 
-    /// Simulated source time so far, in ticks of 1/8 ns.
+    /// Simulated source time so far, in ticks of 1/8 ns, counted from time 0 (skip_ticks
+    /// included).
     #[getter]
     fn elapsed_ticks(&self) -> u64 {
         self.inner.elapsed_ticks()
     }
 
-    /// Counts since the start: pairs, both_detected, matching_basis, errors, and per node
-    /// ("high", "low") pair_detections, noise_counts, dead_time_losses, events.
+    /// Counts since the run began (at skip_ticks): pairs, both_detected, matching_basis,
+    /// errors, and per node ("high", "low") pair_detections, noise_counts,
+    /// dead_time_losses, events. warmup_pairs counts the pairs generated before skip_ticks
+    /// only to rebuild the state there (0 without a skip).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = self.inner.stats();
         let d = PyDict::new(py);
         d.set_item("pairs", s.pairs)?;
+        d.set_item("warmup_pairs", s.warmup_pairs)?;
         d.set_item("both_detected", s.both_detected)?;
         d.set_item("matching_basis", s.matching_basis)?;
         d.set_item("errors", s.errors)?;

@@ -23,8 +23,26 @@
 //! (seed included), not on how the run is split into batches: every random stream is drawn
 //! event by event. Memory is one batch plus the events held back at its end.
 //!
+//! # Segments and skipping ahead
+//!
+//! Source time is cut into segments of 2^29 ticks (67.1 ms). Each segment draws its pairs
+//! and each node's noise from generators seeded by (seed, segment index, stream) alone, and
+//! the Poisson processes restart at every segment start, which leaves them Poisson because
+//! they are memoryless. A run can therefore begin at any source time
+//! ([`LinkConfig::skip_ticks`]) after generating at most two segments plus one dead time
+//! and the jitter margin before it, instead of everything since the start. The events a node
+//! hands out from that time on are exactly those of a run from the start.
+//!
+//! Dead time is the one state that reaches back further, through chains of clicks less
+//! than a dead time apart. So that it does not, the dead time of a detector's first click
+//! in a segment of its node's clock counts from the detector's latest click before it,
+//! whether that click was accepted or lost. Within a segment, the dead time counts from the
+//! last accepted click as usual. The rule applies in every run, skipped or not, and never
+//! accepts a click within a dead time of an accepted one. Its only effect is that a click
+//! lost at the end of a segment may also block a click just after the boundary.
+//!
 //! Internal time unit: 1/1024 tick (about 0.12 ps), as an `i64` counted from the start, which
-//! lasts about 26 days of simulated time.
+//! lasts about 13 days of simulated time.
 
 use rand_core::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp1, StandardNormal};
@@ -48,6 +66,22 @@ const JITTER_CLAMP_SIGMAS: f64 = 8.0;
 const KEY_BIAS: i64 = 1 << 58;
 /// Largest relative frequency difference accepted.
 const MAX_DRIFT: f64 = 1e-3;
+/// Log2 of the segment length in ticks: 2^29 ticks is 67.1 ms. A segment's random streams
+/// depend only on the seed and the segment index, and dead-time chains break at segment
+/// boundaries of each node's clock, so a skipped run regenerates at most two segments.
+const SEGMENT_BITS: u32 = 29;
+/// Segment length in internal units.
+const SEGMENT_FINE: i64 = 1 << (SEGMENT_BITS + FINE_BITS);
+/// Largest `skip_ticks`: 2^52 ticks (6.5 days), which leaves as much simulated time again
+/// to the run before the internal time (an `i64` of 1/1024 ticks) runs out.
+pub const MAX_SKIP_TICKS: u64 = 1 << 52;
+/// Stream numbers of the per-segment generators.
+const PAIR_STREAM: u64 = 0;
+const HIGH_NOISE_STREAM: u64 = 1;
+const LOW_NOISE_STREAM: u64 = 2;
+/// Biased tick time standing for "no click yet": far enough below every real one that
+/// subtracting it from a real time neither overflows nor falls inside a dead time.
+const NO_CLICK: i64 = i64::MIN / 2;
 
 /// One node's optics and detectors.
 #[derive(Debug, Clone, PartialEq)]
@@ -95,8 +129,14 @@ pub struct LinkConfig {
     pub drift: f64,
     /// H's clock reading at the start, in ticks; only its low 49 bits reach the events.
     pub start_ticks: u64,
-    /// Stop after this many emitted pairs; `None` runs for ever.
+    /// Stop after this many emitted pairs; `None` runs for ever. Counts from the
+    /// beginning of the run, so it cannot be combined with `skip_ticks`.
     pub pair_limit: Option<u64>,
+    /// Source time at which the run begins, in ticks (at most [`MAX_SKIP_TICKS`]). Each
+    /// node hands out exactly the events that a run from 0 hands out from its clock's
+    /// reading at that time on. Nothing earlier is generated beyond two segments (134 ms)
+    /// and one dead time before it.
+    pub skip_ticks: u64,
     /// The high-count node.
     pub high: NodeConfig,
     /// The low-count node.
@@ -117,6 +157,7 @@ impl Default for LinkConfig {
             drift: 0.0,
             start_ticks: DEFAULT_START_TICKS,
             pair_limit: None,
+            skip_ticks: 0,
             high: NodeConfig::default(),
             low: NodeConfig::default(),
         }
@@ -207,6 +248,20 @@ impl LinkConfig {
                 "an offset below 2^50 ticks in magnitude",
             ));
         }
+        if self.skip_ticks > MAX_SKIP_TICKS {
+            return Err(SourceError::invalid(
+                "skip_ticks",
+                self.skip_ticks,
+                "at most 2^52 ticks (6.5 days) of simulated time",
+            ));
+        }
+        if self.skip_ticks > 0 && self.pair_limit.is_some() {
+            return Err(SourceError::invalid(
+                "skip_ticks",
+                self.skip_ticks,
+                "0 when pair_limit is set, because the limit counts pairs from time 0",
+            ));
+        }
         self.high.validate()?;
         self.low.validate()?;
         Ok(())
@@ -230,6 +285,31 @@ fn probability_threshold_32(p: f64) -> u64 {
     (p * 4_294_967_296.0 + 0.5) as u64
 }
 
+/// Finalizer of SplitMix64 (Steele, Lea and Flood, 2014): a bijection of u64 whose output
+/// bits each depend on every input bit.
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Generator of one random stream of one segment. Distinct (seed, segment, stream)
+/// triples hash to distinct 64-bit seeds except with probability about 2^-64 per pair,
+/// and `seed_from_u64` expands that seed with SplitMix64 into the full xoshiro state.
+fn segment_rng(seed: u64, segment: i64, stream: u64) -> Xoshiro256PlusPlus {
+    const GOLDEN_GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut h = mix64(seed.wrapping_add(GOLDEN_GAMMA));
+    h = mix64(h ^ (segment as u64).wrapping_mul(GOLDEN_GAMMA));
+    h = mix64(h ^ stream.wrapping_add(1).wrapping_mul(GOLDEN_GAMMA));
+    Xoshiro256PlusPlus::seed_from_u64(h)
+}
+
+/// Segment index of a source time in internal units (time 0 begins segment 0).
+#[inline]
+fn segment_of(t: i64) -> i64 {
+    t >> (SEGMENT_BITS + FINE_BITS)
+}
+
 /// A node's clock: maps internal source time to the node's reading in internal units.
 #[derive(Debug, Clone, Copy)]
 struct Clock {
@@ -250,11 +330,24 @@ impl Clock {
         };
         t + skew + self.offset_fine
     }
+
+    /// Returns a source time whose reading is at most `reading` (both in internal units),
+    /// at most a microsecond earlier than necessary. The margin covers the rounding of `read` and
+    /// of the f64 division, which is a few hundred units at 2^62.
+    fn earliest_source_time(self, reading: i64) -> i64 {
+        const MARGIN_FINE: i64 = 8_000 << FINE_BITS;
+        let exact = (reading - self.offset_fine) as f64 / (1.0 + self.drift);
+        exact as i64 - MARGIN_FINE
+    }
 }
 
-/// Dark counts plus background of one node as one Poisson process in source time.
+/// Dark counts plus background of one node as one Poisson process in source time, restarted
+/// at every segment start with that segment's generator.
 #[derive(Debug, Clone)]
 struct NoiseStream {
+    seed: u64,
+    stream: u64,
+    segment: i64,
     rng: Xoshiro256PlusPlus,
     mean_interval_fine: f64,
     /// Thresholds choosing detectors 1..3; above the last one it is detector 4.
@@ -263,7 +356,9 @@ struct NoiseStream {
 }
 
 impl NoiseStream {
-    fn new(mut rng: Xoshiro256PlusPlus, node: &NodeConfig) -> Self {
+    /// Starts the noise at the beginning of `segment`.
+    fn new(seed: u64, stream: u64, segment: i64, node: &NodeConfig) -> Self {
+        let mut rng = segment_rng(seed, segment, stream);
         let per_detector: Vec<f64> = node
             .dark_count_rate
             .iter()
@@ -272,6 +367,9 @@ impl NoiseStream {
         let total: f64 = per_detector.iter().sum();
         if total <= 0.0 {
             return NoiseStream {
+                seed,
+                stream,
+                segment,
                 rng,
                 mean_interval_fine: 0.0,
                 detector_thresholds: [0; 3],
@@ -285,13 +383,30 @@ impl NoiseStream {
             *t = probability_threshold(cumulative / total);
         }
         let mean_interval_fine = FINE_PER_SECOND / total;
-        let first = sample_interval(&mut rng, mean_interval_fine);
-        NoiseStream {
+        let first = segment * SEGMENT_FINE + sample_interval(&mut rng, mean_interval_fine);
+        let mut noise = NoiseStream {
+            seed,
+            stream,
+            segment,
             rng,
             mean_interval_fine,
             detector_thresholds: thresholds,
             next_fine: Some(first),
+        };
+        noise.settle(first);
+        noise
+    }
+
+    /// Moves on to later segments while `next` lies beyond the current one, and stores the
+    /// next noise time.
+    fn settle(&mut self, mut next: i64) {
+        while segment_of(next) != self.segment {
+            self.segment += 1;
+            self.rng = segment_rng(self.seed, self.segment, self.stream);
+            next = self.segment * SEGMENT_FINE
+                + sample_interval(&mut self.rng, self.mean_interval_fine);
         }
+        self.next_fine = Some(next);
     }
 
     /// Appends the noise events with source time before `end` as (source time, detector).
@@ -307,7 +422,8 @@ impl NoiseStream {
                 .position(|&th| u < th)
                 .unwrap_or(3) as u8;
             out.push((t, detector));
-            self.next_fine = Some(t + sample_interval(&mut self.rng, self.mean_interval_fine));
+            let next = t + sample_interval(&mut self.rng, self.mean_interval_fine);
+            self.settle(next);
         }
     }
 }
@@ -332,12 +448,15 @@ struct Node {
     pending: Vec<u64>,
     noise_scratch: Vec<(i64, u8)>,
     merge_scratch: Vec<u64>,
-    /// Relative tick time of each detector's last accepted click.
-    last_click: [Option<i64>; 4],
+    /// Biased tick time (relative ticks + `KEY_BIAS`) from which each detector's dead time
+    /// counts: its last accepted click, or at a segment boundary its latest click.
+    dead_from: [i64; 4],
+    /// Biased tick time of each detector's latest click, accepted or lost.
+    last_raw: [i64; 4],
     stats: NodeStats,
 }
 
-/// Counts of what happened at one node since the start.
+/// Counts of what happened at one node since the run began (at `skip_ticks`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NodeStats {
     /// Pair photons detected (before dead time).
@@ -351,23 +470,23 @@ pub struct NodeStats {
 }
 
 impl Node {
-    fn new(config: &NodeConfig, clock: Clock, noise_rng: Xoshiro256PlusPlus) -> Self {
+    fn new(config: &NodeConfig, clock: Clock, noise: NoiseStream) -> Self {
         let mut detect_thresholds = [0u64; 4];
         for (t, &eff) in detect_thresholds.iter_mut().zip(&config.efficiency) {
             *t = probability_threshold_32(config.transmission * eff);
         }
-        let sigma = config.jitter_ps * FINE_PER_PS;
         Node {
             detect_thresholds,
-            jitter_sigma_fine: sigma,
-            jitter_clamp_fine: sigma * JITTER_CLAMP_SIGMAS,
-            dead_time_ticks: (config.dead_time_ps / 125.0).ceil() as i64,
+            jitter_sigma_fine: config.jitter_ps * FINE_PER_PS,
+            jitter_clamp_fine: jitter_clamp_fine(config),
+            dead_time_ticks: dead_time_ticks(config),
             clock,
-            noise: NoiseStream::new(noise_rng, config),
+            noise,
             pending: Vec::new(),
             noise_scratch: Vec::new(),
             merge_scratch: Vec::new(),
-            last_click: [None; 4],
+            dead_from: [NO_CLICK; 4],
+            last_raw: [NO_CLICK; 4],
             stats: NodeStats::default(),
         }
     }
@@ -432,17 +551,23 @@ impl Node {
         out.reserve(split);
         let before = out.len();
         for &k in &self.merge_scratch[..split] {
-            let ticks = (k >> 4) as i64 - KEY_BIAS;
+            let biased = (k >> 4) as i64;
             let pattern = (k & 0xF) as u8;
             let detector = pattern.trailing_zeros() as usize;
-            if let Some(last) = self.last_click[detector] {
-                if ticks - last < self.dead_time_ticks {
-                    self.stats.dead_time_losses += 1;
-                    continue;
-                }
+            let previous = self.last_raw[detector];
+            self.last_raw[detector] = biased;
+            // KEY_BIAS is a multiple of the segment length, so biased times share the
+            // segment boundaries of relative ones.
+            if biased >> SEGMENT_BITS != previous >> SEGMENT_BITS {
+                // First click of this detector in a new segment: see the module docs.
+                self.dead_from[detector] = previous;
             }
-            self.last_click[detector] = Some(ticks);
-            let time = start_ticks.wrapping_add_signed(ticks);
+            if biased - self.dead_from[detector] < self.dead_time_ticks {
+                self.stats.dead_time_losses += 1;
+                continue;
+            }
+            self.dead_from[detector] = biased;
+            let time = start_ticks.wrapping_add_signed(biased - KEY_BIAS);
             out.push(raw::make_word(time, u16::from(pattern)));
         }
         self.stats.events += (out.len() - before) as u64;
@@ -450,6 +575,27 @@ impl Node {
         self.pending.clear();
         self.pending.extend_from_slice(&self.merge_scratch[split..]);
     }
+}
+
+/// Dead time of a node's detectors in whole ticks, rounded up.
+fn dead_time_ticks(node: &NodeConfig) -> i64 {
+    (node.dead_time_ps / 125.0).ceil() as i64
+}
+
+/// Largest jitter of a node's detections, in internal units.
+fn jitter_clamp_fine(node: &NodeConfig) -> f64 {
+    node.jitter_ps * FINE_PER_PS * JITTER_CLAMP_SIGMAS
+}
+
+/// Returns the earliest source time, before the jitter margin, whose events a node needs
+/// so that its events from `begin_fine` on come out as in a run from 0. These are its
+/// clicks from one dead time before the start of the clock segment that contains its
+/// reading at `begin_fine`.
+fn warmup_start(clock: Clock, dead_time_ticks: i64, begin_fine: i64) -> i64 {
+    let begin_biased = (clock.read(begin_fine) >> FINE_BITS) + KEY_BIAS;
+    let boundary = (begin_biased >> SEGMENT_BITS) << SEGMENT_BITS;
+    let from_fine = (boundary - dead_time_ticks - KEY_BIAS) << FINE_BITS;
+    clock.earliest_source_time(from_fine)
 }
 
 /// Sort key of an event: the node's clock reading in ticks, biased, above the pattern.
@@ -476,11 +622,15 @@ fn insertion_sort(keys: &mut [u64]) {
     }
 }
 
-/// Counts of what the source did since the start.
+/// Counts of what the source did since the run began (at `skip_ticks`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LinkStats {
     /// Pairs emitted by the source.
     pub pairs: u64,
+    /// Pairs emitted before `skip_ticks` only to rebuild the dead-time and jitter state
+    /// there: at most two segments plus one dead time and the jitter margin, and 0 without
+    /// a skip. Not part of the other counts.
+    pub warmup_pairs: u64,
     /// Pairs with both photons detected (before dead time).
     pub both_detected: u64,
     /// Of those, pairs measured in matching bases.
@@ -497,7 +647,9 @@ pub struct LinkStats {
 #[derive(Debug, Clone)]
 pub struct LinkSimulator {
     config: LinkConfig,
+    /// Generator of the pairs of segment `pair_segment`.
     pair_rng: Xoshiro256PlusPlus,
+    pair_segment: i64,
     mean_pair_interval_fine: f64,
     qber_threshold: u64,
     next_pair_fine: i64,
@@ -522,18 +674,11 @@ pub enum Side {
 }
 
 impl LinkSimulator {
-    /// Builds a simulator; fails with the first configuration value out of range.
+    /// Builds a simulator; fails with the first configuration value out of range. With
+    /// `skip_ticks` set, it also generates the stretch before that time which the state
+    /// there depends on (see the module documentation).
     pub fn new(config: LinkConfig) -> Result<Self, SourceError> {
         config.validate()?;
-        // Four independent streams: xoshiro's jump advances by 2^128 draws, so the streams
-        // never overlap.
-        let mut base = Xoshiro256PlusPlus::seed_from_u64(config.seed);
-        let mut pair_rng = base.clone();
-        base.jump();
-        let high_noise = base.clone();
-        base.jump();
-        let low_noise = base.clone();
-
         let high_clock = Clock {
             offset_fine: 0,
             drift: 0.0,
@@ -542,30 +687,109 @@ impl LinkSimulator {
             offset_fine: config.offset_ticks << FINE_BITS,
             drift: config.drift,
         };
+        let high_dead_ticks = dead_time_ticks(&config.high);
+        let low_dead_ticks = dead_time_ticks(&config.low);
+        let margin_fine = jitter_clamp_fine(&config.high)
+            .max(jitter_clamp_fine(&config.low))
+            .ceil() as i64
+            + 1;
+
+        // `skip_ticks` is at most 2^52, so the shift stays within i64.
+        let begin_fine = (config.skip_ticks as i64) << FINE_BITS;
+        let first_segment = if config.skip_ticks == 0 {
+            0
+        } else {
+            let high_from = warmup_start(high_clock, high_dead_ticks, begin_fine);
+            let low_from = warmup_start(low_clock, low_dead_ticks, begin_fine);
+            segment_of((high_from.min(low_from) - margin_fine).max(0))
+        };
+
+        let seed = config.seed;
+        let high_noise = NoiseStream::new(seed, HIGH_NOISE_STREAM, first_segment, &config.high);
+        let low_noise = NoiseStream::new(seed, LOW_NOISE_STREAM, first_segment, &config.low);
         let high = Node::new(&config.high, high_clock, high_noise);
         let low = Node::new(&config.low, low_clock, low_noise);
-        let margin_fine = high.jitter_clamp_fine.max(low.jitter_clamp_fine).ceil() as i64 + 1;
 
         let mean_pair_interval_fine = FINE_PER_SECOND / config.pair_rate;
-        let next_pair_fine = sample_interval(&mut pair_rng, mean_pair_interval_fine);
         let end_fine = match config.pair_limit {
             Some(0) => Some(0),
             _ => None,
         };
-        Ok(LinkSimulator {
+        let mut simulator = LinkSimulator {
             qber_threshold: probability_threshold_32(config.qber),
             config,
-            pair_rng,
+            pair_rng: segment_rng(seed, first_segment, PAIR_STREAM),
+            pair_segment: first_segment,
             mean_pair_interval_fine,
-            next_pair_fine,
-            now_fine: 0,
+            next_pair_fine: 0,
+            now_fine: first_segment * SEGMENT_FINE,
             end_fine,
             finished: false,
             margin_fine,
             high,
             low,
             stats: LinkStats::default(),
-        })
+        };
+        simulator.enter_pair_segment(first_segment);
+        if begin_fine > 0 {
+            simulator.warm_up(begin_fine);
+        }
+        Ok(simulator)
+    }
+
+    /// Starts the pair stream of `segment`, or of the first later one with a pair in it.
+    fn enter_pair_segment(&mut self, segment: i64) {
+        self.pair_segment = segment;
+        self.pair_rng = segment_rng(self.config.seed, segment, PAIR_STREAM);
+        let next = segment * SEGMENT_FINE
+            + sample_interval(&mut self.pair_rng, self.mean_pair_interval_fine);
+        self.settle_next_pair(next);
+    }
+
+    /// Stores the next pair time, moving on to later segments while it lies beyond the
+    /// current one: each segment's process starts afresh at the segment start.
+    #[inline]
+    fn settle_next_pair(&mut self, next: i64) {
+        if segment_of(next) == self.pair_segment {
+            self.next_pair_fine = next;
+        } else {
+            self.enter_pair_segment(self.pair_segment + 1);
+        }
+    }
+
+    /// Generates everything from the first segment up to `begin_fine` and drops it, so
+    /// that both nodes contain exactly the pending events and dead-time state of a run
+    /// from 0 at that time. Their events with clock readings from `begin_fine` on stay
+    /// pending for the first batch.
+    fn warm_up(&mut self, begin_fine: i64) {
+        self.generate_pairs(begin_fine);
+        let before = self.stats();
+        // Pairs up to the jitter margin after `begin_fine` can be detected before it.
+        self.generate_pairs(begin_fine + self.margin_fine);
+        let start = self.config.start_ticks;
+        let mut dropped = Vec::new();
+        self.high
+            .release(begin_fine, Some(begin_fine), start, &mut dropped);
+        self.low
+            .release(begin_fine, Some(begin_fine), start, &mut dropped);
+        self.now_fine = begin_fine;
+
+        // What was emitted from `begin_fine` on belongs to the run; the noise generated so
+        // far and the events dropped all lie before it.
+        self.stats = LinkStats {
+            pairs: self.stats.pairs - before.pairs,
+            warmup_pairs: before.pairs,
+            both_detected: self.stats.both_detected - before.both_detected,
+            matching_basis: self.stats.matching_basis - before.matching_basis,
+            errors: self.stats.errors - before.errors,
+            ..LinkStats::default()
+        };
+        for (node, earlier) in [(&mut self.high, before.high), (&mut self.low, before.low)] {
+            node.stats = NodeStats {
+                pair_detections: node.stats.pair_detections - earlier.pair_detections,
+                ..NodeStats::default()
+            };
+        }
     }
 
     /// The configuration the simulator runs with.
@@ -645,8 +869,8 @@ impl LinkSimulator {
                 self.end_fine = Some(t + 1);
                 break;
             }
-            self.next_pair_fine =
-                t + sample_interval(&mut self.pair_rng, self.mean_pair_interval_fine);
+            let next = t + sample_interval(&mut self.pair_rng, self.mean_pair_interval_fine);
+            self.settle_next_pair(next);
         }
     }
 
@@ -848,6 +1072,161 @@ mod tests {
             }
             last[d] = Some(t);
         }
+    }
+
+    /// Returns a link whose dead-time chains often cross segment boundaries: 10 us of dead time
+    /// against about 1e5 counts/s per detector.
+    fn long_dead_time_config() -> LinkConfig {
+        let node = NodeConfig {
+            transmission: 0.5,
+            dark_count_rate: [5e4; 4],
+            jitter_ps: 400.0,
+            dead_time_ps: 1e7,
+            ..NodeConfig::default()
+        };
+        LinkConfig {
+            seed: 11,
+            pair_rate: 4e5,
+            qber: 0.04,
+            offset_ticks: -987_654_321,
+            drift: 2e-5,
+            start_ticks: 0,
+            high: node.clone(),
+            low: NodeConfig {
+                dead_time_ps: 7.5e6,
+                ..node
+            },
+            ..LinkConfig::default()
+        }
+    }
+
+    /// Times and patterns of a node's events as (signed ticks from start_ticks = 0, pattern).
+    fn relative(words: &[u64]) -> Vec<(i64, u8)> {
+        words
+            .iter()
+            .map(|&w| {
+                let t = raw::time_ticks(w) as i64;
+                let t = if t >= 1 << 48 { t - (1 << 49) } else { t };
+                (t, raw::pattern(w) as u8)
+            })
+            .collect()
+    }
+
+    #[test]
+    fn dead_time_holds_across_segment_boundaries() {
+        let config = long_dead_time_config();
+        let dead_ticks = [dead_time_ticks(&config.high), dead_time_ticks(&config.low)];
+        // Five segment boundaries.
+        let (high, low) = run(config, 100_000_000, 5 << SEGMENT_BITS);
+        for (words, dead) in [(&high, dead_ticks[0]), (&low, dead_ticks[1])] {
+            let mut last = [None::<i64>; 4];
+            for (t, pattern) in relative(words) {
+                let d = pattern.trailing_zeros() as usize;
+                if let Some(prev) = last[d] {
+                    assert!(t - prev >= dead, "detector {d}: {prev} then {t}");
+                }
+                last[d] = Some(t);
+            }
+        }
+    }
+
+    /// Runs from `skip_ticks` to `end_ticks` of source time in one batch.
+    fn run_skipped(config: LinkConfig, skip_ticks: u64, end_ticks: u64) -> LinkSimulator {
+        let mut sim = LinkSimulator::new(LinkConfig {
+            skip_ticks,
+            ..config
+        })
+        .unwrap();
+        assert_eq!(sim.elapsed_ticks(), skip_ticks);
+        let (mut high, mut low) = (Vec::new(), Vec::new());
+        sim.next_batch_into(end_ticks - skip_ticks, &mut high, &mut low);
+        sim.high.pending = high;
+        sim.low.pending = low;
+        sim
+    }
+
+    #[test]
+    fn skipped_run_matches_run_from_zero() {
+        let config = long_dead_time_config();
+        let end_ticks = 6 << SEGMENT_BITS;
+        let (full_high, full_low) = run(config.clone(), end_ticks / 8, end_ticks);
+        let segment = 1u64 << SEGMENT_BITS;
+        // Mid-segment, on a boundary, and just after boundaries of either node's clock,
+        // inside a dead time of clicks before them.
+        let low_boundary =
+            ((3 * segment) as f64 - config.offset_ticks as f64) / (1.0 + config.drift);
+        let low_boundary = low_boundary as u64;
+        for skip in [
+            segment + 123_457,
+            2 * segment,
+            3 * segment + 900,
+            low_boundary + 300,
+        ] {
+            let sim = run_skipped(config.clone(), skip, end_ticks);
+            let begin_fine = (skip as i64) << FINE_BITS;
+            let sides = [
+                (&sim.high, &full_high, "high"),
+                (&sim.low, &full_low, "low"),
+            ];
+            for (node, full, side) in sides {
+                let cut = node.clock.read(begin_fine) >> FINE_BITS;
+                let expected: Vec<_> = relative(full).into_iter().filter(|e| e.0 >= cut).collect();
+                let got = relative(&node.pending);
+                assert!(
+                    got.len() > 10_000,
+                    "{side} from {skip}: {} events",
+                    got.len()
+                );
+                assert_eq!(got.len(), expected.len(), "{side} from {skip}");
+                assert!(got == expected, "{side} events from {skip} differ");
+            }
+        }
+    }
+
+    #[test]
+    fn skip_warms_up_at_most_two_segments() {
+        let config = long_dead_time_config();
+        let skip = 1_000 << SEGMENT_BITS;
+        let sim = run_skipped(config.clone(), skip, skip + (1 << SEGMENT_BITS));
+        let stats = sim.stats();
+        // At most two segments plus dead time and margin before the skip, at 4e5 pairs/s
+        // about 27_000 pairs per segment, so 3 segments' worth is a safe bound.
+        let pairs_per_segment = config.pair_rate * (1u64 << SEGMENT_BITS) as f64 / 8e9;
+        assert!(stats.warmup_pairs > 0);
+        assert!(
+            (stats.warmup_pairs as f64) < 3.0 * pairs_per_segment,
+            "{} warm-up pairs",
+            stats.warmup_pairs
+        );
+        assert!(
+            (stats.pairs as f64) < 1.2 * pairs_per_segment,
+            "{}",
+            stats.pairs
+        );
+        assert_eq!(sim.elapsed_ticks(), skip + (1 << SEGMENT_BITS));
+    }
+
+    #[test]
+    fn skip_rejects_pair_limit_and_huge_values() {
+        let with_limit = LinkConfig {
+            skip_ticks: 1,
+            pair_limit: Some(10),
+            ..LinkConfig::default()
+        };
+        let err = LinkSimulator::new(with_limit).unwrap_err().to_string();
+        assert!(err.contains("skip_ticks = 1"), "{err}");
+        assert!(err.contains("pair_limit"), "{err}");
+        let huge = LinkConfig {
+            skip_ticks: MAX_SKIP_TICKS + 1,
+            ..LinkConfig::default()
+        };
+        let err = LinkSimulator::new(huge).unwrap_err().to_string();
+        assert!(err.contains("skip_ticks"), "{err}");
+        let largest = LinkConfig {
+            skip_ticks: MAX_SKIP_TICKS,
+            ..LinkConfig::default()
+        };
+        assert!(LinkSimulator::new(largest).is_ok());
     }
 
     #[test]
