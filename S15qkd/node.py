@@ -272,7 +272,7 @@ class Node:
         self._data_root_lock.release()
 
     def _drop_stale_runs(self) -> None:
-        # Epoch files of an earlier process belong to a run that the peer no longer has.
+        # Epoch files of an earlier run or process belong to a run that the peer no longer has.
         for path in self.data_root.glob("run-*"):
             shutil.rmtree(path, ignore_errors=True)
 
@@ -492,6 +492,10 @@ class Node:
         if self.engine.state is S.OFF:
             self.engine.move(S.ONLY_COMMUNICATION, "channel connected")
         self.engine.move(S.INITIATING, f"run {self.run} starting")
+        # Folders of stopped runs contain only type-2 and type-4 files waiting for the peer's
+        # acknowledgement, whose queued frames keep their own copy, and would otherwise
+        # pile up one per run.
+        self._drop_stale_runs()
         self.pipeline = pipeline_class(self, self.run)
         self.pipeline.start()
         self.watchdog.record(f"run {self.run} started")

@@ -171,6 +171,10 @@ def test_simulator_runs_start_at_start_time(tmp_path):
                 # At most two segments of 67 ms before the skip rebuild the detector state.
                 opening_pairs = node.pipeline.source.opening_pairs
                 assert opening_pairs < pair_rate * 0.15, (run, node.role, opening_pairs)
+            folders = {role: sorted(p.name for p in (tmp_path / role / "data").glob("run-*"))
+                       for role in ("high", "low")}
+            assert folders["high"] == [f"run-{runs[-1]:08x}"], folders
+            assert folders["low"] == [f"run-{runs[-1]:08x}"], folders
     finally:
         link.close()
 
