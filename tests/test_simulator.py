@@ -153,10 +153,10 @@ def test_skip_ticks_matches_run_from_zero():
     part = skipped.next_batch(0.45)
     cuts = {"high": skip, "low": skip + kwargs["offset_ticks"]}
     for side, (times, patterns) in (("high", (0, 1)), ("low", (2, 3))):
-        kept = full[times] >= cuts[side]
+        after_cut = full[times] >= cuts[side]
         assert len(part[times]) > 100_000, side
-        np.testing.assert_array_equal(part[times], full[times][kept], err_msg=side)
-        np.testing.assert_array_equal(part[patterns], full[patterns][kept], err_msg=side)
+        np.testing.assert_array_equal(part[times], full[times][after_cut], err_msg=side)
+        np.testing.assert_array_equal(part[patterns], full[patterns][after_cut], err_msg=side)
 
 
 def test_skip_ticks_simulates_little_before():

@@ -121,10 +121,10 @@ fn node_stats<'py>(py: Python<'py>, s: &NodeStats) -> PyResult<Bound<'py, PyDict
 ///   frequency difference of L's clock (positive: L fast), at most 1e-3 in magnitude;
 /// - start_ticks: H's clock at the start (only the low 49 bits reach the events);
 /// - pair_limit: stop after that many pairs (None: never);
-/// - skip_ticks: source time at which the run begins, in ticks of 1/8 ns (at most 2^52):
-///   each node returns exactly the events that a run from 0 returns from its clock's
-///   reading at that time on, at the cost of at most two segments (2^30 ticks) and one
-///   dead time of simulation before it; cannot be combined with pair_limit;
+/// - skip_ticks: source time at which the run begins, in ticks of 1/8 ns (at most 2^52).
+///   Each node returns exactly the events that a run from 0 returns from its clock's
+///   reading at that time on. The cost is at most two segments (2^30 ticks) and one dead
+///   time of simulation before it. Cannot be combined with pair_limit;
 /// - per node, a number for both nodes or a pair (high, low): transmission (1 - loss),
 ///   background_rate (counts/s over the node's 4 detectors), jitter_ps (Gaussian sigma),
 ///   dead_time_ps (per detector);

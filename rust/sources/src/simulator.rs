@@ -806,7 +806,7 @@ impl LinkSimulator {
         }
     }
 
-    /// Simulated source time so far, in ticks.
+    /// Source time simulated so far, in ticks counted from time 0, so a skip is included.
     pub fn elapsed_ticks(&self) -> u64 {
         (self.now_fine >> FINE_BITS) as u64
     }
