@@ -40,10 +40,17 @@ from pathlib import Path
 
 import numpy as np
 
+from .peer_fields import peer_int, shown
+
 log = logging.getLogger(__name__)
 
 TYPE7_HEADER = struct.Struct("<iIIi")
 TYPE7_TAG = 7
+
+
+#: Names of the node state file in the state folder and of the FIFO in the keys folder.
+STATE_FILE = "keystore_state.json"
+NOTIFY_PIPE = "notify.pipe"
 
 
 class KeyStoreError(Exception):
@@ -127,6 +134,56 @@ def _fsync_folder(folder: Path) -> None:
         os.close(descriptor)
 
 
+def read_keystore_state(path: Path) -> dict:
+    """Read and check a keystore_state.json; a missing file means no epoch was used yet."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {"next_unused_epoch": 0, "releasing": []}
+    except OSError as error:
+        raise _state_error(path, f"cannot read it: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise _state_error(path, "it is not UTF-8 text") from None
+    if not text.strip():
+        raise _state_error(path, "the file is empty")
+    try:
+        state = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise _state_error(path, f"invalid JSON ({error})") from None
+    if not isinstance(state, dict):
+        raise _state_error(path, f"expected a JSON object, got {shown(state)}")
+    if "next_unused_epoch" not in state:
+        raise _state_error(path, "next_unused_epoch is missing")
+    releasing = state.get("releasing", [])
+    try:
+        # The end of the last used epoch, so one past the largest 8-hex-digit epoch.
+        epoch = peer_int(state["next_unused_epoch"], "next_unused_epoch", 0, 1 << 32)
+        if not isinstance(releasing, list):
+            raise ValueError("invalid releasing: expected a list of block ids, got "
+                             f"{shown(releasing)}")
+        for block_id in releasing:
+            peer_int(block_id, "block id in releasing", 0, 0xFFFFFFFF)
+    except ValueError as error:
+        raise _state_error(path, str(error)) from None
+    return {"next_unused_epoch": epoch, "releasing": releasing}
+
+
+def _state_error(path: Path, problem: str) -> KeyStoreError:
+    # Starting from epoch 0 instead would let a replaying source put an epoch into a
+    # second block, so every damaged state stops the node.
+    return KeyStoreError(
+        f"invalid keystore state {path}: {problem}. The node does not start without the "
+        "record of the epochs already used in blocks; fix the file, or if it is lost, "
+        "write it anew as docs/node.md (section Keys) describes")
+
+
+def check_notify_pipe(path: Path) -> None:
+    """Raise KeyStoreError if something other than a FIFO has the name of the notify pipe."""
+    if path.exists() and not path.is_fifo():
+        raise KeyStoreError(f"{path} exists and is not a FIFO; remove it, and the node "
+                            "creates the FIFO at start-up")
+
+
 class KeyStore:
     """The keys folder of one node."""
 
@@ -134,8 +191,8 @@ class KeyStore:
                  local_id: str = "", remote_id: str = ""):
         self.folder = Path(folder)
         self.staging = self.folder / ".staging"
-        self.state_path = Path(state_folder) / "keystore_state.json"
-        self.notify_pipe = self.folder / "notify.pipe"
+        self.state_path = Path(state_folder) / STATE_FILE
+        self.notify_pipe = self.folder / NOTIFY_PIPE
         self.notified_path = self.folder / "notified"
         self.local_id = local_id
         self.remote_id = remote_id
@@ -145,7 +202,7 @@ class KeyStore:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         self._make_notify_pipe()
         self._remove_partial_staging()
-        self._state = self._read_state()
+        self._state = read_keystore_state(self.state_path)
         self._notified_count = self._count_notified()
         self.released_keys = 0
         self.released_bits = 0
@@ -169,23 +226,6 @@ class KeyStore:
                     f"{self._state['next_unused_epoch']:08x}); refusing to use it twice")
             self._state["next_unused_epoch"] = start_epoch + epochs
             self._write_state()
-
-    def _read_state(self) -> dict:
-        try:
-            state = json.loads(self.state_path.read_text())
-            if isinstance(state.get("next_unused_epoch"), int):
-                releasing = state.get("releasing", [])
-                if not (isinstance(releasing, list) and all(isinstance(b, int) for b in releasing)):
-                    raise ValueError(f"releasing must be a list of block ids, got {releasing!r}")
-                state["releasing"] = releasing
-                return state
-            log.error("keystore state %s has no next_unused_epoch; starting from 0", self.state_path)
-        except FileNotFoundError:
-            pass
-        except (OSError, ValueError) as error:
-            raise KeyStoreError(f"cannot read keystore state {self.state_path}: {error}; "
-                                "fix or remove the file (removing it allows old epochs again)") from None
-        return {"next_unused_epoch": 0, "releasing": []}
 
     def _write_state(self) -> None:
         write_atomic(self.state_path, json.dumps(self._state).encode(), mode=0o644)
@@ -283,9 +323,8 @@ class KeyStore:
     # ---- notifications ------------------------------------------------------------------
 
     def _make_notify_pipe(self) -> None:
+        check_notify_pipe(self.notify_pipe)
         if self.notify_pipe.exists():
-            if not self.notify_pipe.is_fifo():
-                raise KeyStoreError(f"{self.notify_pipe} exists and is not a FIFO; remove it")
             return
         try:
             os.mkfifo(self.notify_pipe, 0o600)

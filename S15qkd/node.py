@@ -57,7 +57,7 @@ from .channel.frames import decode_file, decode_json, encode_file, encode_json
 from .config import SCHEMA, Config, ConfigError, missing_keys
 from .controller import Engine, TransitionError
 from .folder_lock import FolderInUseError, FolderLock
-from .keystore import KeyStore, write_atomic
+from .keystore import KeyStore, KeyStoreError, write_atomic
 from .peer_fields import (DETECTORS, MAX_PEER_COUNT, peer_epoch, peer_int, peer_list,
                           peer_qber, shown)
 from .pipeline import BASIS_NAMES, HighPipeline, LowPipeline, Pipeline
@@ -760,7 +760,8 @@ def _run_node(config: Config, stop: "StopSignals", start: bool, web_port: Option
               web_host: str, web_certfile: Optional[str], web_keyfile: Optional[str]) -> int:
     try:
         node = Node(config, auto_start=start)
-    except (ConfigError, FolderInUseError) as error:
+    except (ConfigError, FolderInUseError, KeyStoreError) as error:
+        # KeyStoreError: a damaged keystore_state.json, or a notify.pipe that is not a FIFO.
         return _start_failed(str(error))
     except OSError as error:
         return _start_failed(f"cannot use {error.filename}: {error.strerror}; check data_root "

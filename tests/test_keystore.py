@@ -120,6 +120,41 @@ def test_invalid_release_state_names_file(tmp_path):
         KeyStore(tmp_path / "keys", tmp_path / "state")
 
 
+@pytest.mark.parametrize("content, named", [
+    ("", "the file is empty"),
+    ('{"next_unused_epoch": 12', "invalid JSON"),
+    ("[1, 2]", "expected a JSON object, got [1, 2]"),
+    ('{"releasing": []}', "next_unused_epoch is missing"),
+    ('{"next_unused_epoch": "abc", "releasing": []}', "got 'abc'"),
+    ('{"next_unused_epoch": -1}', "got -1"),
+    ('{"next_unused_epoch": true}', "got True"),
+    ('{"next_unused_epoch": 5.5}', "got 5.5"),
+    ('{"next_unused_epoch": 4294967297}', "got 4294967297"),
+    ('{"next_unused_epoch": 5, "releasing": 5}', "invalid releasing"),
+    ('{"next_unused_epoch": 5, "releasing": ["../x"]}', "got '../x'"),
+])
+def test_damaged_state_rejected(tmp_path, content, named):
+    state = tmp_path / "state" / "keystore_state.json"
+    state.parent.mkdir()
+    state.write_text(content)
+    with pytest.raises(KeyStoreError) as raised:
+        KeyStore(tmp_path / "keys", tmp_path / "state")
+    message = str(raised.value)
+    assert str(state) in message
+    assert named in message
+    assert "docs/node.md" in message
+    assert "\n" not in message
+
+
+def test_state_at_last_epoch_accepted(tmp_path):
+    state = tmp_path / "state" / "keystore_state.json"
+    state.parent.mkdir()
+    state.write_text('{"next_unused_epoch": 4294967296, "releasing": [4294967295]}')
+    store = KeyStore(tmp_path / "keys", tmp_path / "state")
+    assert store.next_unused_epoch == 1 << 32
+    assert store.releasing == [0xFFFFFFFF]
+
+
 def test_full_disk_leaves_no_partial_file(tmp_path):
     mount = tmp_path / "small"
     mount.mkdir()

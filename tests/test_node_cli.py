@@ -259,6 +259,30 @@ def test_unusable_data_root_named(tmp_path, certs):
     assert "data_root" in line
 
 
+@pytest.mark.parametrize("content, named", [
+    ('{"next_unused_epoch": 1', "invalid JSON"),
+    ("", "the file is empty"),
+    ('{"next_unused_epoch": "abc", "releasing": 5}', "got 'abc'"),
+])
+def test_damaged_keystore_state_named(tmp_path, certs, content, named):
+    config = write_config(tmp_path / "high.json", certs, "high", free_port())
+    state = tmp_path / "high-data" / "keystore_state.json"
+    state.parent.mkdir()
+    state.write_text(content)
+    line = assert_one_line_error(run_node(config))
+    assert str(state) in line
+    assert named in line
+    assert "docs/node.md" in line
+
+
+def test_notify_pipe_folder_named(tmp_path, certs):
+    config = write_config(tmp_path / "high.json", certs, "high", free_port())
+    pipe = tmp_path / "high-keys" / "notify.pipe"
+    pipe.mkdir(parents=True)
+    line = assert_one_line_error(run_node(config))
+    assert f"{pipe} exists and is not a FIFO" in line
+
+
 def test_rejected_certificate_named_with_backoff(tmp_path, certs):
     port = free_port()
     high_config = write_config(tmp_path / "high.json", certs, "high", port)
