@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import socket
 import ssl
+import struct
 import threading
 import time
 
@@ -336,3 +338,152 @@ def test_certs_command_writes_pair(tmp_path):
                            str(tmp_path / "alice.crt"))
     assert context.minimum_version is ssl.TLSVersion.TLSv1_3
     assert main(["certs", "alice", "--folder", str(tmp_path)]) == 1
+
+
+def hello_frame(role: str) -> bytes:
+    """A first-connection HELLO as a node of this role sends it."""
+    hello = {"session": "0123456789abcdef", "peer_session": "", "recv_next": 1,
+             "role": role, "identity": f"raw {role}"}
+    return Frame(FrameType.HELLO, 0, json.dumps(hello).encode()).encode()
+
+
+class BufferedTlsClient:
+    """A TLS client on a blocking socket whose records leave only on :meth:`flush`.
+
+    Several records (a frame and the close_notify alert) then reach the peer in one TCP
+    segment, so the peer's TLS layer reads the data and the close at once.
+    """
+
+    def __init__(self, certs, port: int):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.load_cert_chain(str(certs["low"][0]), str(certs["low"][1]))
+        context.load_verify_locations(str(certs["high"][0]))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = context.wrap_bio(self.incoming, self.outgoing)
+        self._retry(self.tls.do_handshake)
+
+    def _receive(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("the peer closed the TCP connection")
+        self.incoming.write(data)
+
+    def _retry(self, operation):
+        while True:
+            try:
+                return operation()
+            except ssl.SSLWantReadError:
+                self.flush()
+                self._receive()
+
+    def flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.sock.sendall(data)
+
+    def write(self, data: bytes) -> None:
+        self.tls.write(data)
+
+    def read_frame(self) -> tuple[FrameType, int, bytes]:
+        header = self._read_exactly(HEADER.size)
+        frame_type, seq, length = parse_header(header, 1 << 20)
+        return frame_type, seq, self._read_exactly(length)
+
+    def _read_exactly(self, count: int) -> bytes:
+        data = b""
+        while len(data) < count:
+            data += self._retry(lambda: self.tls.read(count - len(data)))
+        return data
+
+    def close_with(self, data: bytes) -> None:
+        """Send data and the close_notify alert in one segment, then close the socket.
+
+        The socket is read to its end first: closing it with unread data would send a
+        TCP reset instead of a FIN.
+        """
+        self.tls.write(data)
+        try:
+            self.tls.unwrap()
+        except (ssl.SSLWantReadError, ssl.SSLError):
+            # The alert is written before OpenSSL reads what the peer sent since (an ACK
+            # or a ticket); the peer's own alert is not awaited.
+            pass
+        self.flush()
+        self.sock.shutdown(socket.SHUT_WR)
+        while self.sock.recv(65536):
+            pass
+        self.sock.close()
+
+
+def test_peer_close_logged_as_warning(certs, caplog):
+    # The peer's last frame wakes this side's writer for its ACK while the TLS layer
+    # closes the transport on the peer's close_notify. Both the writer and the reader
+    # then end in the same event loop iteration, and only the reader knows the cause.
+    # Which of the two a set of tasks yields first varies with the tasks' addresses, so
+    # the test closes 16 connections.
+    port = free_port()
+    inbox = Inbox()
+    high = make_link(certs, "high", port, inbox, ack_delay_s=0.0)
+    caplog.set_level(logging.INFO, logger="S15qkd.channel.link")
+    high.start()
+    try:
+        for attempt in range(16):
+            caplog.clear()
+            connections = high.stats.connections
+            client = BufferedTlsClient(certs, port)
+            client.write(hello_frame("low"))
+            client.flush()
+            assert client.read_frame()[0] is FrameType.HELLO
+            assert wait_until(lambda: high.stats.connections > connections)
+            client.close_with(Frame(FrameType.CONTROL, 1, b'{"msg":"last"}').encode())
+            assert inbox.wait_for(attempt + 1)
+            assert wait_until(lambda: high.state is LinkState.DISCONNECTED)
+            closed = [record for record in caplog.records
+                      if "closed the connection" in record.getMessage()]
+            assert [record.levelname for record in closed] == ["WARNING"], caplog.text
+            errors = [record.getMessage() for record in caplog.records
+                      if record.levelno >= logging.ERROR]
+            assert errors == []
+            assert "closed the connection" in high.stats.last_error
+    finally:
+        high.stop()
+
+
+def test_own_drop_logged_as_info(pair, caplog):
+    # A frame queued right after the drop wakes the writer while the transport closes,
+    # before the peer's close_notify reaches the reader.
+    links, _, _ = pair
+    caplog.set_level(logging.INFO, logger="S15qkd.channel.link")
+    links["low"].drop_connection("test drop")
+    links["low"].send(FrameType.CONTROL, b'{"msg":"after drop"}')
+    assert wait_until(lambda: links["low"].stats.connections >= 2)
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    assert errors == []
+    closed = [record for record in caplog.records
+              if "closed by this node: test drop" in record.getMessage()]
+    assert [record.levelname for record in closed] == ["INFO"], caplog.text
+
+
+def test_peer_reset_logged_as_error(certs, caplog):
+    port = free_port()
+    high = make_link(certs, "high", port, Inbox())
+    caplog.set_level(logging.INFO, logger="S15qkd.channel.link")
+    high.start()
+    try:
+        client = BufferedTlsClient(certs, port)
+        client.write(hello_frame("low"))
+        client.flush()
+        assert client.read_frame()[0] is FrameType.HELLO
+        assert wait_until(lambda: high.stats.connections == 1)
+        # With a linger time of zero, close() sends a TCP reset instead of a FIN.
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.sock.close()
+        assert wait_until(lambda: high.state is LinkState.DISCONNECTED)
+        errors = [record.getMessage() for record in caplog.records
+                  if record.levelno >= logging.ERROR]
+        assert len(errors) == 1, caplog.text
+        assert "lost: [Errno 104] Connection reset by peer" in errors[0]
+    finally:
+        high.stop()

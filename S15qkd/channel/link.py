@@ -59,6 +59,21 @@ class ChannelError(Exception):
     """A connection that must be closed: failed handshake, pinning or protocol error."""
 
 
+class _TransportClosing(ConnectionError):
+    """The write loop found the TLS transport closing.
+
+    The TLS layer closes the transport when the peer's close_notify or a fatal error
+    arrives, or when this node closes the connection. The reader receives the cause with
+    the end of the stream, so this error is only a symptom.
+    """
+
+
+#: Seconds the connection waits for the reader to report why the transport closed, after
+#: the writer found it closing. A peer that closed has already delivered its end of stream.
+#: After a close by this node, a dead peer never sends its own close_notify.
+READER_END_WAIT_S = 1.0
+
+
 Handler = Callable[[FrameType, bytes], None]
 
 
@@ -138,6 +153,8 @@ class Link:
         self._wakeup: Optional[asyncio.Event] = None
         self._stopping: Optional[asyncio.Event] = None
         self._current_writer: Optional[asyncio.StreamWriter] = None
+        # Why this node closed a connection that has not ended yet, by its writer.
+        self._close_reasons: dict[asyncio.StreamWriter, str] = {}
         self._listener: Optional[socket.socket] = None
         self._ack_due = False        # an ACK of _recv_next - 1 is owed to the peer
         self._resend_from = 1        # first frame to transmit on the current connection
@@ -250,6 +267,7 @@ class Link:
         writer = self._current_writer
         if writer is not None:
             log.info("closing channel connection: %s", reason)
+            self._close_reasons[writer] = reason
             writer.close()
 
     def _wake_writer(self) -> None:
@@ -399,10 +417,7 @@ class Link:
                      self.stats.peer_identity or "peer")
             writer_task = asyncio.ensure_future(self._write_loop(writer))
             read_task = asyncio.ensure_future(self._read_loop(reader))
-            done, _ = await asyncio.wait({writer_task, read_task},
-                                         return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # re-raise what ended the connection
+            await self._wait_connection_end(writer_task, read_task)
         except (FrameError, ChannelError) as error:
             self._record_error(f"connection to {address} closed: {error}")
         except (asyncio.IncompleteReadError, ssl.SSLError, OSError, asyncio.TimeoutError) as error:
@@ -414,12 +429,19 @@ class Link:
                 # close before the peer's HELLO arrives.
                 self._record_error(f"connection to {address} closed before the peer's HELLO: "
                                    f"{self._describe_closed_before_hello(error)}")
+            elif writer in self._close_reasons:
+                # This node closed the connection, so the end of stream is no news of the peer.
+                reason = self._close_reasons[writer]
+                log.info("classical channel: connection to %s closed by this node: %s",
+                         address, reason)
+                self.stats.last_error = f"connection closed by this node: {reason}"
             elif isinstance(error, asyncio.IncompleteReadError):
                 log.warning("classical channel: peer %s closed the connection", address)
                 self.stats.last_error = f"peer {address} closed the connection"
             else:
                 self._record_error(f"connection to {address} lost: {_describe(error)}")
         finally:
+            self._close_reasons.pop(writer, None)
             for task in (writer_task, read_task):
                 if task is None:
                     continue
@@ -432,6 +454,21 @@ class Link:
                 self._current_writer = None
                 self._set_state(LinkState.DISCONNECTED)
             writer.close()
+
+    @staticmethod
+    async def _wait_connection_end(writer_task: asyncio.Task, read_task: asyncio.Task) -> None:
+        """Wait until the connection ends and raise the error that explains why.
+
+        The reader's error comes first: when the transport closes, the writer may end in
+        the same event loop iteration with only the symptom (_TransportClosing).
+        """
+        done, _ = await asyncio.wait({writer_task, read_task},
+                                     return_when=asyncio.FIRST_COMPLETED)
+        if read_task not in done and isinstance(writer_task.exception(), _TransportClosing):
+            await asyncio.wait({read_task}, timeout=READER_END_WAIT_S)
+        if read_task.done():
+            read_task.result()
+        writer_task.result()
 
     def _describe_closed_before_hello(self, error: BaseException) -> str:
         if isinstance(error, asyncio.TimeoutError):
@@ -609,7 +646,7 @@ class Link:
                         continue
                     chunks.append(Frame(FrameType.PING, 0, b"").encode())
             if writer.is_closing():
-                raise ConnectionResetError("connection closed locally")
+                raise _TransportClosing("TLS transport closing")
             # One call, so that the TLS records of all chunks leave in one send.
             writer.writelines(chunks)
             self.stats.writes += 1
