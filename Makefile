@@ -55,7 +55,7 @@ CURL_OPTIONS ?=
 # File with the node's web token. Empty: <data_root>/web_token inside container CONTAINER.
 WEB_TOKEN_FILE ?=
 
-generate-config:  ## write CONFIG_DIR/CONFIG_FILE: every key with its default and meaning
+generate-config:  ## write CONFIG_DIR/CONFIG_FILE: every key with its default and meaning; choose source.kind
 	@mkdir -p $(CONFIG_DIR)
 	@$(QKDSERVER) config --output $(CONFIG_DIR)/$(CONFIG_FILE)
 

@@ -33,6 +33,15 @@ log = logging.getLogger(__name__)
 ROLES = ("high", "low")
 SOURCE_KINDS = ("simulator", "file", "tdc1", "pipe")
 
+#: Input of each source.kind, listed in the site file that qkdserver config writes with
+#: source.kind left for the user to choose. Real sources come first.
+SOURCE_KIND_CHOICES = {
+    "tdc1": "TDC1 time tagger at source.device",
+    "pipe": "raw events from the named pipe at source.events_file",
+    "file": "raw events from the file at source.events_file",
+    "simulator": "test link only: anyone with source.seed can compute its keys",
+}
+
 
 class ConfigError(ValueError):
     """An invalid, missing or unreadable configuration value; the message names the key."""

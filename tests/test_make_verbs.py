@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,50 @@ def test_generate_config_loads_as_defaults(tmp_path):
     assert "# TLS port of the classical channel" in site.read_text()
 
 
+def test_generated_config_leaves_source_kind(tmp_path):
+    result = make("generate-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.yaml")
+    assert result.returncode == 0, result.stderr
+    site = tmp_path / "site.yaml"
+    text = site.read_text()
+    assert "\n  kind:" not in text
+    for kind in ("tdc1", "pipe", "file", "simulator"):
+        assert f"\n  # kind: {kind} " in text
+
+    node = subprocess.run([sys.executable, "-m", "S15qkd.cli.main", "node", "--config", str(site)],
+                          capture_output=True, text=True, timeout=60)
+    assert node.returncode == 2
+    assert "Traceback" not in node.stderr
+    assert "missing value for 'source.kind'" in node.stderr
+    assert "'tdc1'" in node.stderr
+    assert "'simulator' for a test link" in node.stderr
+
+    check = make("check-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.yaml")
+    assert check.returncode != 0
+    assert "missing value for 'source.kind'" in check.stderr
+    assert "'tdc1'" in check.stderr
+
+
+def test_generated_config_kind_uncommented(tmp_path):
+    result = make("generate-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.yaml")
+    assert result.returncode == 0, result.stderr
+    site = tmp_path / "site.yaml"
+    site.write_text(site.read_text().replace("  # kind: pipe ", "  kind: pipe "))
+    assert load_config(site)["source.kind"] == "pipe"
+    check = make("check-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.yaml")
+    assert check.returncode == 0, check.stderr
+    assert "  kind: pipe\n" in check.stdout
+
+
+def test_generated_json_config_leaves_source_kind(tmp_path):
+    result = make("generate-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.json")
+    assert result.returncode == 0, result.stderr
+    site = tmp_path / "site.json"
+    assert "kind" not in json.loads(site.read_text())["source"]
+    check = make("check-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.json")
+    assert check.returncode != 0
+    assert "missing value for 'source.kind'" in check.stderr
+
+
 def test_generate_config_keeps_existing_file(tmp_path):
     site = tmp_path / "site.yaml"
     site.write_text("role: low\n")
@@ -57,7 +102,7 @@ def test_check_config_names_bad_value(tmp_path):
     assert result.returncode != 0
     assert "invalid value for 'QBER_limit'" in result.stderr
     assert "got 0.7" in result.stderr
-    (tmp_path / "site.yaml").write_text("QBER_limit: 0.07\n")
+    (tmp_path / "site.yaml").write_text("QBER_limit: 0.07\nsource: {kind: tdc1}\n")
     result = make("check-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.yaml")
     assert result.returncode == 0, result.stderr
     assert "QBER_limit: 0.07" in result.stdout

@@ -5,6 +5,13 @@ defaults merged with the site file, after the same validation a node does at sta
 file (YAML for .yaml and .yml, JSON otherwise) that a node loads unchanged, and never
 replaces an existing one. The YAML form carries each key's meaning and expected form as
 a comment, so it serves as a starting site file.
+
+``source.kind`` appears only where the site file sets it. Otherwise the YAML form lists
+the choices as comments and the JSON form leaves the key out, so that ``qkdserver node``
+rejects a generated file until the user chooses a source. The default, the built-in
+simulator, releases keys that anyone with ``source.seed`` can compute. For the same
+reason, printing the configuration of a site file without ``source.kind`` fails with the
+error a node gives.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from ..config import SCHEMA, Config, ConfigError, load_config
+from ..config import SCHEMA, SOURCE_KIND_CHOICES, Config, ConfigError, load_config
 
 #: Width of the comment lines in the YAML form.
 COMMENT_WIDTH = 88
@@ -39,6 +46,8 @@ def add_command(subparsers) -> None:
 def run_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config)
+        if args.config is not None and args.output is None:
+            config.require_explicit_source_kind()
     except ConfigError as error:
         print(f"qkdserver config: {error}", file=sys.stderr)
         return 2
@@ -63,7 +72,10 @@ def run_config(args: argparse.Namespace) -> int:
 
 
 def config_json(config: Config) -> str:
-    return json.dumps(config.as_dict(), indent=2) + "\n"
+    values = config.as_dict()
+    if "source.kind" not in config.explicit_keys:
+        del values["source"]["kind"]
+    return json.dumps(values, indent=2) + "\n"
 
 
 def commented_yaml(config: Config) -> str:
@@ -85,7 +97,21 @@ def commented_yaml(config: Config) -> str:
         comment = f"{option.help[0].upper()}{option.help[1:]}. Expected: {option.expected}."
         lines.extend(textwrap.wrap(comment, COMMENT_WIDTH, initial_indent=indent + "# ",
                                    subsequent_indent=indent + "# ", break_on_hyphens=False))
+        if key == "source.kind" and key not in config.explicit_keys:
+            lines.extend(source_kind_choices(indent, leaf))
+            continue
         rendered = yaml.safe_dump({leaf: config[key]}, default_flow_style=False, width=1000,
                                   sort_keys=False).rstrip("\n")
         lines.extend(indent + line for line in rendered.split("\n"))
     return "\n".join(lines) + "\n"
+
+
+def source_kind_choices(indent: str, leaf: str) -> list[str]:
+    """Return commented-out lines, one per source.kind, for the user to choose one."""
+    note = "Not set, so qkdserver node rejects this file: remove the '# ' in front of one of these lines."
+    lines = textwrap.wrap(note, COMMENT_WIDTH, initial_indent=indent + "# ",
+                          subsequent_indent=indent + "# ", break_on_hyphens=False)
+    width = max(len(kind) for kind in SOURCE_KIND_CHOICES)
+    for kind, use in SOURCE_KIND_CHOICES.items():
+        lines.append(f"{indent}# {leaf}: {kind:<{width}}  # {use}")
+    return lines
