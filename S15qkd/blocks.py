@@ -64,9 +64,10 @@ S = EngineState
 # Most epochs one reconciliation block may name: 2**20 epochs of 0.537 s are about 6
 # days, and the bound keeps a start message cheap to check.
 MAX_BLOCK_EPOCHS = 1 << 20
-# Maximum number of epochs a held-back block takes in before it starts anyway. The high-count side
-# keeps the raw key of the last 256 epochs it matched (pipeline.RAW_KEY_RETENTION_EPOCHS),
-# and it may be ahead of the low-count side, so a block must start well within that.
+# Maximum number of epochs a held-back block takes in before it starts anyway. The
+# high-count side keeps its raw key for this many epochs more than the low-count side's
+# reader may lead (pipeline.raw_key_retention_epochs), so a larger value needs a larger
+# retention there.
 MAX_HELD_EPOCHS = 128
 # Minimum compared bits behind a service QBER that may start key generation. An unlocked
 # stream can show no error on a handful of bits. At 500 bits, a QBER near the default

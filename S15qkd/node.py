@@ -13,6 +13,8 @@ st3             low -> high  the low-count side started run ``run``
 stop            either       stop key generation, keep the channel (``reason``)
 peak_found      high -> low  time offset found (``offset_ticks``, ``start_epoch``, SNR)
 lock_lost       high -> low  clock lock lost, back to peak finding
+passed          high -> low  no type-4 file will come for an epoch before ``epoch``: costream
+                             closed it, or the offset search dropped it
 mode            low -> high  service mode or key generation decided (``state``, ``reason``)
 service_bits    low -> high  disclosed raw key of one epoch (service QBER)
 service_result  high -> low  errors counted in a disclosed epoch

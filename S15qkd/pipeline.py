@@ -17,6 +17,13 @@ its queue and never polls. Every item carries the run id of the key generation r
 belongs to, and items of an older run are dropped, so a stop and a new start never mix
 epochs of two runs.
 
+Pacing. The low-count side keeps each type-3 epoch until the peer's type-4 file for it
+arrives, or until the high-count side reports with ``passed`` that it will never match
+that epoch (it passed it in costream, or its offset search dropped it). The low-count
+side's reader waits while it is :func:`max_lead_epochs` ahead of the oldest epoch it
+keeps (:mod:`S15qkd.pacing`), so a source faster than the link loses no epoch, and a
+peer that is away stops the reader instead of filling the disk.
+
 Service mode and key generation. The low-count side decides which raw key epochs serve
 which purpose, because its raw key is ready last. In service mode it discloses its raw
 key of each epoch to the high-count side, which counts the errors against its own raw
@@ -42,11 +49,12 @@ import numpy as np
 import qkd_core
 
 from . import stages
-from .blocks import BlockManager
+from .blocks import MAX_HELD_EPOCHS, BlockManager
 from .channel import FrameError
 from .controller import QberServo
 from .keystore import write_atomic
-from .peer_fields import MAX_PEER_COUNT, peer_float, peer_int
+from .pacing import ReadPacer
+from .peer_fields import MAX_PEER_COUNT, peer_epoch, peer_float, peer_int
 from .status import EngineState
 from .watchdog import StageWorker
 
@@ -57,9 +65,10 @@ log = logging.getLogger(__name__)
 
 S = EngineState
 
-#: Raw key epochs kept on the high-count side, and type-3 epochs on the low-count side,
-#: while waiting for the peer to use them.
-RAW_KEY_RETENTION_EPOCHS = 256
+#: Epochs the low-count side reads ahead of the oldest epoch it still keeps (a type-3
+#: file waiting for the peer's type-4 file, or raw key waiting for error correction),
+#: on top of the epochs one offset search needs. See max_lead_epochs.
+MAX_LEAD_EPOCHS = 256
 
 #: The clock lock counts as lost when the running mean of coincidences/(accidentals + 1)
 #: falls below this; the mean starts at INITIAL_PAIR_RATIO. Both are the reference's.
@@ -96,6 +105,7 @@ class Pipeline:
         self.chopper: Optional[stages.Chopper] = None
         self.chopper_worker: StageWorker  # set by the role's constructor
         self.blocks: BlockManager  # set by the role's constructor
+        self.pacer: Optional[ReadPacer] = None  # set by the low-count side
         self.folder = node.data_root / f"run-{run:08x}"
         self.folders = {name: self.folder / name for name in ("t1", "t2", "t3")}
         for folder in self.folders.values():
@@ -118,6 +128,8 @@ class Pipeline:
 
     def stop(self) -> None:
         self.stopping.set()
+        if self.pacer is not None:
+            self.pacer.wake()
         for worker in self.workers:
             worker.clear()
         for worker in reversed(self.workers):
@@ -160,10 +172,24 @@ class Pipeline:
                 self.chopper_worker.put(("finish", None, None))
                 return
             times, patterns = batch
-            self.chopper_worker.put(("batch", stages.skew_correct(times, patterns, skews), patterns))
+            times = stages.skew_correct(times, patterns, skews)
+            if self.pacer is not None and len(times):
+                epoch = batch_epoch(times)
+                self.pacer.wait_for_room(epoch)
+                if self.stopping.is_set():
+                    return
+                self.pacer.keep(epoch)
+            self.chopper_worker.put(("batch", times, patterns))
 
     def chop(self, item) -> None:
         kind, times, patterns = item
+        try:
+            self.chop_batch(kind, times, patterns)
+        finally:
+            if self.pacer is not None and kind == "batch" and len(times):
+                self.pacer.release(batch_epoch(times))
+
+    def chop_batch(self, kind: str, times, patterns) -> None:
         if self.chopper is None:
             self.chopper = stages.Chopper(self.role, self.folders, self.config["max_event_diff"])
         try:
@@ -204,6 +230,41 @@ class Pipeline:
         raise NotImplementedError
 
 
+def offset_search_epochs(config) -> int:
+    """Return the consecutive common epochs the high-count side's offset search waits for."""
+    needed = config["pfind_epochs"]
+    if config["qcrypto.pfind.frequency_search"]:
+        needed = max(needed, stages.FrequencySearch.epochs_for(
+            config["qcrypto.pfind.coarse_resolution"], config["FFT_buffer_order"]))
+    # The search leaves out the first common epoch, which one side usually starts late.
+    return needed + 1
+
+
+def max_lead_epochs(config) -> int:
+    """Return the epochs the low-count side's reader may run ahead of its oldest kept epoch.
+
+    The peer passes no epoch before its offset search has the epochs it needs, so the
+    lead covers them. That assumes equal search settings on both nodes.
+    """
+    return MAX_LEAD_EPOCHS + offset_search_epochs(config)
+
+
+def raw_key_retention_epochs(config) -> int:
+    """Return the raw key epochs the high-count side keeps behind its newest one.
+
+    The peer's reader stays within max_lead_epochs of the raw key the peer still needs,
+    and costream cannot pass the peer's reader, so twice that leaves room for the epochs
+    in flight. The peer's reader does not wait for a block under construction, which
+    takes in up to MAX_HELD_EPOCHS epochs while it is held back, so those come on top.
+    """
+    return 2 * max_lead_epochs(config) + MAX_HELD_EPOCHS
+
+
+def batch_epoch(times: np.ndarray) -> int:
+    """Return the epoch of the first event of a batch, as the chopper numbers epochs."""
+    return (int(times[0]) >> 32) & 0xFFFF_FFFF
+
+
 def histogram_peak_ticks(histogram) -> Optional[int]:
     """Return the time difference in ticks of the histogram's highest bin (the first of
     equal ones), or None when the histogram counts no pair."""
@@ -232,6 +293,10 @@ class HighPipeline(Pipeline):
         self.t2_timer: Optional[threading.Timer] = None
         self.t2_overdue_epoch: Optional[int] = None
         self.skipped: set[int] = set()   # skipped epochs costream has not closed yet
+        # Epochs before this one are done here: costream closed them, or the offset search
+        # dropped them, so the peer's type-3 files of those epochs are never matched.
+        self.passed_epoch = 0
+        self.passed_sent = 0             # the last passed_epoch sent to the peer
         self.search: "stages.OffsetFinder | stages.FrequencySearch | None" = None
         self.pair_ratio = INITIAL_PAIR_RATIO       # running coincidences/(accidentals + 1)
         self.peak_outside_epochs = 0               # epochs in a row with the peak outside
@@ -315,6 +380,22 @@ class HighPipeline(Pipeline):
     # ---- costream worker ----------------------------------------------------------------
 
     def match(self, item) -> None:
+        try:
+            self.match_files(item)
+        finally:
+            self.send_passed()
+
+    def send_passed(self) -> None:
+        """Tell the peer which epochs this side is done with, when that changed."""
+        if self.costream is None and self.t1:
+            # The search starts costream at an epoch with both files, and chopper2 writes
+            # its epochs in order, so a type-2 epoch older than every type-1 one is never used.
+            self.passed_epoch = max(self.passed_epoch, min(self.t1))
+        if self.passed_epoch > self.passed_sent:
+            self.passed_sent = self.passed_epoch
+            self.node.send_control({"msg": "passed", "epoch": self.passed_epoch})
+
+    def match_files(self, item) -> None:
         kind, epoch = item
         if kind == "t1":
             self.t1.add(epoch)
@@ -404,6 +485,7 @@ class HighPipeline(Pipeline):
             for old in [e for e in store if e < start]:
                 store.discard(old)
                 self.remove_files(old)
+        self.passed_epoch = max(self.passed_epoch, start)
         self.node.send_control({"msg": "peak_found", "offset_ticks": result.offset_ticks,
                                 "start_epoch": start, "snr_fine": result.snr_fine,
                                 "snr_coarse": result.snr_coarse,
@@ -412,9 +494,12 @@ class HighPipeline(Pipeline):
         return False
 
     def drop_epoch(self, epoch: int) -> None:
+        """Drop the oldest common epoch from the offset search; older type-2 epochs have no
+        type-1 file, so no search uses them either."""
         for store in (self.t1, self.t2):
             store.discard(epoch)
         self.remove_files(epoch)
+        self.passed_epoch = max(self.passed_epoch, epoch + 1)
 
     def advance(self) -> bool:
         """Push the epoch files costream needs next, in order, and handle the closed epochs.
@@ -502,11 +587,13 @@ class HighPipeline(Pipeline):
         with self.raw_keys_lock:
             self.raw_keys[epoch] = result.raw_bits
             self.key_bases[epoch] = result.key_bases
-            for old in [e for e in self.raw_keys if e < epoch - RAW_KEY_RETENTION_EPOCHS]:
+            retention = raw_key_retention_epochs(self.config)
+            for old in [e for e in self.raw_keys if e < epoch - retention]:
                 del self.raw_keys[old]
                 self.key_bases.pop(old, None)
         if result.t4 is not None:
             self.node.send_file_bytes(4, epoch, result.t4)
+        self.passed_epoch = max(self.passed_epoch, epoch + 1)
         if epoch in self.skipped:
             # No pairs were looked for, so the epoch is no evidence about the clock lock.
             self.skipped.discard(epoch)
@@ -576,8 +663,10 @@ class LowPipeline(Pipeline):
         self.t3: set[int] = set()          # epochs with a type-3 file in folders["t3"]
         self.t4: dict[int, bytes] = {}     # type-4 files from the peer, by epoch
         self.last_spliced = -1             # latest epoch that gave a raw key here
+        self.peer_passed = 0               # the peer matches no epoch before this one
         self.t3_removed_through = -1       # latest type-3 epoch removed unmatched
         self.t3_removed_dropped = 0        # type-4 epochs dropped because of that removal
+        self.pacer: ReadPacer = ReadPacer(max_lead_epochs(self.config), self.stopping)
         self.splicer: Optional[stages.Splicer] = None
         self.servo = QberServo(self.config["QBER_limit"], self.config["servo_blocks"],
                                self.config["default_QBER"])
@@ -587,13 +676,14 @@ class LowPipeline(Pipeline):
         self.chopper_worker = self.worker("chopper", self.chop)
         self.splicer_worker = self.worker("splicer", self.splice)
         self.blocks = BlockManager(node, self)
-        self.ec_worker = self.worker("error_correction", self.blocks.process)
+        self.ec_worker = self.worker("error_correction", self.correct)
 
     def start(self) -> None:
         super().start()
         self.source_worker.put("start")
 
     def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
+        self.pacer.keep(chopped.epoch)
         self.splicer_worker.put(("t3", chopped.epoch, None))
         self.node.send_file(2, chopped.epoch, self.folders["t2"] / f"{chopped.epoch:08x}")
 
@@ -625,6 +715,8 @@ class LowPipeline(Pipeline):
             self.node.engine.move(S.PEAK_FINDING, message.get("reason", "peer lost the clock lock"))
         elif kind == "service_result":
             self.ec_worker.put(("service_result", message))
+        elif kind == "passed":
+            self.splicer_worker.put(("passed", peer_epoch(message, "epoch"), None))
         elif kind == "epoch_stats":
             self.on_epoch_stats(message)
 
@@ -638,13 +730,14 @@ class LowPipeline(Pipeline):
 
     def splice(self, item) -> None:
         kind, epoch, content = item
+        if kind == "passed":
+            self.peer_passed = max(self.peer_passed, epoch)
+            self.remove_passed_type3()
+            return
         if kind == "t3":
             self.t3.add(epoch)
-            # type-3 epochs that the peer never matched are dropped once later ones exist.
-            for old in [e for e in self.t3 if e < epoch - RAW_KEY_RETENTION_EPOCHS]:
-                self.t3.discard(old)
-                self.remove_files(old)
-                self.t3_removed_through = max(self.t3_removed_through, old)
+            # The chopper may write an epoch after the peer passed it.
+            self.remove_passed_type3()
         else:
             self.t4[epoch] = content
         if self.splicer is None:
@@ -665,14 +758,44 @@ class LowPipeline(Pipeline):
                     continue
             else:
                 self.t3.discard(ready)
-                bits = self.splice_with_type3(ready, t4)
+                bits = None
+                try:
+                    bits = self.splice_with_type3(ready, t4)
+                finally:
+                    if bits is None:
+                        # Error correction, which releases the epochs it takes, gets none.
+                        self.pacer.release(ready)
                 if bits is None:
                     continue
             self.last_spliced = ready
             self.node.progress("epoch", role="low", epoch=ready, raw_bits=int(len(bits)))
+            if ready in without_t3:
+                self.pacer.keep(ready)   # the chopper kept the epochs with a type-3 file
             self.ec_worker.put(("raw_key", ready, bits))
             # Carries the servoed QBER of the blocks corrected since the last one.
             self.send_epoch_stats()
+
+    def remove_passed_type3(self) -> None:
+        """Remove the type-3 files of epochs the peer passed: no type-4 file comes for them."""
+        passed = sorted(e for e in self.t3 if e < self.peer_passed)
+        if not passed:
+            return
+        for epoch in passed:
+            self.t3.discard(epoch)
+            self.remove_files(epoch)
+        self.t3_removed_through = max(self.t3_removed_through, passed[-1])
+        self.pacer.release(*passed)
+        log.debug("type-3 epochs %08x..%08x removed unmatched: the peer passed them",
+                  passed[0], passed[-1])
+
+    def correct(self, item) -> None:
+        """Run error correction on an item, then update what the reader waits for."""
+        try:
+            self.blocks.process(item)
+        finally:
+            if item[0] == "raw_key":
+                self.pacer.release(item[1])
+            self.pacer.set_held(epoch for epoch, _ in self.blocks.held)
 
     def splice_with_type3(self, epoch: int, t4: bytes) -> Optional[np.ndarray]:
         """Return the raw key of an epoch from this side's type-3 file and the peer's
@@ -696,15 +819,13 @@ class LowPipeline(Pipeline):
         except qkd_core.FormatError as error:
             # The raw key epochs around it then do not join one block on either side.
             if epoch <= self.t3_removed_through:
-                # This side had events there, but the peer lagged by more than the
-                # retention, as when simulate's source runs ahead of costream. A lagging
-                # peer loses every epoch it lags by, so only the first one is a warning.
+                # This side had events there, but the peer had reported that it passed
+                # the epoch. Only the first such epoch is a warning.
                 level = logging.INFO if self.t3_removed_dropped else logging.WARNING
                 self.t3_removed_dropped += 1
                 log.log(level, "type-4 file of epoch %08x dropped: this side removed the type-3 "
-                        "files up to epoch %08x unmatched, because they were more than %d "
-                        "epochs older than its newest one", epoch, self.t3_removed_through,
-                        RAW_KEY_RETENTION_EPOCHS)
+                        "files up to epoch %08x unmatched, because the peer reported that it "
+                        "passed epoch %08x", epoch, self.t3_removed_through, self.peer_passed)
                 return None
             log.error("type-4 file of epoch %08x dropped: this side has no events in that "
                       "epoch, but the peer kept some (%s)", epoch, error)

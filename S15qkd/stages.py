@@ -156,8 +156,13 @@ class FrequencySearch:
 
     def epochs_needed(self) -> int:
         """Epochs that cover both windows with one span to spare, as fpfind reads them."""
-        span_ns = self.coarse_resolution_ns * 2**self.buffer_order
-        return int(np.ceil((self.SEPARATION + 2) * span_ns / 2**29)) + 1
+        return self.epochs_for(self.coarse_resolution_ns, self.buffer_order)
+
+    @classmethod
+    def epochs_for(cls, coarse_resolution_ns: int, buffer_order: int) -> int:
+        """Return epochs_needed() of a search with these settings, without planning its FFTs."""
+        span_ns = coarse_resolution_ns * 2**buffer_order
+        return int(np.ceil((cls.SEPARATION + 2) * span_ns / 2**29)) + 1
 
     def find(self, t1_folder, t2_folder, start_epoch: int, epochs: int) -> OffsetResult:
         """Search epochs start_epoch .. start_epoch + epochs - 1 of the two folders."""

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 import qkd_core
-from S15qkd.pipeline import RAW_KEY_RETENTION_EPOCHS, LowPipeline
+from S15qkd.config import Config
+from S15qkd.pipeline import MAX_LEAD_EPOCHS, LowPipeline
 from S15qkd.stages import Splicer
 
 EPOCH = 0x4F90
@@ -32,7 +33,7 @@ def type4_file(epoch: int, indices: list[int]) -> bytes:
 
 
 def low_pipeline(tmp_path) -> LowPipeline:
-    config = {"QBER_limit": 0.11, "servo_blocks": 5, "default_QBER": 0.05}
+    config = Config({"QBER_limit": 0.11, "servo_blocks": 5, "default_QBER": 0.05})
     node = SimpleNamespace(
         config=config, data_root=tmp_path, watchdog=SimpleNamespace(adopt=lambda worker: None),
         stats=SimpleNamespace(service_qber=None), send_control=lambda message: None,
@@ -85,33 +86,58 @@ def test_splice_kept_events_without_type3_dropped(tmp_path, caplog):
     assert f"type-4 file of epoch {EPOCH:08x} dropped: this side has no events" in caplog.text
 
 
-def test_splice_removed_type3_not_empty(tmp_path, caplog):
+def test_splice_keeps_type3_until_passed(tmp_path):
     pipeline = low_pipeline(tmp_path)
-    # The chopper runs more than the retention ahead of the peer, as in simulate: the
-    # type-3 file of EPOCH is removed before the peer's type-4 file arrives.
+    # The chopper runs far ahead of the peer, as in simulate without --real-time: the
+    # type-3 file of EPOCH stays until the peer's type-4 file for it arrives.
     (pipeline.folders["t3"] / f"{EPOCH:08x}").write_bytes(b"\x03")
     pipeline.splice(("t3", EPOCH, None))
-    pipeline.splice(("t3", EPOCH + RAW_KEY_RETENTION_EPOCHS + 1, None))
-    assert not (pipeline.folders["t3"] / f"{EPOCH:08x}").exists()
-    pipeline.splice(("t4", EPOCH, type4_file(EPOCH, [0])))
+    pipeline.splice(("t3", EPOCH + 4 * MAX_LEAD_EPOCHS, None))
+    assert (pipeline.folders["t3"] / f"{EPOCH:08x}").exists()
+    assert EPOCH in pipeline.t3
 
+
+def test_splice_passed_type3_removed(tmp_path, caplog):
+    pipeline = low_pipeline(tmp_path)
+    (pipeline.folders["t3"] / f"{EPOCH:08x}").write_bytes(b"\x03")
+    (pipeline.folders["t3"] / f"{EPOCH + 1:08x}").write_bytes(b"\x03")
+    pipeline.splice(("t3", EPOCH, None))
+    pipeline.splice(("t3", EPOCH + 1, None))
+    pipeline.splice(("passed", EPOCH + 1, None))
+    assert not (pipeline.folders["t3"] / f"{EPOCH:08x}").exists()
+    assert (pipeline.folders["t3"] / f"{EPOCH + 1:08x}").exists()
+    assert pipeline.t3 == {EPOCH + 1}
+
+    # A type-4 file for a passed epoch contradicts the peer's report: dropped, no raw key.
+    pipeline.splice(("t4", EPOCH, type4_file(EPOCH, [0])))
     assert raw_keys(pipeline) == []
     assert EPOCH not in pipeline.t4
     assert "ERROR" not in [record.levelname for record in caplog.records]
     assert (f"type-4 file of epoch {EPOCH:08x} dropped: this side removed the type-3 files "
-            f"up to epoch {EPOCH:08x} unmatched") in caplog.text
+            f"up to epoch {EPOCH:08x} unmatched, because the peer reported that it passed "
+            f"epoch {EPOCH + 1:08x}") in caplog.text
     assert [record.levelname for record in caplog.records] == ["WARNING"]
 
-    # The next removed epoch is logged at INFO: a lagging peer loses every epoch it lags by.
+    # A type-3 epoch the chopper writes after the peer passed it is removed at once, and
+    # the next dropped type-4 file is logged at INFO.
     caplog.clear()
     caplog.set_level("INFO", logger="S15qkd")
-    (pipeline.folders["t3"] / f"{EPOCH + 1:08x}").write_bytes(b"\x03")
-    pipeline.splice(("t3", EPOCH + 1, None))
-    pipeline.splice(("t3", EPOCH + RAW_KEY_RETENTION_EPOCHS + 2, None))
-    pipeline.splice(("t4", EPOCH + 1, type4_file(EPOCH + 1, [0])))
+    (pipeline.folders["t3"] / f"{EPOCH - 1:08x}").write_bytes(b"\x03")
+    pipeline.splice(("t3", EPOCH - 1, None))
+    assert not (pipeline.folders["t3"] / f"{EPOCH - 1:08x}").exists()
+    pipeline.splice(("t4", EPOCH - 1, type4_file(EPOCH - 1, [0])))
     assert raw_keys(pipeline) == []
     removed = [record for record in caplog.records if "removed the type-3" in record.message]
     assert [record.levelname for record in removed] == ["INFO"]
+
+
+def test_splice_releases_kept_epochs(tmp_path):
+    pipeline = low_pipeline(tmp_path)
+    for epoch in (EPOCH, EPOCH + 1, EPOCH + 2):
+        pipeline.pacer.keep(epoch)   # as the chopper does for each type-3 file
+        pipeline.splice(("t3", epoch, None))
+    pipeline.splice(("passed", EPOCH + 1, None))
+    assert pipeline.pacer.oldest_kept() == EPOCH + 1
 
 
 def test_splice_invalid_type3_dropped(tmp_path, caplog):
