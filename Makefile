@@ -59,7 +59,7 @@ generate-config:  ## write CONFIG_DIR/CONFIG_FILE: every key with its default an
 	@mkdir -p $(CONFIG_DIR)
 	@$(QKDSERVER) config --output $(CONFIG_DIR)/$(CONFIG_FILE)
 
-check-config:  ## validate CONFIG_DIR/CONFIG_FILE and print the configuration in force
+check-config:  ## run the node's start-up checks on CONFIG_DIR/CONFIG_FILE, print the configuration
 	@$(QKDSERVER) config --config $(CONFIG_DIR)/$(CONFIG_FILE)
 
 certs:  ## create NAME.key and the self-signed NAME.crt in SECRETS_DIR (NAME=high)

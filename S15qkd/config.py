@@ -437,11 +437,32 @@ class Config:
             if not self[key]:
                 raise ConfigError(f"missing value for {key!r}: expected a path to a PEM file; "
                                   "create a pair with `qkdserver certs`")
-            if not Path(self[key]).is_file():
+            path = Path(self[key])
+            if not path.exists():
                 raise ConfigError(f"invalid value for {key!r}: file {self[key]!r} not found")
+            if not path.is_file():
+                kind = "a folder" if path.is_dir() else "not a regular file"
+                raise ConfigError(f"invalid value for {key!r}: {self[key]!r} is {kind}; give "
+                                  "the path of the PEM file")
         if self["role"] == "low" and not self["target_hostname"]:
             raise ConfigError("missing value for 'target_hostname': the low-count side "
                               "connects to the peer and needs its host name or address")
+
+    def require_folders(self) -> None:
+        """Raise ConfigError if data_root or final_key_folder, or a folder above, is a file."""
+        for key in ("data_root", "final_key_folder"):
+            path = Path(self[key])
+            for part in (path, *path.parents):
+                if not part.exists():
+                    continue
+                if part.is_dir():
+                    break
+                if part == path:
+                    raise ConfigError(f"invalid value for {key!r}: {str(path)!r} is a file, "
+                                      "not a folder; give a folder path")
+                raise ConfigError(f"invalid value for {key!r}: {str(part)!r} is a file, so "
+                                  f"the folder {str(path)!r} cannot be created; give a "
+                                  "folder path")
 
     def require_explicit_source_kind(self) -> None:
         """Raise ConfigError unless the site file names source.kind.

@@ -59,7 +59,8 @@ from .channel.frames import decode_file, decode_json, encode_file, encode_json
 from .config import SCHEMA, Config, ConfigError, missing_keys
 from .controller import Engine, TransitionError
 from .folder_lock import FolderInUseError, FolderLock
-from .keystore import KeyStore, KeyStoreError, write_atomic
+from .keystore import (NOTIFY_PIPE, STATE_FILE, KeyStore, KeyStoreError, check_notify_pipe,
+                       read_keystore_state, write_atomic)
 from .peer_fields import (DETECTORS, MAX_PEER_COUNT, peer_epoch, peer_int, peer_list,
                           peer_qber, shown)
 from .pipeline import BASIS_NAMES, HighPipeline, LowPipeline, Pipeline
@@ -181,6 +182,7 @@ class Node:
         self.role = config["role"]
         self.auto_start = auto_start
         self._progress = progress
+        config.require_folders()
         self.data_root = Path(config["data_root"])
         self.data_root.mkdir(parents=True, exist_ok=True)
         # The lock comes before any change in data_root, because a second node there
@@ -743,6 +745,23 @@ def _dump_config(values: dict, path: Path) -> str:
 
         return yaml.safe_dump(values, sort_keys=True)
     return json.dumps(values, indent=2, sort_keys=True) + "\n"
+
+
+def check_start_up(config: Config) -> None:
+    """Run the start-up checks of `qkdserver node` that need no network and write nothing.
+
+    Raises ConfigError or KeyStoreError with the message the node gives. Not checked:
+    free ports, an address of listen_address on this machine, the peer, the TDC1 device
+    (a node looks for it when key generation starts) and another node on data_root.
+    """
+    config.require_explicit_source_kind()
+    config.require_event_source()
+    config.require_folders()
+    config.require_channel_files()
+    make_context(config["role"] == "high", config["local_cert"], config["local_key"],
+                 config["remote_cert"])
+    read_keystore_state(Path(config["data_root"]) / STATE_FILE)
+    check_notify_pipe(Path(config["final_key_folder"]) / NOTIFY_PIPE)
 
 
 def run_node_until_signal(config: Config, start: bool = False, web_port: Optional[int] = None,

@@ -100,3 +100,26 @@ def test_channel_files_required(tmp_path):
     config = load_config(overrides={"role": "low"})
     with pytest.raises(ConfigError, match="missing value for 'local_cert'"):
         config.require_channel_files()
+
+
+def test_certificate_folder_named(tmp_path):
+    config = load_config(overrides={"local_cert": str(tmp_path), "local_key": str(tmp_path),
+                                    "remote_cert": str(tmp_path)})
+    with pytest.raises(ConfigError, match=f"'local_cert': '{tmp_path}' is a folder; give the "
+                                          "path of the PEM file"):
+        config.require_channel_files()
+
+
+def test_folder_that_is_file_named(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = load_config(overrides={"data_root": str(blocker), "final_key_folder": str(tmp_path)})
+    with pytest.raises(ConfigError, match=f"'data_root': '{blocker}' is a file, not a folder"):
+        config.require_folders()
+    config = load_config(overrides={"data_root": str(tmp_path),
+                                    "final_key_folder": str(blocker / "keys")})
+    with pytest.raises(ConfigError, match=f"'final_key_folder': '{blocker}' is a file, so the "
+                                          f"folder '{blocker / 'keys'}' cannot be created"):
+        config.require_folders()
+    load_config(overrides={"data_root": str(tmp_path / "new" / "data"),
+                           "final_key_folder": str(tmp_path)}).require_folders()

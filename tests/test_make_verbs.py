@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -70,7 +71,22 @@ def test_generated_config_kind_uncommented(tmp_path):
     result = make("generate-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.yaml")
     assert result.returncode == 0, result.stderr
     site = tmp_path / "site.yaml"
-    site.write_text(site.read_text().replace("  # kind: pipe ", "  kind: pipe "))
+    # check-config also runs the node's file checks, so the generated file gets the
+    # certificates, folders and named pipe of a real node.
+    (cert, key), (peer, _) = (create_node_certificate(tmp_path / "certs", name)
+                              for name in ("high", "low"))
+    events = tmp_path / "events.pipe"
+    os.mkfifo(events)
+    replacements = {"  # kind: pipe ": "  kind: pipe ", "local_cert: ''": f"local_cert: {cert}",
+                    "local_key: ''": f"local_key: {key}", "remote_cert: ''": f"remote_cert: {peer}",
+                    "events_file: ''": f"events_file: {events}",
+                    "data_root: /tmp/cryptostuff": f"data_root: {tmp_path / 'data'}",
+                    "final_key_folder: /epoch_files": f"final_key_folder: {tmp_path / 'keys'}"}
+    text = site.read_text()
+    for generated, chosen in replacements.items():
+        assert generated in text
+        text = text.replace(generated, chosen)
+    site.write_text(text)
     assert load_config(site)["source.kind"] == "pipe"
     check = make("check-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.yaml")
     assert check.returncode == 0, check.stderr
@@ -102,10 +118,50 @@ def test_check_config_names_bad_value(tmp_path):
     assert result.returncode != 0
     assert "invalid value for 'QBER_limit'" in result.stderr
     assert "got 0.7" in result.stderr
-    (tmp_path / "site.yaml").write_text("QBER_limit: 0.07\nsource: {kind: tdc1}\n")
-    result = make("check-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.yaml")
+
+
+def test_check_config_passes_node_file(tmp_path):
+    certs = {name: create_node_certificate(tmp_path / "certs", name) for name in ("high", "low")}
+    write_config(tmp_path / "site.json", certs, "high", free_port(), QBER_limit=0.07)
+    result = make("check-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.json")
     assert result.returncode == 0, result.stderr
     assert "QBER_limit: 0.07" in result.stdout
+    assert "passes the start-up checks" in result.stderr
+    assert "Not checked: that port_authd and the web port are free" in result.stderr
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"local_cert": ""}, "missing value for 'local_cert'"),
+    ({"remote_cert": "absent.crt"}, "file 'absent.crt' not found"),
+    ({"source": {}}, "missing value for 'source.kind'"),
+    ({"source": {"kind": "file"}}, "missing value for 'source.events_file'"),
+    ({"local_key": "EMPTY"}, "local_key"),
+    ({"data_root": "FILE"}, "is a file, not a folder"),
+    ({"data_root": "STATE"}, "invalid keystore state"),
+])
+def test_check_config_rejects_what_node_rejects(tmp_path, change, named):
+    certs = {name: create_node_certificate(tmp_path / "certs", name) for name in ("high", "low")}
+    empty, a_file, state_root = tmp_path / "empty.key", tmp_path / "a-file", tmp_path / "state"
+    empty.write_text("")
+    a_file.write_text("not a folder")
+    state_root.mkdir()
+    (state_root / "keystore_state.json").write_text('{"next_unused_epoch": "abc"}')
+    places = {"EMPTY": str(empty), "FILE": str(a_file), "STATE": str(state_root)}
+    values = {key: places.get(value, value) if isinstance(value, str) else value
+              for key, value in change.items()}
+    site = write_config(tmp_path / "site.json", certs, "high", free_port(), **values)
+
+    before = sorted(tmp_path.rglob("*"))
+    checked = make("check-config", f"CONFIG_DIR={tmp_path}", "CONFIG_FILE=site.json")
+    assert checked.returncode == 2
+    assert named in checked.stderr
+    assert checked.stdout == ""
+    assert sorted(tmp_path.rglob("*")) == before
+
+    node = subprocess.run([sys.executable, "-m", "S15qkd.cli.main", "node", "--config", str(site)],
+                          capture_output=True, text=True, timeout=60)
+    assert node.returncode == 2
+    assert named in node.stderr
 
 
 def test_certs_writes_pair(tmp_path):

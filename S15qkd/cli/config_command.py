@@ -1,7 +1,8 @@
 """``qkdserver config``: print or write a node's configuration with every key.
 
 Without ``--config`` the output contains the defaults. With it, the output contains the
-defaults merged with the site file, after the same validation a node does at start-up. ``--output`` writes a new
+defaults merged with the site file, after the start-up checks of ``qkdserver node`` that
+need no network (:func:`S15qkd.node.check_start_up`). ``--output`` writes a new
 file (YAML for .yaml and .yml, JSON otherwise) that a node loads unchanged, and never
 replaces an existing one. The YAML form carries each key's meaning and expected form as
 a comment, so it serves as a starting site file.
@@ -25,6 +26,12 @@ from pathlib import Path
 
 from ..config import SCHEMA, SOURCE_KIND_CHOICES, Config, ConfigError, load_config
 
+#: Start-up conditions that `qkdserver config --config` leaves unchecked, because they
+#: need the network or a running node.
+NOT_CHECKED = ("Not checked: that port_authd and the web port are free, that listen_address "
+               "is an address of this machine, that the peer is reachable and accepts "
+               "local_cert, that source.device exists, and that no other node uses data_root.")
+
 #: Width of the comment lines in the YAML form.
 COMMENT_WIDTH = 88
 
@@ -33,8 +40,11 @@ def add_command(subparsers) -> None:
     config = subparsers.add_parser(
         "config", help="print or write a node's configuration with every key",
         description="Print the configuration a node would run with: the defaults, merged "
-                    "with --config FILE if given. Invalid values stop the command with the "
-                    "same error a node gives. --output writes a new site file instead.")
+                    "with --config FILE if given. With --config, the command also runs the "
+                    "start-up checks of qkdserver node that need no network (certificate "
+                    "and key files, source.kind named, event file, folders, keystore "
+                    "state) and stops with the same error a node gives. --output writes "
+                    "a new site file instead.")
     config.add_argument("--config", metavar="FILE", help="site file (YAML or JSON) to merge")
     config.add_argument("--output", metavar="FILE",
                         help="write a new file instead of printing (YAML for .yaml/.yml, "
@@ -44,15 +54,22 @@ def add_command(subparsers) -> None:
 
 
 def run_config(args: argparse.Namespace) -> int:
+    # Imported here, so that `qkdserver --help` does not load the node and its Rust module.
+    from ..keystore import KeyStoreError
+    from ..node import check_start_up
+
     try:
         config = load_config(args.config)
         if args.config is not None and args.output is None:
-            config.require_explicit_source_kind()
-    except ConfigError as error:
+            check_start_up(config)
+    except (ConfigError, KeyStoreError) as error:
         print(f"qkdserver config: {error}", file=sys.stderr)
         return 2
     if args.output is None:
         sys.stdout.write(config_json(config) if args.json else commented_yaml(config))
+        if args.config is not None:
+            print(f"qkdserver config: {args.config} passes the start-up checks of qkdserver "
+                  f"node that need no network. {NOT_CHECKED}", file=sys.stderr)
         return 0
     path = Path(args.output)
     text = commented_yaml(config) if path.suffix.lower() in (".yaml", ".yml") else config_json(config)

@@ -76,7 +76,8 @@ def run_certs(args: argparse.Namespace) -> int:
 
 def run_node(args: argparse.Namespace) -> int:
     from ..config import ConfigError, load_config
-    from ..node import run_node_until_signal
+    from ..keystore import KeyStoreError
+    from ..node import check_start_up, run_node_until_signal
 
     if (args.web_cert is None) != (args.web_key is None):
         print("qkdserver node: HTTPS needs both --web-cert and --web-key; give both or neither",
@@ -84,8 +85,9 @@ def run_node(args: argparse.Namespace) -> int:
         return 2
     try:
         config = load_config(args.config)
-        config.require_explicit_source_kind()
-    except ConfigError as error:
+        # The checks of `qkdserver config --config`, so that it passes no file that stops here.
+        check_start_up(config)
+    except (ConfigError, KeyStoreError) as error:
         print(f"qkdserver node: {error}", file=sys.stderr)
         return 2
     return run_node_until_signal(config, start=args.start, web_port=args.web_port,
