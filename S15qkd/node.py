@@ -192,6 +192,7 @@ class Node:
         except FolderInUseError as error:
             raise FolderInUseError(error.folder, error.holder, label="data_root",
                                    advice="give each node its own data_root") from None
+        self._key_folder_lock = self._lock_key_folder(Path(config["final_key_folder"]))
         self._drop_stale_runs()
         self.keystore = KeyStore(config["final_key_folder"], self.data_root,
                                  config["local_connection_id"], config["remote_connection_id"])
@@ -273,7 +274,21 @@ class Node:
         self.link.stop()
         self.watchdog.close()
         self.watchdog.record("node stopped")
+        self._key_folder_lock.release()
         self._data_root_lock.release()
+
+    @staticmethod
+    def _lock_key_folder(folder: Path) -> FolderLock:
+        # Two nodes on one keys folder would settle or remove each other's staged keys
+        # and write to the same notify.pipe. The lock comes before KeyStore, which cleans
+        # the staging folder. Its name differs from the data_root lock, so that one folder
+        # can serve as both.
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            return FolderLock(folder, "keys.lock")
+        except FolderInUseError as error:
+            raise FolderInUseError(error.folder, error.holder, label="final_key_folder",
+                                   advice="give each node its own final_key_folder") from None
 
     def _drop_stale_runs(self) -> None:
         # Epoch files of an earlier run or process belong to a run that the peer no longer has.

@@ -16,7 +16,7 @@ import pytest
 
 from linkproxy import LinkProxy
 from S15qkd.channel import FrameType, Link, LinkSettings, LinkState, create_node_certificate, make_context
-from S15qkd.channel.frames import HEADER, MAGIC, VERSION, Frame, FrameError, parse_header
+from S15qkd.channel.frames import HEADER, MAGIC, VERSION, Frame, FrameError, encode_json, parse_header
 from S15qkd.channel.link import _retrieve_exception
 
 
@@ -268,12 +268,13 @@ def test_malformed_frame_closes_connection(certs, frame, reason):
             client.sendall(frame)
             client.settimeout(5)
             data = b""
-            while True:  # the node sends its HELLO, then closes the connection
+            while True:
                 chunk = client.recv(4096)
                 if not chunk:
                     break
                 data += chunk
-        assert data.startswith(MAGIC)
+        # The high-count side sends its HELLO only after a valid one, so it sends nothing here.
+        assert data == b""
         assert reason in high.stats.last_error
         assert high.state is LinkState.DISCONNECTED
     finally:
@@ -487,3 +488,106 @@ def test_peer_reset_logged_as_error(certs, caplog):
         assert "lost: [Errno 104] Connection reset by peer" in errors[0]
     finally:
         high.stop()
+
+
+def raw_hello(session: str, recv_next: int = 1, role: str = "low", **fields) -> bytes:
+    payload = encode_json({"session": session, "peer_session": "", "recv_next": recv_next,
+                           "role": role, "identity": "raw", **fields})
+    return Frame(FrameType.HELLO, 0, payload).encode()
+
+
+def read_frame(client) -> tuple[int, bytes]:
+    """Read one frame from a blocking TLS socket; return (type code, payload)."""
+    data = b""
+    while len(data) < HEADER.size:
+        chunk = client.recv(HEADER.size - len(data))
+        assert chunk, "connection closed before a frame arrived"
+        data += chunk
+    _, _, type_code, _, length = HEADER.unpack(data)
+    payload = b""
+    while len(payload) < length:
+        chunk = client.recv(length - len(payload))
+        assert chunk, "connection closed inside a frame"
+        payload += chunk
+    return type_code, payload
+
+
+def test_silent_newcomer_keeps_live_link(certs, pair):
+    # A TLS connection with the peer's certificate that sends no HELLO must not cost
+    # the working connection anything.
+    links, inboxes, port = pair
+    with raw_tls_client(certs, port):
+        time.sleep(1.0)
+        links["low"].send(FrameType.CONTROL, b"after the newcomer")
+        assert inboxes["high"].wait_for(1)
+    assert links["low"].stats.connections == 1
+    assert links["high"].stats.connections == 1
+    assert links["high"].state is LinkState.CONNECTED
+
+
+def test_second_node_same_certificate_rejected(certs, pair, caplog):
+    links, inboxes, port = pair
+    caplog.set_level(logging.WARNING, logger="S15qkd.channel.link")
+    twin = make_link(certs, "low", port, Inbox())
+    twin.start()
+    try:
+        assert wait_until(lambda: "same certificate" in twin.stats.last_error), \
+            twin.stats.last_error
+        time.sleep(1.0)  # room for the twin to retry and for the link to flap
+        links["low"].send(FrameType.CONTROL, b"still the first node")
+        assert inboxes["high"].wait_for(1)
+        assert "the peer rejected this connection" in twin.stats.last_error
+        assert twin.state is not LinkState.CONNECTED
+        assert twin.stats.connections == 0
+        assert links["low"].stats.connections == 1
+        assert links["high"].stats.resets == 1
+    finally:
+        twin.stop()
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING and "same certificate" in record.getMessage()]
+    assert warnings, "no warning about two nodes with the same certificate"
+    first_address = links["high"].stats.peer_address
+    assert f"while the connection from {first_address} is alive" in warnings[0]
+    assert "rejected a second connection from 127.0.0.1:" in warnings[0]
+
+
+def test_silent_old_connection_taken_over(certs):
+    # A peer whose old connection went silent without closing (a cut, or a machine
+    # that restarted) reconnects with a new session: the new connection wins at once.
+    port = free_port()
+    high = make_link(certs, "high", port, Inbox(), ping_interval_s=0.25)
+    high.start()
+    low = make_link(certs, "low", port, Inbox())
+    try:
+        with raw_tls_client(certs, port) as stale:
+            stale.sendall(raw_hello("stale-session"))
+            assert read_frame(stale)[0] == FrameType.HELLO
+            assert wait_until(lambda: high.state is LinkState.CONNECTED)
+            time.sleep(0.6)  # beyond two ping intervals of the high-count side
+            started = time.monotonic()
+            low.start()
+            assert low.wait_connected(10)
+            assert time.monotonic() - started < 2.0
+            assert high.stats.resets == 2
+            assert high.stats.peer_address == f"127.0.0.1:{low._current_writer.get_extra_info('sockname')[1]}"
+    finally:
+        low.stop()
+        high.stop()
+
+
+def test_repeated_session_switches_warned(certs, pair, caplog):
+    links, _, port = pair
+    caplog.set_level(logging.INFO, logger="S15qkd.channel.link")
+    links["low"].stop()
+    for _ in range(2):
+        restarted = make_link(certs, "low", port, Inbox())
+        restarted.start()
+        try:
+            assert restarted.wait_connected(10)
+        finally:
+            restarted.stop()
+    assert links["high"].stats.resets == 3
+    warnings = [record.getMessage() for record in caplog.records
+                if record.levelno == logging.WARNING and "new link sessions" in record.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "2 new link sessions in the last 60 s" in warnings[0]

@@ -226,6 +226,24 @@ def test_second_node_same_data_root_rejected(tmp_path, certs):
     assert "give each node its own data_root" in line
 
 
+def test_second_node_same_key_folder_rejected(tmp_path, certs):
+    # A copy of a node with its own data_root but the same keys folder.
+    first_config = write_config(tmp_path / "first.json", certs, "low", free_port())
+    first = NodeProcess("node", "--config", str(first_config))
+    try:
+        first.wait_for("connecting to")
+        second_config = write_config(tmp_path / "second.json", certs, "low", free_port(),
+                                     data_root=str(tmp_path / "second-data"))
+        result = run_node(second_config)
+    finally:
+        first.stop()
+    line = assert_one_line_error(result)
+    assert (f"final_key_folder {tmp_path / 'low-keys'} is in use by process "
+            f"{first.process.pid}") in line
+    assert "first.json" in line
+    assert "give each node its own final_key_folder" in line
+
+
 def test_restart_after_kill_takes_the_lock(tmp_path, certs):
     config = write_config(tmp_path / "high.json", certs, "high", free_port())
     killed = NodeProcess("node", "--config", str(config))

@@ -13,6 +13,13 @@ that carry their session id, the peer session they know and the next sequence nu
 they expect, and the sender retransmits from there: nothing is lost and the receiver
 drops what it already processed, so nothing is delivered twice.
 
+The low-count side sends its HELLO first, and the high-count side sends its own only
+after reading it. A new connection with the peer's certificate replaces the current one only
+when it resumes the current session or the current connection has been silent for
+longer than ``ALIVE_PING_INTERVALS`` ping intervals; otherwise the high-count side
+rejects it, because two nodes then appear to use the same certificate and taking turns
+would restart the link over and over.
+
 When either node restarted (its session id changed) the old numbering means nothing to
 the other side: the link starts a new session, every queued frame of the old session is
 handed to its ``on_discarded`` callback, and ``on_link_reset`` tells the node, which
@@ -73,6 +80,17 @@ class _TransportClosing(ConnectionError):
 #: After a close by this node, a dead peer never sends its own close_notify.
 READER_END_WAIT_S = 1.0
 
+#: A connection that delivered a frame within this many ping intervals is alive: the peer
+#: sends a PING after one interval without other frames, so a healthy connection is never
+#: silent for much longer than one interval. Two leave room for a loaded machine.
+ALIVE_PING_INTERVALS = 2.0
+
+#: Largest sequence number that the 64-bit field of the frame header can carry.
+MAX_SEQUENCE = 2**64 - 1
+
+#: Seconds over which repeated new link sessions, or rejected second connections, are
+#: counted into one warning.
+REPEAT_WARNING_WINDOW_S = 60.0
 
 Handler = Callable[[FrameType, bytes], None]
 
@@ -155,12 +173,18 @@ class Link:
         self._current_writer: Optional[asyncio.StreamWriter] = None
         # Why this node closed a connection that has not ended yet, by its writer.
         self._close_reasons: dict[asyncio.StreamWriter, str] = {}
+        self._current_reader: Optional[asyncio.StreamReader] = None
+        self._current_address = ""
+        self._last_frame_at = 0.0      # time.monotonic() of the current connection's last frame
         self._listener: Optional[socket.socket] = None
         self._ack_due = False        # an ACK of _recv_next - 1 is owed to the peer
         self._resend_from = 1        # first frame to transmit on the current connection
         self._listen_error = ""      # why the high-count side could not listen, if it could not
         self._last_logged_error = ""
         self._error_repeats = 0
+        self._session_warnings = _RepeatWarning(REPEAT_WARNING_WINDOW_S)
+        self._session_switches: deque[float] = deque()   # time.monotonic() of each
+        self._rejection_warnings = _RepeatWarning(REPEAT_WARNING_WINDOW_S)
 
     # ---- public API, callable from any thread -------------------------------------------
 
@@ -338,10 +362,7 @@ class Link:
             connection.close()
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        if self._current_writer is not None:
-            # The peer reconnected while the old connection still looks open here (for
-            # example after a cut that this side did not notice): the new one wins.
-            self._close_current(f"peer {address} opened a new connection")
+        # A current connection stays until this one has sent a valid HELLO: see _admit.
         await self._run_connection(reader, writer, address)
 
     async def _dial(self) -> None:
@@ -405,10 +426,14 @@ class Link:
         try:
             _disable_nagle(writer)
             self._check_pinned(writer, address)
-            await self._exchange_hello(reader, writer, address)
+            if not await self._exchange_hello(reader, writer, address):
+                return
             hello_done = True
             self._last_logged_error = ""
             self._current_writer = writer
+            self._current_reader = reader
+            self._current_address = address
+            self._last_frame_at = time.monotonic()
             self.stats.connections += 1
             self.stats.connected_since = time.time()
             self.stats.peer_address = address
@@ -487,31 +512,117 @@ class Link:
                                f"remote_cert ({self.settings.remote_cert}); check that "
                                "remote_cert is a copy of the peer's local_cert")
 
-    async def _exchange_hello(self, reader, writer, address: str) -> None:
+    async def _exchange_hello(self, reader, writer, address: str) -> bool:
+        """Exchange HELLO frames and resume or reset the link session.
+
+        Returns False when this node rejected the connection, after logging the
+        rejection and sending its reason to the peer. The low-count side speaks first, so the high-count side can decide on a
+        second connection before it sends anything about its session.
+        """
+        if self.settings.role == "high":
+            hello = await self._read_hello(reader, address)
+            rejection = self._admit(address, hello)
+            if rejection is not None:
+                writer.write(Frame(FrameType.HELLO, 0, encode_json({"rejected": rejection})).encode())
+                await writer.drain()
+                return False
+            await self._send_hello(writer)
+        else:
+            await self._send_hello(writer)
+            hello = await self._read_hello(reader, address)
+        self.stats.peer_identity = hello.identity
+        self._resume_or_reset(hello.session, hello.peer_session, hello.recv_next)
+        return True
+
+    async def _send_hello(self, writer: asyncio.StreamWriter) -> None:
         with self._lock:
             mine = {"session": self.session, "peer_session": self._peer_session or "",
                     "recv_next": self._recv_next, "role": self.settings.role,
                     "identity": self.settings.identity, **self.settings.extra_hello}
         writer.write(Frame(FrameType.HELLO, 0, encode_json(mine)).encode())
         await writer.drain()
+
+    async def _read_hello(self, reader: asyncio.StreamReader, address: str) -> "_Hello":
         frame_type, _, payload = await asyncio.wait_for(
             self._read_frame(reader), self.settings.handshake_timeout_s)
         if frame_type is not FrameType.HELLO:
             raise ChannelError(f"expected HELLO from {address}, got {frame_type.name}")
-        hello = decode_json(payload, "HELLO")
-        theirs_session = hello.get("session")
+        return self._parse_hello(decode_json(payload, "HELLO"), address)
+
+    def _parse_hello(self, hello: dict, address: str) -> "_Hello":
+        """Check the peer's HELLO; raise ChannelError naming the first invalid field."""
+        if "rejected" in hello:
+            raise ChannelError(f"the peer rejected this connection: "
+                               f"{_shorten(str(hello['rejected']), 400)}")
+
+        def invalid(name: str, expected: str) -> ChannelError:
+            shown = _shorten(repr(hello.get(name)))
+            return ChannelError(f"invalid HELLO from {address}: {name} {shown}, expected "
+                                f"{expected}; the peer runs an incompatible or faulty "
+                                "channel, or is not a QKDServer node")
+
+        session = hello.get("session")
+        if not isinstance(session, str) or not session:
+            raise invalid("session", "a non-empty string")
+        peer_session = hello.get("peer_session", "")
+        if not isinstance(peer_session, str):
+            raise invalid("peer_session", "a string")
         recv_next = hello.get("recv_next")
-        if not isinstance(theirs_session, str) or not isinstance(recv_next, int) or recv_next < 1:
-            raise ChannelError(f"malformed HELLO from {address}: {hello!r}")
-        if hello.get("role") == self.settings.role:
+        if not _is_int(recv_next) or not 1 <= recv_next <= MAX_SEQUENCE:
+            raise invalid("recv_next", f"an integer from 1 to {MAX_SEQUENCE} (the 64-bit "
+                                       "sequence number field)")
+        role = hello.get("role")
+        if role not in ("high", "low"):
+            raise invalid("role", "'high' or 'low'")
+        if role == self.settings.role:
             raise ChannelError(f"both nodes are configured as the {self.settings.role}-count "
                                "side; set role to 'high' on one node and 'low' on the other")
-        self.stats.peer_identity = str(hello.get("identity", ""))
-        self._resume_or_reset(theirs_session, str(hello.get("peer_session", "")), recv_next)
+        identity = hello.get("identity", "")
+        if not isinstance(identity, str):
+            raise invalid("identity", "a string")
+        return _Hello(session, peer_session, recv_next, identity)
+
+    def _admit(self, address: str, hello: "_Hello") -> Optional[str]:
+        """Decide whether a new connection replaces the current one.
+
+        Returns None when it may proceed (after closing the current connection if there
+        is one), or the reason for rejecting it. A connection that resumes the current
+        session comes from the same peer process, which gave up its old connection. Any
+        other newcomer is rejected while the current connection is alive, because a node
+        that restarted closed its old connection or has been silent for a while.
+        """
+        if self._current_writer is None:
+            return None
+        current = self._current_address
+        silent_s = time.monotonic() - self._last_frame_at
+        alive_s = ALIVE_PING_INTERVALS * self.settings.ping_interval_s
+        if hello.session != self._peer_session and silent_s <= alive_s:
+            reason = (f"another connection with this node's certificate, from {current}, is "
+                      "alive; two nodes appear to use the same certificate: stop one of "
+                      "them or give each node its own certificate (qkdserver certs)")
+            self._rejection_warnings.warn(
+                "classical channel: rejected a second connection from %s while the "
+                "connection from %s is alive (last frame %.1f s ago); two nodes appear to "
+                "use the same certificate: stop one of them or give each node its own "
+                "certificate (qkdserver certs)", address, current, silent_s)
+            self.stats.last_error = f"rejected a second connection from {address}: {reason}"
+            return reason
+        if hello.session == self._peer_session:
+            cause = "the peer resumed its session on it"
+        else:
+            cause = f"the connection from {current} was silent for {silent_s:.1f} s"
+        self._close_current(f"peer {address} opened a new connection and {cause}")
+        # The old connection's reader delivers nothing more (see _read_loop), so its
+        # frames cannot mix with the numbering of the session that follows.
+        self._current_writer = None
+        self._current_reader = None
+        self._set_state(LinkState.DISCONNECTED)
+        return None
 
     def _resume_or_reset(self, peer_session: str, peer_knows: str, peer_recv_next: int) -> None:
         discarded: list[Outgoing] = []
         acked: list[Outgoing] = []
+        first_session = False
         with self._lock:
             resumable = peer_session == self._peer_session and peer_knows == self.session
             if resumable:
@@ -520,7 +631,8 @@ class Link:
                 self.stats.retransmitted += len(self._outbox)
                 reason = ""
             else:
-                if self._peer_session is None:
+                first_session = self._peer_session is None
+                if first_session:
                     reason = "first connection to the peer"
                 elif peer_session != self._peer_session:
                     reason = "the peer restarted"
@@ -545,12 +657,32 @@ class Link:
             self.stats.resets += 1
             log.info("classical channel: new link session (%s), %d queued frames discarded",
                      reason, len(discarded))
+            if not first_session:
+                self._count_session_switch(reason)
             try:
                 self._on_link_reset(reason)
             except Exception:
                 log.exception("link reset callback failed")
         else:
             log.info("classical channel resumed; retransmitting from frame %d", self._resend_from)
+
+    def _count_session_switch(self, reason: str) -> None:
+        """Warn when the link switches sessions repeatedly.
+
+        Every new session discards the queued frames and restarts key generation, so a
+        link that keeps switching produces no key. One switch is a peer restart.
+        """
+        now = time.monotonic()
+        switches = self._session_switches
+        switches.append(now)
+        while now - switches[0] > REPEAT_WARNING_WINDOW_S:
+            switches.popleft()
+        if len(switches) >= 2:
+            self._session_warnings.warn(
+                "classical channel: %d new link sessions in the last %.0f s (latest: %s); "
+                "each discards the queued frames and restarts key generation, so no key is "
+                "made. Check whether the peer keeps restarting, or whether two nodes use "
+                "its certificate", len(switches), REPEAT_WARNING_WINDOW_S, reason)
 
     async def _read_frame(self, reader: asyncio.StreamReader) -> tuple[FrameType, int, bytes]:
         header = await reader.readexactly(HEADER_SIZE)
@@ -564,6 +696,11 @@ class Link:
         while True:
             frame_type, seq, payload = await asyncio.wait_for(
                 self._read_frame(reader), self.settings.idle_timeout_s)
+            if reader is not self._current_reader:
+                # A newer connection replaced this one (see _admit) and may have started
+                # a new session: a frame of the old one must not be delivered into it.
+                raise ConnectionResetError("connection replaced by a newer one")
+            self._last_frame_at = time.monotonic()
             if frame_type is FrameType.ACK:
                 self._acknowledge(seq)
             elif frame_type is FrameType.PING:
@@ -653,6 +790,49 @@ class Link:
             self.stats.frames_sent += len(chunks)
             self.stats.bytes_sent += sum(len(chunk) for chunk in chunks)
             await writer.drain()
+
+
+@dataclass(frozen=True)
+class _Hello:
+    """The checked fields of the peer's HELLO frame."""
+
+    session: str
+    peer_session: str
+    recv_next: int
+    identity: str
+
+
+class _RepeatWarning:
+    """A warning logged at most once per window, with the count of occurrences since."""
+
+    def __init__(self, window_s: float):
+        self.window_s = window_s
+        self.total = 0
+        self._unlogged = 0
+        self._logged_at: Optional[float] = None
+
+    def warn(self, message: str, *args) -> None:
+        """Log message % args unless a line of this warning was logged within the window."""
+        self.total += 1
+        self._unlogged += 1
+        now = time.monotonic()
+        if self._logged_at is not None and now - self._logged_at < self.window_s:
+            return
+        if self._unlogged == 1:
+            log.warning(message, *args)
+        else:
+            log.warning(message + " (%d times since the last such line)", *args, self._unlogged)
+        self._logged_at = now
+        self._unlogged = 0
+
+
+def _is_int(value: object) -> bool:
+    # JSON true and false decode to bool, which Python counts as int.
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shorten(text: str, limit: int = 120) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _disable_nagle(writer: asyncio.StreamWriter) -> None:
