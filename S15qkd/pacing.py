@@ -10,7 +10,10 @@ high-count side without limit. While the peer is away, its type-3 files and queu
 type-2 frames would then fill disk and memory.
 
 :class:`ReadPacer` blocks the reader while the batch it is about to pass on starts
-``max_lead`` or more epochs after the oldest epoch still kept. Raw key that error
+``max_lead`` or more epochs after the oldest epoch still kept. A time tagger cannot be
+paused: it keeps counting, and its buffer would overflow while the node does not read.
+The reader of such a source calls :meth:`ReadPacer.admit` instead, which drops the batch
+and counts it. Raw key that error
 correction collects for a block under construction is not counted: a block may need
 more epochs than ``max_lead``, and counting them would stop the reader for good.
 """
@@ -29,6 +32,8 @@ log = logging.getLogger(__name__)
 #: pauses are logged at INFO). Shorter pauses are normal with a source faster than the
 #: link, for example while the peer searches the time offset.
 PAUSE_WARNING_S = 30.0
+#: Seconds between two log lines about batches dropped by :meth:`ReadPacer.admit`.
+DROP_LOG_INTERVAL_S = 60.0
 
 
 class ReadPacer:
@@ -49,6 +54,9 @@ class ReadPacer:
         # QBER of the disclosed ones is known.
         self._held: frozenset[int] = frozenset()
         self._warned = False
+        self._dropped_batches = 0
+        self._dropped_since_log = 0
+        self._drop_logged_at: Optional[float] = None
 
     def keep(self, epoch: int) -> None:
         with self._condition:
@@ -88,6 +96,39 @@ class ReadPacer:
             return True
         oldest = self._oldest()
         return oldest is None or epoch - oldest < self.max_lead
+
+    def admit(self, epoch: int) -> bool:
+        """Return whether a batch starting in this epoch may be passed on, without waiting.
+
+        A refused batch counts as dropped. The first drop of a run is logged as a warning,
+        later ones as one info line a ``DROP_LOG_INTERVAL_S`` with their count.
+        """
+        with self._condition:
+            if self._may_read(epoch):
+                return True
+            oldest = self._oldest()
+            self._dropped_batches += 1
+            self._dropped_since_log += 1
+            now = time.monotonic()
+            first = self._drop_logged_at is None
+            if not first and now - self._drop_logged_at < DROP_LOG_INTERVAL_S:
+                return False
+            level = logging.WARNING if first else logging.INFO
+            log.log(level, "low-count side dropped %d event batches up to epoch %08x "
+                    "(%d in this run): it still keeps epoch %08x, %d epochs earlier, which "
+                    "waits for the peer's type-4 file or for error correction. The time "
+                    "tagger cannot be paused, so its events are dropped until the peer "
+                    "catches up; check the channel and the peer's log",
+                    self._dropped_since_log, epoch, self._dropped_batches, oldest,
+                    epoch - oldest)
+            self._drop_logged_at = now
+            self._dropped_since_log = 0
+            return False
+
+    @property
+    def dropped_batches(self) -> int:
+        with self._condition:
+            return self._dropped_batches
 
     def wait_for_room(self, epoch: int) -> None:
         """Block until a batch starting in this epoch may be passed on, or the run stops."""

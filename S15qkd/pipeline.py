@@ -175,9 +175,13 @@ class Pipeline:
             times = stages.skew_correct(times, patterns, skews)
             if self.pacer is not None and len(times):
                 epoch = batch_epoch(times)
-                self.pacer.wait_for_room(epoch)
-                if self.stopping.is_set():
-                    return
+                if not self.source.can_pause:
+                    if not self.pacer.admit(epoch):
+                        continue
+                else:
+                    self.pacer.wait_for_room(epoch)
+                    if self.stopping.is_set():
+                        return
                 self.pacer.keep(epoch)
             self.chopper_worker.put(("batch", times, patterns))
 

@@ -280,6 +280,9 @@ class EventSource:
 
     #: True when the source already added the detector skews to the times.
     applies_skew = False
+    #: False for a time tagger, which goes on counting while nobody reads it, so the
+    #: reader drops batches instead of waiting when the peer falls behind.
+    can_pause = True
 
     def __init__(self, real_time: bool):
         self.real_time = real_time
@@ -456,6 +459,8 @@ class DeviceEvents(EventSource):
 
     Events arrive at the device's own pace, so no pacing is added.
     """
+
+    can_pause = False
 
     def __init__(self, source, applies_skew: bool):
         super().__init__(real_time=False)

@@ -177,3 +177,65 @@ def test_peer_gone_stops_reader(tmp_path, monkeypatch, caplog):
     finally:
         low.close()
         high.close()
+
+
+def test_pacer_admit_drops_and_counts(caplog):
+    caplog.set_level(logging.INFO, logger="S15qkd.pacing")
+    pacer = ReadPacer(4, threading.Event())
+    pacer.keep(0x10)
+    assert pacer.admit(0x13)
+    assert not pacer.admit(0x14)
+    assert not pacer.admit(0x15)
+    assert pacer.dropped_batches == 2
+    dropped = [record for record in caplog.records if "dropped" in record.getMessage()]
+    # The second drop comes within DROP_LOG_INTERVAL_S of the first: counted, not logged.
+    assert [record.levelname for record in dropped] == ["WARNING"]
+    assert "up to epoch 00000014" in dropped[0].getMessage()
+    assert "it still keeps epoch 00000010, 4 epochs earlier" in dropped[0].getMessage()
+    pacer.release(0x10)
+    assert pacer.admit(0x40)
+
+
+def test_peer_gone_live_source_drops(tmp_path, monkeypatch, caplog):
+    """A time tagger cannot wait: with the peer gone, its batches are read and dropped."""
+    monkeypatch.setattr(S15qkd.pipeline, "MAX_LEAD_EPOCHS", SHORT_LEAD_EPOCHS)
+    caplog.set_level(logging.INFO, logger="S15qkd")
+    args = argparse.Namespace(events_high=None, events_low=None, epochs=3000, pair_rate=2e5,
+                              qber=0.03, seed=5, real_time=False, block_bits=8000)
+    high_config, low_config = node_configs(tmp_path, args)
+    simulators = shared_simulator_factory(high_config)
+    sources = {}
+
+    def live_factory(role: str):
+        source = simulators(role)
+        if role == "low":
+            source.can_pause = False   # as a TDC1 device or a named pipe
+        sources[role] = source
+        return source
+
+    high = Node(high_config, auto_start=True, source_factory=live_factory)
+    low = Node(low_config, source_factory=live_factory)
+    try:
+        high.start()
+        low.start()
+        assert wait_until(lambda: low.pipeline is not None
+                          and low.stats.last_local_epoch is not None)
+        high.link.stop()
+        assert wait_until(lambda: "dropped" in caplog.text and "event batches" in caplog.text,
+                          timeout=60), caplog.text
+
+        pipeline = low.pipeline
+        assert pipeline is not None
+        lead = max_lead_epochs(low_config)
+        dropped = pipeline.pacer.dropped_batches
+        # The reader goes on reading the source, so the count grows until the source ends.
+        assert wait_until(lambda: pipeline.pacer.dropped_batches > dropped, timeout=30)
+        assert not any("stopped reading events" in record.getMessage()
+                       for record in caplog.records)
+        assert len(list(pipeline.folders["t3"].iterdir())) <= lead + 1
+        warnings = [record for record in caplog.records
+                    if "event batches" in record.getMessage() and record.levelname == "WARNING"]
+        assert len(warnings) == 1
+    finally:
+        low.close()
+        high.close()
