@@ -54,7 +54,8 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 from .blocks import decode_reconcile
-from .channel import ChannelError, FrameType, Link, LinkSettings, LinkState, make_context
+from .channel import (ChannelError, FrameTooLargeError, FrameType, Link, LinkSettings, LinkState,
+                      make_context)
 from .channel.frames import decode_file, decode_json, encode_file, encode_json
 from .config import SCHEMA, Config, ConfigError, missing_keys
 from .controller import Engine, TransitionError
@@ -215,6 +216,10 @@ class Node:
         self._start_attempts = 0
         self._closed = False
         self._link_was_reset = False   # the current connection started a new link session
+        # Run of the last frame too large for the peer, and how many of that run.
+        self._oversized_lock = threading.Lock()
+        self._oversized_run = -1
+        self._oversized_frames = 0
         self.link = self._make_link(config)
 
     # ---- life cycle ---------------------------------------------------------------------
@@ -234,7 +239,7 @@ class Node:
             max_frame_bytes=config["max_frame_bytes"],
             reconnect_min_s=config["reconnect_min_s"], reconnect_max_s=config["reconnect_max_s"])
         return Link(settings, self._on_frame, on_link_reset=self._on_link_reset,
-                    on_state=self._on_link_state)
+                    on_state=self._on_link_state, on_oversized=self._on_frame_too_large)
 
     def start(self) -> None:
         """Start the channel; raise ChannelError if the high-count side cannot listen."""
@@ -300,10 +305,33 @@ class Node:
     def send_control(self, message: dict) -> None:
         message = dict(message)
         message.setdefault("run", self.run)
-        self.link.send(FrameType.CONTROL, encode_json(message))
+        self._send(FrameType.CONTROL, encode_json(message))
 
     def send_reconcile(self, payload: bytes) -> None:
-        self.link.send(FrameType.RECONCILE, payload)
+        self._send(FrameType.RECONCILE, payload)
+
+    def _send(self, frame_type: FrameType, payload: bytes, **callbacks) -> None:
+        try:
+            self.link.send(frame_type, payload, **callbacks)
+        except FrameTooLargeError as error:
+            self._on_frame_too_large(error)
+
+    def _on_frame_too_large(self, error: FrameTooLargeError) -> None:
+        """Stop the run once for a frame the peer cannot receive; count the others.
+
+        Sending it again cannot help, and leaving out an epoch file or reconciliation
+        message would leave the peer waiting for it.
+        """
+        with self._oversized_lock:
+            first = self._oversized_run != self.run
+            self._oversized_run = self.run
+            self._oversized_frames = 1 if first else self._oversized_frames + 1
+            count = self._oversized_frames
+        if first:
+            self.fatal(str(error))
+        elif count & (count - 1) == 0:
+            log.info("%d frames of run %d not sent because the peer cannot receive them, "
+                     "latest: %s", count, self.run, error.what)
 
     def send_file_bytes(self, file_type: int, epoch: int, content: bytes) -> None:
         """Write an epoch file into the run's folder of its type, then send it."""
@@ -328,8 +356,8 @@ class Node:
             except FileNotFoundError:
                 pass
 
-        self.link.send(FrameType.FILE, encode_file(file_type, epoch, self.run, content),
-                       on_acked=remove, on_discarded=remove)
+        self._send(FrameType.FILE, encode_file(file_type, epoch, self.run, content),
+                   on_acked=remove, on_discarded=remove)
 
     @property
     def idle(self) -> bool:
@@ -403,6 +431,10 @@ class Node:
                          shown(message.get("run")), self.run)
                 return
             reason = f"peer stopped key generation: {message.get('reason', 'no reason given')}"
+            if message.get("error") is True:
+                log.error("key generation stopped by the peer (%s): %.500s",
+                          self.link.stats.peer_identity or "no identity",
+                          message.get("reason", "no reason given"))
             self._in_thread(lambda: self._stop_local(reason))
             return
         if kind in RELEASE_MESSAGES:
@@ -549,9 +581,16 @@ class Node:
             log.error("repeating the start request failed: %s", error)
         self._start_attempts = attempts
 
-    def stop_keygen(self, reason: str = "stop requested") -> None:
-        """Stop key generation on both sides; the channel stays up."""
-        self.send_control({"msg": "stop", "reason": reason})
+    def stop_keygen(self, reason: str = "stop requested", error: bool = False) -> None:
+        """Stop key generation on both sides; the channel stays up.
+
+        With error, the peer logs the reason as an error too, because the stop needs an
+        operator.
+        """
+        message = {"msg": "stop", "reason": reason}
+        if error:
+            message["error"] = True
+        self.send_control(message)
         self._stop_local(reason)
 
     def _stop_local(self, reason: str, restart: bool = False) -> None:
@@ -593,7 +632,7 @@ class Node:
     def fatal(self, reason: str) -> None:
         """Stop key generation on both sides because of an error this node cannot fix."""
         log.error("key generation stopped: %s", reason)
-        self._in_thread(lambda: self.stop_keygen(reason))
+        self._in_thread(lambda: self.stop_keygen(reason, error=True))
 
     def set_mode(self, state: EngineState, reason: str) -> None:
         self.engine.move(state, reason)

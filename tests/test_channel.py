@@ -15,8 +15,10 @@ import time
 import pytest
 
 from linkproxy import LinkProxy
-from S15qkd.channel import FrameType, Link, LinkSettings, LinkState, create_node_certificate, make_context
-from S15qkd.channel.frames import HEADER, MAGIC, VERSION, Frame, FrameError, encode_json, parse_header
+from S15qkd.channel import (FrameTooLargeError, FrameType, Link, LinkSettings, LinkState,
+                            create_node_certificate, make_context)
+from S15qkd.channel.frames import (HEADER, MAGIC, VERSION, Frame, FrameError, encode_file, encode_json,
+                                   parse_header)
 from S15qkd.channel.link import _retrieve_exception
 
 
@@ -59,7 +61,8 @@ class Inbox:
             return self._condition.wait_for(lambda: len(self.frames) >= count, timeout)
 
 
-def make_link(certs, role, port, inbox, *, local=None, remote=None, resets=None, **extra):
+def make_link(certs, role, port, inbox, *, local=None, remote=None, resets=None, oversized=None,
+              **extra):
     local = local or role
     remote = remote or ("low" if role == "high" else "high")
     cert, key = certs[local]
@@ -71,7 +74,7 @@ def make_link(certs, role, port, inbox, *, local=None, remote=None, resets=None,
                             remote_cert=remote_cert, local_cert=str(cert), identity=role,
                             reconnect_min_s=0.05, reconnect_max_s=0.5, **extra)
     reset_log = resets if resets is not None else []
-    return Link(settings, inbox, on_link_reset=reset_log.append)
+    return Link(settings, inbox, on_link_reset=reset_log.append, on_oversized=oversized)
 
 
 @pytest.fixture
@@ -591,3 +594,107 @@ def test_repeated_session_switches_warned(certs, pair, caplog):
                 if record.levelno == logging.WARNING and "new link sessions" in record.getMessage()]
     assert len(warnings) == 1, warnings
     assert "2 new link sessions in the last 60 s" in warnings[0]
+
+
+def test_frame_above_peer_limit_not_sent(certs):
+    # The high-count side accepts less than the low-count side: a type-2 file of 1.5e5
+    # pairs/s is about 76 kB. The sender learns the limit from the HELLO.
+    port = free_port()
+    inbox = Inbox()
+    high = make_link(certs, "high", port, inbox, max_frame_bytes=65536)
+    low = make_link(certs, "low", port, Inbox())
+    high.start()
+    low.start()
+    try:
+        assert low.wait_connected(10)
+        with pytest.raises(FrameTooLargeError) as raised:
+            low.send(FrameType.FILE, encode_file(2, 0x50CC, 7, bytes(76512)))
+        message = str(raised.value)
+        assert "type-2 file of epoch 000050cc not sent" in message
+        assert "payload of 76524 bytes" in message
+        assert "max_frame_bytes of the peer (high), 65536" in message
+        assert "set max_frame_bytes on the peer (high) to at least 76524" in message
+        low.send(FrameType.CONTROL, b"small")
+        assert inbox.wait_for(1)
+        assert inbox.frames == [(FrameType.CONTROL, b"small")]
+        assert low.stats.connections == 1
+        assert high.stats.connections == 1
+    finally:
+        low.stop()
+        high.stop()
+
+
+def test_queued_frame_above_peer_limit_dropped(certs):
+    # Queued before the first HELLO, when the peer's limit was not known yet.
+    port = free_port()
+    inbox = Inbox()
+    errors: list[FrameTooLargeError] = []
+    discarded = threading.Event()
+    high = make_link(certs, "high", port, inbox, max_frame_bytes=65536)
+    low = make_link(certs, "low", port, Inbox(), oversized=errors.append)
+    low.send(FrameType.RECONCILE, bytes(70000), on_discarded=discarded.set)
+    low.send(FrameType.CONTROL, b"behind it")
+    high.start()
+    low.start()
+    try:
+        assert inbox.wait_for(1)
+        assert discarded.wait(5)
+        assert inbox.frames == [(FrameType.CONTROL, b"behind it")]
+        assert len(errors) == 1
+        assert "RECONCILE frame not sent" in str(errors[0])
+        assert "at least 70000" in str(errors[0])
+        assert low.stats.connections == 1
+    finally:
+        low.stop()
+        high.stop()
+
+
+def test_peer_without_limit_in_hello_uses_own(certs):
+    # A peer that predates the announcement: this node assumes its own limit.
+    port = free_port()
+    high = make_link(certs, "high", port, Inbox())
+    high.start()
+    low = make_link(certs, "low", port, Inbox(), max_frame_bytes=65536)
+    try:
+        with raw_tls_client(certs, port) as client:
+            client.sendall(raw_hello("old-peer"))
+            type_code, payload = read_frame(client)
+            assert type_code == FrameType.HELLO
+            assert b'"max_frame_bytes":16777216' in payload
+        low.start()
+        assert low.wait_connected(10)
+        low._peer_max_frame = None  # as after the HELLO of an older node
+        with pytest.raises(FrameTooLargeError, match="set max_frame_bytes on both nodes to at least 65537"):
+            low.send(FrameType.CONTROL, bytes(65537))
+    finally:
+        low.stop()
+        high.stop()
+
+
+def test_repeated_oversized_frame_counted(certs, caplog):
+    # An older sender that ignores the limit: the connection closes each time the frame
+    # arrives, and the receiver logs the error once with a count, not once per attempt.
+    port = free_port()
+    high = make_link(certs, "high", port, Inbox(), max_frame_bytes=65536)
+    caplog.set_level(logging.ERROR, logger="S15qkd.channel.link")
+    high.start()
+    try:
+        for attempt in range(5):
+            with raw_tls_client(certs, port) as client:
+                client.sendall(raw_hello(f"old-peer-{attempt}"))
+                read_frame(client)
+                client.sendall(HEADER.pack(MAGIC, VERSION, int(FrameType.FILE), 1, 76524))
+                client.settimeout(5)
+                try:
+                    while client.recv(4096):  # until the node closes the connection
+                        pass
+                except OSError:
+                    pass
+            assert wait_until(lambda: high.state is LinkState.DISCONNECTED)
+        assert "set max_frame_bytes on this node to at least 76524" in high.stats.last_error
+    finally:
+        high.stop()
+    lines = [record.getMessage() for record in caplog.records if "oversized frame" in record.getMessage()]
+    # The first in full, then the 2nd, 3rd and 5th with their count.
+    assert len(lines) == 4, lines
+    assert lines[-1].endswith("(5 times so far)")

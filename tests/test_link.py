@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import logging
 import os
 import re
 import signal
@@ -121,6 +122,30 @@ def run_nodes(high_config: Config, low_config: Config, timeout: float = 120.0,
     finally:
         high.close()
         low.close()
+
+
+@needs_matching
+def test_frame_above_peer_limit_stops_run_once(tmp_path, caplog):
+    # At 2e5 pairs/s a type-2 file is about 100 kB, above the high-count side's limit.
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path))
+    high_config.update({"max_frame_bytes": 65536})
+    caplog.set_level("INFO", logger="S15qkd")
+    connections = {}
+
+    def inspect(high, low):
+        connections.update(high=high.link.stats.connections, low=low.link.stats.connections)
+
+    outcome = run_nodes(high_config, low_config, timeout=60, inspect=inspect)
+    assert outcome.startswith("key generation stopped:"), outcome
+    assert connections == {"high": 1, "low": 1}
+    errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
+    low_side = [m for m in errors if m.startswith("key generation stopped: type-2 file of epoch")]
+    high_side = [m for m in errors if m.startswith("key generation stopped by the peer (sim-low): type-2 file")]
+    assert len(low_side) == 1, errors
+    assert len(high_side) == 1, errors
+    assert "set max_frame_bytes on the peer (sim-high) to at least" in low_side[0]
+    assert "max_frame_bytes of the peer (sim-high), 65536" in high_side[0]
+    assert not [m for m in errors if "oversized frame" in m]
 
 
 @needs_keys

@@ -73,7 +73,8 @@ def parse_header(header: bytes, max_payload: int) -> tuple[FrameType, int, int]:
         raise FrameError(f"unknown frame type {type_code}") from None
     if length > max_payload:
         raise FrameError(f"oversized frame: {length} bytes of payload, limit {max_payload} "
-                         "(max_frame_bytes)")
+                         f"(max_frame_bytes); set max_frame_bytes on this node to at least "
+                         f"{length}")
     # Numbered frames count from 1; an ACK carries the last processed number (0: none).
     if frame_type in SEQUENCED:
         valid_seq = seq >= 1
@@ -82,6 +83,14 @@ def parse_header(header: bytes, max_payload: int) -> tuple[FrameType, int, int]:
     if not valid_seq:
         raise FrameError(f"invalid sequence number {seq} for a {frame_type.name} frame")
     return frame_type, seq, length
+
+
+def describe_payload(frame_type: FrameType, payload: bytes) -> str:
+    """Name what a numbered frame carries, for messages: its epoch file or its type."""
+    if frame_type is FrameType.FILE and len(payload) >= FILE_PREFIX.size:
+        file_type, epoch, _ = FILE_PREFIX.unpack_from(payload)
+        return f"type-{file_type} file of epoch {epoch:08x}"
+    return f"{frame_type.name} frame"
 
 
 def encode_json(value: Any) -> bytes:

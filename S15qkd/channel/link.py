@@ -16,14 +16,19 @@ drops what it already processed, so nothing is delivered twice.
 The low-count side sends its HELLO first, and the high-count side sends its own only
 after reading it. A new connection with the peer's certificate replaces the current one only
 when it resumes the current session or the current connection has been silent for
-longer than ``ALIVE_PING_INTERVALS`` ping intervals; otherwise the high-count side
-rejects it, because two nodes then appear to use the same certificate and taking turns
-would restart the link over and over.
+longer than ``ALIVE_PING_INTERVALS`` ping intervals. Otherwise the high-count side
+rejects it: two nodes then appear to use the same certificate, and taking turns would
+restart the link over and over.
 
 When either node restarted (its session id changed) the old numbering means nothing to
 the other side: the link starts a new session, every queued frame of the old session is
 handed to its ``on_discarded`` callback, and ``on_link_reset`` tells the node, which
 restarts key generation from a clean state.
+
+Each side announces its ``max_frame_bytes`` in its HELLO, and a frame above the peer's
+limit is never sent: :meth:`Link.send` raises :class:`FrameTooLargeError`, and a frame
+queued before the limit was known goes to ``on_oversized``. A peer that announces no
+limit is assumed to have this node's.
 
 A frame that breaks the format (bad magic or version, unknown type, payload above
 ``max_frame_bytes``, a gap in the numbering) closes the connection with a logged error;
@@ -40,6 +45,7 @@ import asyncio
 import enum
 import errno
 import logging
+import re
 import secrets
 import socket
 import ssl
@@ -50,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from .frames import (HEADER_SIZE, SEQUENCED, Frame, FrameError, FrameType, decode_json,
-                     encode_json, parse_header)
+                     describe_payload, encode_json, parse_header)
 from .tls import describe_handshake_error, load_pinned_certificate, peer_rejected_ours
 
 log = logging.getLogger(__name__)
@@ -88,11 +94,39 @@ ALIVE_PING_INTERVALS = 2.0
 #: Largest sequence number that the 64-bit field of the frame header can carry.
 MAX_SEQUENCE = 2**64 - 1
 
+#: Largest payload length that the 32-bit field of the frame header can carry.
+MAX_PAYLOAD = 2**32 - 1
+
+#: Seconds without a channel error after which the same error is logged again in full
+#: instead of being counted as a repeat.
+ERROR_QUIET_S = 60.0
+
+#: A port number after an address. The peer's port changes with every connection, so
+#: repeated errors are compared without it.
+_PORT = re.compile(r":\d{1,5}\b")
+
 #: Seconds over which repeated new link sessions, or rejected second connections, are
 #: counted into one warning.
 REPEAT_WARNING_WINDOW_S = 60.0
 
 Handler = Callable[[FrameType, bytes], None]
+
+
+class FrameTooLargeError(ValueError):
+    """A numbered frame above the receiving node's max_frame_bytes, which is not sent."""
+
+    def __init__(self, what: str, size: int, limit: int, announced: bool, peer: str = ""):
+        self.what = what
+        self.size = size          # payload bytes
+        self.limit = limit        # payload bytes the peer accepts
+        if announced:
+            on_peer = f"the peer ({peer})" if peer else "the peer"
+            advice = (f"above the max_frame_bytes of {on_peer}, {limit}; set max_frame_bytes "
+                      f"on {on_peer} to at least {size}")
+        else:
+            advice = (f"above max_frame_bytes, {limit}, which the peer did not announce and "
+                      f"is assumed to share; set max_frame_bytes on both nodes to at least {size}")
+        super().__init__(f"{what} not sent: its payload of {size} bytes is {advice}")
 
 
 @dataclass
@@ -147,11 +181,14 @@ class Link:
 
     def __init__(self, settings: LinkSettings, handler: Handler,
                  on_link_reset: Callable[[str], None] = lambda reason: None,
-                 on_state: Callable[[LinkState], None] = lambda state: None):
+                 on_state: Callable[[LinkState], None] = lambda state: None,
+                 on_oversized: Optional[Callable[[FrameTooLargeError], None]] = None):
         self.settings = settings
         self._handler = handler
         self._on_link_reset = on_link_reset
         self._on_state = on_state
+        # Receives a frame that was queued before the peer announced a smaller limit.
+        self._on_oversized = on_oversized
         self._pinned_der = load_pinned_certificate(settings.remote_cert)
         self.session = secrets.token_hex(8)
         self.stats = LinkStats()
@@ -164,6 +201,7 @@ class Link:
         self._send_next = 1
         self._peer_session: Optional[str] = None
         self._recv_next = 1
+        self._peer_max_frame: Optional[int] = None   # announced in the peer's HELLO
 
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -180,7 +218,8 @@ class Link:
         self._ack_due = False        # an ACK of _recv_next - 1 is owed to the peer
         self._resend_from = 1        # first frame to transmit on the current connection
         self._listen_error = ""      # why the high-count side could not listen, if it could not
-        self._last_logged_error = ""
+        self._last_logged_error = ""     # the last logged error, without port numbers
+        self._last_error_at = 0.0        # time.monotonic() of the last recorded error
         self._error_repeats = 0
         self._session_warnings = _RepeatWarning(REPEAT_WARNING_WINDOW_S)
         self._session_switches: deque[float] = deque()   # time.monotonic() of each
@@ -210,14 +249,18 @@ class Link:
     def send(self, frame_type: FrameType, payload: bytes, *,
              on_acked: Optional[Callable[[], None]] = None,
              on_discarded: Optional[Callable[[], None]] = None) -> None:
-        """Queue a CONTROL, FILE or RECONCILE frame for acknowledged delivery."""
+        """Queue a CONTROL, FILE or RECONCILE frame for acknowledged delivery.
+
+        Raises FrameTooLargeError for a payload above the peer's max_frame_bytes, which
+        the peer would reject by closing the connection each time the frame arrives.
+        """
         if frame_type not in SEQUENCED:
             raise ValueError(f"frame type {frame_type.name} is not sent through send()")
-        if len(payload) > self.settings.max_frame_bytes:
-            raise ValueError(f"payload of {len(payload)} bytes exceeds max_frame_bytes "
-                             f"({self.settings.max_frame_bytes})")
         item = Outgoing(frame_type, payload, on_acked, on_discarded)
         with self._lock:
+            error = self._check_size(item)
+            if error is not None:
+                raise error
             if self._peer_session is None:
                 self._pending.append(item)
             else:
@@ -225,6 +268,15 @@ class Link:
                 self._send_next += 1
                 self._outbox.append(item)
         self._wake_writer()
+
+    def _check_size(self, item: Outgoing) -> Optional[FrameTooLargeError]:
+        """Return the error for a payload above the peer's limit, else None; needs _lock."""
+        announced = self._peer_max_frame is not None
+        limit = self._peer_max_frame if announced else self.settings.max_frame_bytes
+        if len(item.payload) <= limit:
+            return None
+        return FrameTooLargeError(describe_payload(item.type, item.payload), len(item.payload),
+                                  limit, announced, self.stats.peer_identity)
 
     def drop_connection(self, reason: str) -> None:
         """Close the current connection; it is re-established and resumes where it was."""
@@ -402,10 +454,18 @@ class Link:
             delay = min(delay * 2, settings.reconnect_max_s)
 
     def _record_error(self, message: str) -> None:
-        """Store and log a channel error; repeats of the same message are logged as a count."""
+        """Store and log a channel error; repeats of the same message are logged as a count.
+
+        Messages that differ only in port numbers are the same error. An error that
+        follows ERROR_QUIET_S without any is logged in full again.
+        """
         self.stats.last_error = message
-        if message != self._last_logged_error:
-            self._last_logged_error = message
+        key = _PORT.sub(":*", message)
+        now = time.monotonic()
+        quiet = now - self._last_error_at > ERROR_QUIET_S
+        self._last_error_at = now
+        if key != self._last_logged_error or quiet:
+            self._last_logged_error = key
             self._error_repeats = 0
             log.error("classical channel: %s", message)
             return
@@ -429,7 +489,6 @@ class Link:
             if not await self._exchange_hello(reader, writer, address):
                 return
             hello_done = True
-            self._last_logged_error = ""
             self._current_writer = writer
             self._current_reader = reader
             self._current_address = address
@@ -531,6 +590,8 @@ class Link:
             await self._send_hello(writer)
             hello = await self._read_hello(reader, address)
         self.stats.peer_identity = hello.identity
+        with self._lock:
+            self._peer_max_frame = hello.max_frame_bytes
         self._resume_or_reset(hello.session, hello.peer_session, hello.recv_next)
         return True
 
@@ -538,7 +599,9 @@ class Link:
         with self._lock:
             mine = {"session": self.session, "peer_session": self._peer_session or "",
                     "recv_next": self._recv_next, "role": self.settings.role,
-                    "identity": self.settings.identity, **self.settings.extra_hello}
+                    "identity": self.settings.identity,
+                    "max_frame_bytes": self.settings.max_frame_bytes,
+                    **self.settings.extra_hello}
         writer.write(Frame(FrameType.HELLO, 0, encode_json(mine)).encode())
         await writer.drain()
 
@@ -580,7 +643,12 @@ class Link:
         identity = hello.get("identity", "")
         if not isinstance(identity, str):
             raise invalid("identity", "a string")
-        return _Hello(session, peer_session, recv_next, identity)
+        # Absent from the HELLO of a node that predates the announcement.
+        max_frame = hello.get("max_frame_bytes")
+        if max_frame is not None and (not _is_int(max_frame) or not 1 <= max_frame <= MAX_PAYLOAD):
+            raise invalid("max_frame_bytes", f"an integer from 1 to {MAX_PAYLOAD} (the 32-bit "
+                                             "payload length field)")
+        return _Hello(session, peer_session, recv_next, identity, max_frame)
 
     def _admit(self, address: str, hello: "_Hello") -> Optional[str]:
         """Decide whether a new connection replaces the current one.
@@ -622,6 +690,7 @@ class Link:
     def _resume_or_reset(self, peer_session: str, peer_knows: str, peer_recv_next: int) -> None:
         discarded: list[Outgoing] = []
         acked: list[Outgoing] = []
+        oversized: list[tuple[Outgoing, FrameTooLargeError]] = []
         first_session = False
         with self._lock:
             resumable = peer_session == self._peer_session and peer_knows == self.session
@@ -644,6 +713,11 @@ class Link:
                 self._recv_next = 1
                 self._send_next = 1
                 for item in self._pending:
+                    # Queued before the peer announced its limit.
+                    error = self._check_size(item)
+                    if error is not None:
+                        oversized.append((item, error))
+                        continue
                     item.seq = self._send_next
                     self._send_next += 1
                     self._outbox.append(item)
@@ -653,6 +727,9 @@ class Link:
             _run_callback(item.on_acked, "acknowledgement")
         for item in discarded:
             _run_callback(item.on_discarded, "discard")
+        for item, error in oversized:
+            _run_callback(item.on_discarded, "discard")
+            self._report_oversized(error)
         if not resumable:
             self.stats.resets += 1
             log.info("classical channel: new link session (%s), %d queued frames discarded",
@@ -665,6 +742,15 @@ class Link:
                 log.exception("link reset callback failed")
         else:
             log.info("classical channel resumed; retransmitting from frame %d", self._resend_from)
+
+    def _report_oversized(self, error: FrameTooLargeError) -> None:
+        if self._on_oversized is None:
+            log.error("classical channel: %s", error)
+            return
+        try:
+            self._on_oversized(error)
+        except Exception:
+            log.exception("oversized frame callback failed")
 
     def _count_session_switch(self, reason: str) -> None:
         """Warn when the link switches sessions repeatedly.
@@ -800,6 +886,7 @@ class _Hello:
     peer_session: str
     recv_next: int
     identity: str
+    max_frame_bytes: Optional[int]     # None from a node that does not announce it
 
 
 class _RepeatWarning:
