@@ -855,6 +855,9 @@ def _run_node(config: Config, stop: "StopSignals", start: bool, web_port: Option
                 # token that is too short.
                 if getattr(error, "errno", None) == errno.EADDRINUSE:
                     error = "another process uses the port; stop it, or choose another --web-port"
+                elif getattr(error, "errno", None) == errno.EADDRNOTAVAIL:
+                    error = (f"{web_host} is not an address of this machine; give one of its "
+                             "addresses as --web-host, or 0.0.0.0 for all of them")
                 return _start_failed(f"cannot start the web page on {web_host}:{web_port}: {error}")
             log.info("web page on %s (%s)", web.url, web.bind_description)
         try:

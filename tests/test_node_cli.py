@@ -382,3 +382,37 @@ def test_events_file_gone_logged_without_traceback(tmp_path, certs):
         high.stop()
     assert f"cannot open event file {str(events)!r}" in line
     assert not any("Traceback" in line for line in high.lines)
+
+
+def test_web_host_not_local_named(tmp_path, certs):
+    # Binding an address this machine lacks fails locally; no packet leaves the host.
+    config = write_config(tmp_path / "high.json", certs, "high", free_port())
+    line = assert_one_line_error(run_node(config, "--web-port", str(free_port()),
+                                          "--web-host", "192.0.2.1"))
+    assert "192.0.2.1 is not an address of this machine" in line
+    assert "--web-host" in line
+
+
+@pytest.mark.parametrize("key, content, named", [
+    ("remote_cert", "garbage", "is not a PEM certificate"),
+    ("local_cert", "", "is empty"),
+    ("local_key", None, "is not a PEM private key"),
+])
+def test_bad_pem_files_named(tmp_path, certs, key, content, named):
+    bad = tmp_path / "bad.pem"
+    if content is None:
+        bad.write_bytes(certs["high"][0].read_bytes())
+    else:
+        bad.write_text(content)
+    config = write_config(tmp_path / "high.json", certs, "high", free_port(), **{key: str(bad)})
+    line = assert_one_line_error(run_node(config))
+    assert f"'{key}': '{bad}' {named}" in line
+    assert "qkdserver certs" in line
+    assert "PEM lib" not in line
+
+
+def test_key_of_other_node_named(tmp_path, certs):
+    config = write_config(tmp_path / "high.json", certs, "high", free_port(),
+                          local_key=str(certs["low"][1]))
+    line = assert_one_line_error(run_node(config))
+    assert "is not the private key of local_cert" in line

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import shutil
+import socket
+import ssl
 import stat
 import subprocess
 
@@ -14,6 +16,7 @@ import pytest
 pytest.importorskip("dash", reason="the web extra is not installed: pip install '.[web]'")
 requests = pytest.importorskip("requests")
 
+from S15qkd.channel.tls import create_node_certificate  # noqa: E402
 from S15qkd.status import BlockRecord, ControlError, EngineState, InMemoryNode  # noqa: E402
 from S15qkd.web import WebServer  # noqa: E402
 from S15qkd.web.auth import SESSION_COOKIE, load_token, session_value  # noqa: E402
@@ -336,6 +339,24 @@ def test_wildcard_host_named_every_interface(node):
                                 "--web-host 127.0.0.1 keeps it on this machine")
 
 
+def test_node_certificate_passes_host_check(node, tmp_path):
+    # `qkdserver certs` writes subjectAltName entries, so a client that checks the host
+    # name accepts the page by IP address and by name, and rejects other names.
+    cert, key = create_node_certificate(tmp_path, "alice", hosts=("127.0.0.1", "qkd-a.local"))
+    with WebServer(node, TOKEN, host="127.0.0.1", port=0, certfile=cert, keyfile=key) as running:
+        response = requests.get(f"{running.url}/status_data", verify=str(cert))
+        assert response.status_code == 200
+        for name, accepted in (("qkd-a.local", True), ("alice", True), ("localhost", False)):
+            context = ssl.create_default_context(cafile=str(cert))
+            with socket.create_connection(("127.0.0.1", running.port), timeout=5) as raw:
+                if accepted:
+                    with context.wrap_socket(raw, server_hostname=name):
+                        pass
+                else:
+                    with pytest.raises(ssl.SSLCertVerificationError, match="localhost"):
+                        context.wrap_socket(raw, server_hostname=name)
+
+
 def test_https_needs_both_files(node, certificate):
     cert, _ = certificate
     with pytest.raises(ValueError, match="both a certificate file and a key file"):
@@ -360,3 +381,12 @@ def test_load_token_rejects_short_token(tmp_path):
 def test_load_token_without_create(tmp_path):
     with pytest.raises(FileNotFoundError, match="web token file"):
         load_token(tmp_path / "missing", create=False)
+
+
+def test_failed_login_logged_after_token_rejection(server, caplog):
+    caplog.set_level(logging.WARNING, logger="S15qkd.web.routes")
+    assert requests.get(f"{server.url}/start_keygen", headers=WRONG_AUTH).status_code == 403
+    assert requests.post(f"{server.url}/login", data={"token": "wrong"}).status_code == 403
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(message.startswith("rejected GET /start_keygen") for message in messages)
+    assert any(message.startswith("failed login from 127.0.0.1") for message in messages)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import pytest
 
 pytest.importorskip("dash", reason="the web extra is not installed: pip install '.[web]'")
@@ -187,3 +188,16 @@ def test_rate_limited_warning_counts_dropped(caplog):
     with caplog.at_level("WARNING", logger="S15qkd.web.routes"):
         warn("rejected attempt %d", 5)
     assert caplog.records[-1].getMessage() == "rejected attempt 5 (4 similar warnings dropped since the last one)"
+
+
+def test_rate_limited_warning_logs_count_later(caplog):
+    from S15qkd.web.routes import RateLimitedWarning
+
+    warn = RateLimitedWarning(interval_s=0.3)
+    with caplog.at_level("WARNING", logger="S15qkd.web.routes"):
+        for attempt in range(4):
+            warn("rejected attempt %d", attempt)
+        time.sleep(0.8)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == ["rejected attempt 0",
+                        "rejected attempt 1 (and 3 similar warnings in the last 0.3 s)"]

@@ -9,9 +9,12 @@ not checked because the pinned certificate already identifies the peer.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
+import re
 import ssl
 from pathlib import Path
+from typing import Sequence
 
 from ..config import ConfigError
 
@@ -77,9 +80,16 @@ def make_context(server_side: bool, local_cert: str, local_key: str, remote_cert
     context.minimum_version = ssl.TLSVersion.TLSv1_3
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED
+    _require_pem("local_cert", local_cert, "CERTIFICATE")
+    _require_pem("local_key", local_key, "PRIVATE KEY")
+    _require_pem("remote_cert", remote_cert, "CERTIFICATE")
     try:
         context.load_cert_chain(local_cert, local_key)
     except (OSError, ssl.SSLError) as error:
+        if getattr(error, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"invalid value for 'local_key': {local_key!r} is not the private "
+                              f"key of local_cert {local_cert!r}; give the .key file that "
+                              "`qkdserver certs` wrote with that certificate") from None
         raise ConfigError(f"cannot load local_cert {local_cert!r} with local_key {local_key!r}: "
                           f"{error}") from None
     try:
@@ -89,10 +99,64 @@ def make_context(server_side: bool, local_cert: str, local_key: str, remote_cert
     return context
 
 
-def create_node_certificate(folder: str | Path, name: str, days: int = 3650) -> tuple[Path, Path]:
+def _require_pem(key: str, path: str, label: str) -> None:
+    """Raise ConfigError unless the file at path contains a PEM block whose label ends in label.
+
+    OpenSSL reports an empty or foreign file only as "PEM lib", which names neither.
+    """
+    try:
+        text = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"cannot read {key} {path!r}: {error.strerror}") from None
+    fix = ("create a pair with `qkdserver certs`, and copy the peer's .crt as remote_cert"
+           if label == "CERTIFICATE" else "give the .key file that `qkdserver certs` wrote")
+    if not text.strip():
+        raise ConfigError(f"invalid value for {key!r}: {path!r} is empty; {fix}")
+    if re.search(rb"-----BEGIN [A-Z0-9 ]*" + label.encode() + rb"-----", text) is None:
+        kind = "certificate" if label == "CERTIFICATE" else "private key"
+        raise ConfigError(f"invalid value for {key!r}: {path!r} is not a PEM {kind} (no "
+                          f"'-----BEGIN ...{label}-----' line); {fix}")
+
+
+#: Host names and addresses a certificate names when the caller gives none, so that
+#: `curl --cacert NAME.crt https://127.0.0.1:8000` passes the host name check.
+DEFAULT_CERTIFICATE_HOSTS = ("localhost", "127.0.0.1")
+
+# A DNS name of letters, digits, hyphens and dots (RFC 1123), as the subjectAltName needs.
+_DNS_NAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?)+")
+
+
+def subject_alt_names(name: str, hosts: Sequence[str]) -> list:
+    """Return the subjectAltName entries: the node name if it is a DNS name, then hosts.
+
+    Each host is an IP address or a DNS name; anything else raises ValueError.
+    """
+    from cryptography import x509
+
+    entries: list = []
+    if _DNS_NAME.fullmatch(name):
+        entries.append(x509.DNSName(name))
+    for host in hosts:
+        try:
+            entry = x509.IPAddress(ipaddress.ip_address(host))
+        except ValueError:
+            if not _DNS_NAME.fullmatch(host):
+                raise ValueError(f"invalid --host {host!r}: expected a host name such as "
+                                 "qkd-a.example.org or an IP address such as 192.0.2.7") from None
+            entry = x509.DNSName(host)
+        if entry not in entries:
+            entries.append(entry)
+    return entries
+
+
+def create_node_certificate(folder: str | Path, name: str, days: int = 3650,
+                            hosts: Sequence[str] = DEFAULT_CERTIFICATE_HOSTS) -> tuple[Path, Path]:
     """Write ``<name>.key`` (EC P-256, mode 0600) and a self-signed ``<name>.crt`` into folder.
 
-    Returns (certificate path, key path). Existing files are not overwritten.
+    The certificate's subjectAltName lists the name (when it is a valid DNS name) and
+    ``hosts``, so HTTPS clients that check the host name accept it for those. The
+    classical channel pins the whole certificate and ignores these names. Returns
+    (certificate path, key path). Existing files are not overwritten.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
@@ -108,6 +172,7 @@ def create_node_certificate(folder: str | Path, name: str, days: int = 3650) -> 
     if not 1 <= days <= MAX_CERTIFICATE_DAYS:
         raise ValueError(f"invalid validity of {days} days: expected 1 to "
                          f"{MAX_CERTIFICATE_DAYS}")
+    alt_names = subject_alt_names(name, hosts)
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{folder} is not a folder; give a folder for the key and "
@@ -140,6 +205,7 @@ def create_node_certificate(folder: str | Path, name: str, days: int = 3650) -> 
                        critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
                                               ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_bytes = key.private_bytes(serialization.Encoding.PEM,

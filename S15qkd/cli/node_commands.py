@@ -16,6 +16,10 @@ def add_commands(subparsers) -> None:
     certs.add_argument("name", help="node name, used as file name and certificate common name")
     certs.add_argument("--folder", default=".", help="output folder (default: current folder)")
     certs.add_argument("--days", type=int, default=3650, help="validity in days (default 3650)")
+    certs.add_argument("--host", action="append", metavar="HOST",
+                       help="host name or IP address that HTTPS clients use to reach the "
+                            "node's web page, written into the certificate's subjectAltName "
+                            "with NAME; repeat for several (default: localhost and 127.0.0.1)")
     certs.set_defaults(handler=run_certs)
 
     node = subparsers.add_parser(
@@ -61,10 +65,12 @@ def tcp_port(text: str) -> int:
 
 
 def run_certs(args: argparse.Namespace) -> int:
-    from ..channel.tls import create_node_certificate
+    from ..channel.tls import DEFAULT_CERTIFICATE_HOSTS, create_node_certificate
 
     try:
-        cert, key = create_node_certificate(Path(args.folder), args.name, days=args.days)
+        hosts = args.host if args.host else DEFAULT_CERTIFICATE_HOSTS
+        cert, key = create_node_certificate(Path(args.folder), args.name, days=args.days,
+                                            hosts=hosts)
     except (ValueError, OSError) as error:
         # FileExistsError and a full or read-only folder are OSErrors; bad names and
         # validities are ValueErrors. Each message names the value.

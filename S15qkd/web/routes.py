@@ -51,18 +51,41 @@ class RateLimitedWarning:
         self._lock = threading.Lock()
         self._last = -interval_s
         self._dropped = 0
+        self._flush: threading.Timer | None = None
 
     def __call__(self, message: str, *args: Any) -> None:
         now = time.monotonic()
         with self._lock:
             if now - self._last < self._interval_s:
                 self._dropped += 1
+                # Without a later warning the count would never be logged, so a timer
+                # logs it at the end of the interval.
+                if self._flush is None:
+                    self._flush = threading.Timer(self._last + self._interval_s - now,
+                                                  self._log_dropped, (message, args))
+                    self._flush.daemon = True
+                    self._flush.start()
                 return
             dropped, self._dropped, self._last = self._dropped, 0, now
+            self._cancel_flush()
         if dropped:
             message += " (%d similar warnings dropped since the last one)"
             args += (dropped,)
         log.warning(message, *args)
+
+    def _cancel_flush(self) -> None:
+        if self._flush is not None:
+            self._flush.cancel()
+            self._flush = None
+
+    def _log_dropped(self, message: str, args: tuple) -> None:
+        """Log the count of the warnings dropped in the interval, with the first of them."""
+        with self._lock:
+            dropped, self._dropped, self._flush = self._dropped, 0, None
+            self._last = time.monotonic()
+        if dropped:
+            log.warning(message + " (and %d similar warnings in the last %g s)",
+                        *args, dropped, self._interval_s)
 
 
 def epoch_name(epoch: int | None) -> str:
@@ -129,6 +152,8 @@ def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, pro
     """Add the status, control, configuration and login routes to the Flask server."""
 
     warn_rejected = RateLimitedWarning()
+    # Its own limit, so that rejected tokens of a script do not hide a failed login.
+    warn_failed_login = RateLimitedWarning()
 
     def authentication_failure() -> Response | None:
         """Return the 401/403 response for a request without valid credentials, else None."""
@@ -251,7 +276,7 @@ def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, pro
         if request.method == "GET":
             return Response(LOGIN_FORM.format(message=""), mimetype="text/html")
         if not checker.matches_token(request.form.get("token")):
-            warn_rejected("failed login from %s", request.remote_addr)
+            warn_failed_login("failed login from %s: invalid web token", request.remote_addr)
             return Response(LOGIN_FORM.format(message="<p class='error'>Invalid token.</p>"), status=403,
                             mimetype="text/html")
         log.info("browser login from %s", request.remote_addr)
