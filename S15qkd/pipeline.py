@@ -132,15 +132,30 @@ class Pipeline:
             self.pacer.wake()
         for worker in self.workers:
             worker.clear()
-        for worker in reversed(self.workers):
-            self.node.watchdog.stop_worker(worker)
+        ended = [self.node.watchdog.stop_worker(worker) for worker in reversed(self.workers)]
         self.blocks.drop_collected("the run stopped")
+        if all(ended):
+            self.release_stages()
+        else:
+            log.warning("run %d: a stage worker is still running, so its stages stay in memory "
+                        "until it ends", self.run)
         # Epoch files of a stopped run are never used again; type-2 and type-4 files
         # still waiting for the peer's acknowledgement are removed by their callbacks.
         for kind in ("t1", "t3"):
             shutil.rmtree(self.folders[kind], ignore_errors=True)
         if self.role == "high":
             shutil.rmtree(self.folders["t2"], ignore_errors=True)
+
+    def release_stages(self) -> None:
+        """Drop the stage objects and epoch data of the stopped run.
+
+        The watchdog keeps the stopped workers, and with them this pipeline, until the
+        next run adopts its own, and reference cycles keep it until Python's cyclic
+        garbage collector runs. Only the workers' threads use these objects, so this
+        runs after all of them ended.
+        """
+        self.source = None
+        self.chopper = None
 
     def remove_files(self, epoch: int) -> None:
         for folder in self.folders.values():
@@ -323,6 +338,14 @@ class HighPipeline(Pipeline):
             self.t2_timer.cancel()
         super().stop()
 
+    def release_stages(self) -> None:
+        super().release_stages()
+        self.search = None
+        self.costream = None
+        with self.raw_keys_lock:
+            self.raw_keys.clear()
+            self.key_bases.clear()
+
     @property
     def timer_pending(self) -> bool:
         return self.t2_timer is not None and self.t2_timer.is_alive()
@@ -422,7 +445,10 @@ class HighPipeline(Pipeline):
     def offset_search(self):
         """Return the configured search: frequency and time offset, or the time offset alone.
 
-        It is made once per run because it plans FFTs of 2^FFT_buffer_order bins.
+        One search object serves the attempts until a peak is found, because it plans FFTs
+        of 2^FFT_buffer_order bins. find_peak drops it then: at the default order 23 its
+        buffers and plans take about 770 MiB, and making it again after a lost lock costs
+        about 0.5 s (measured on a 2-core x86-64 machine).
         """
         if self.search is None:
             order = self.config["FFT_buffer_order"]
@@ -477,6 +503,8 @@ class HighPipeline(Pipeline):
                  "(signal to noise %.1f coarse, %s fine)", result.offset_ticks,
                  result.frequency_offset, epochs[0], epochs[-1], result.snr_coarse,
                  "-" if result.snr_fine is None else f"{result.snr_fine:.1f}")
+        # costream tracks the offset from here on; the next search starts from scratch.
+        self.search = None
         start = epochs[0]
         # NOTE: the frequency is measured once per search. A rate that changes during the
         # run is left to the tracking servo, unlike the reference's feedback to freqcd.
@@ -685,6 +713,11 @@ class LowPipeline(Pipeline):
     def start(self) -> None:
         super().start()
         self.source_worker.put("start")
+
+    def release_stages(self) -> None:
+        super().release_stages()
+        self.splicer = None
+        self.t4.clear()
 
     def handle_chopped(self, chopped: stages.ChoppedEpoch) -> None:
         self.pacer.keep(chopped.epoch)

@@ -69,19 +69,26 @@ class StageWorker:
         self._thread = threading.Thread(target=self._run, name=f"worker-{self.name}", daemon=True)
         self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Finish the queued items, then end the thread."""
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Finish the queued items, then end the thread.
+
+        Returns True when no thread of this worker runs any more, False when the thread
+        outlived the timeout or is the calling thread itself.
+        """
         thread = self._thread
         if thread is None:
             self.state = WorkerState.STOPPED
-            return
+            return True
         self.queue.put(STOP)
+        ended = False
         if thread is not threading.current_thread():
             thread.join(timeout)
-            if thread.is_alive():
+            ended = not thread.is_alive()
+            if not ended:
                 log.error("stage worker %s did not stop within %.0f s", self.name, timeout)
         self._thread = None
         self.state = WorkerState.STOPPED
+        return ended
 
     def clear(self) -> None:
         """Drop every queued item."""
@@ -163,11 +170,13 @@ class Watchdog:
         worker.start()
         self.record(f"worker {worker.name} started")
 
-    def stop_worker(self, worker: StageWorker) -> None:
+    def stop_worker(self, worker: StageWorker) -> bool:
+        """Stop a worker; returns True when its thread ended (see StageWorker.stop)."""
         was_running = worker.state is WorkerState.RUNNING
-        worker.stop()
+        ended = worker.stop()
         if was_running:
             self.record(f"worker {worker.name} stopped")
+        return ended
 
     def close(self) -> None:
         self._closed.set()

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -26,6 +27,7 @@ import pytest
 import qkd_core
 from conftest import golden_case
 from linkproxy import LinkProxy
+from S15qkd import stages
 from S15qkd.config import Config
 from S15qkd.keystore import FinalKey, KeyStore, decode_type7, pack_key_bits
 from S15qkd.node import Node
@@ -624,6 +626,58 @@ def test_collected_epochs_dropped_at_stop(tmp_path, caplog):
     assert error_correction.blocks_in_flight == 0
     assert KeyStore(tmp_path / "low" / "keys", tmp_path / "low" / "data").next_unused_epoch <= first
 
+
+
+@needs_matching
+def test_runs_release_search_and_costream(tmp_path, monkeypatch):
+    """Stop and start runs on the same nodes; no run's offset search or costream stays.
+
+    The offset search allocates about 770 MiB at the default FFT_buffer_order, and a node
+    restarts runs for months, so the search must go once a peak is found, and costream
+    once its run stopped, even while the watchdog still holds the stopped workers.
+    """
+    live: dict[str, list[weakref.ref]] = {"OffsetFinder": [], "Costream": []}
+
+    def tracked(name: str):
+        base = getattr(stages, name)
+
+        class Tracked(base):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **kwargs)
+                live[name].append(weakref.ref(self))
+
+        return Tracked
+
+    for name in live:
+        monkeypatch.setattr(stages, name, tracked(name))
+    # A small search keeps the test fast; the release does not depend on the order.
+    high_config, low_config = fast_link_configs(tmp_path, 10, FFT_buffer_order=17,
+                                                minimal_block_size=1_000_000)
+    progress = Progress(io.StringIO(), quiet=True)
+    high = Node(high_config, progress=progress, auto_start=True)
+    low = Node(low_config, progress=progress)
+    high.start()
+    low.start()
+    runs = 3
+    try:
+        for run in range(runs):
+            if run:
+                with progress.lock:
+                    progress.sources_finished.clear()
+                high.start_keygen()
+            assert wait_until_idle(high, low, progress, 120) == "input used up"
+            assert len(live["OffsetFinder"]) == run + 1, "each run searches once"
+            assert len(live["Costream"]) == run + 1, "each run found the peak"
+            assert all(ref() is None for ref in live["OffsetFinder"]), \
+                f"run {run + 1}: the offset search outlived the peak it found"
+
+            high.stop_keygen("next cycle")
+            assert wait_until(lambda: low.pipeline is None, 30)
+            assert all(ref() is None for ref in live["Costream"]), \
+                f"run {run + 1}: costream outlived its stopped run"
+    finally:
+        high.close()
+        low.close()
 
 def random_key(start_epoch: int, seed: int) -> FinalKey:
     bits = np.random.default_rng(seed).integers(0, 2, 300, dtype=np.uint8)
