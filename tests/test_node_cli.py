@@ -343,6 +343,8 @@ def test_set_conn_to_taken_port_rejected(tmp_path, certs):
                            "--web-host", "127.0.0.1")
         try:
             node.wait_for("web page on")
+            # set_conn before the channel listens gets a different 409 ("try again").
+            node.wait_for("classical channel listening on")
             token = (tmp_path / "high-data" / "web_token").read_text().strip()
             request = urllib.request.Request(f"http://127.0.0.1:{web_port}/set_conn/QKDE0003",
                                              headers={"Authorization": f"Bearer {token}"})
