@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import json
 import logging
 import socket
@@ -11,6 +12,7 @@ import ssl
 import struct
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -212,6 +214,11 @@ def test_peer_restart_starts_new_session(certs, pair):
         restarted.stop()
 
 
+def fingerprint(cert_path) -> str:
+    digest = hashlib.sha256(ssl.PEM_cert_to_DER_cert(Path(cert_path).read_text())).hexdigest()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2)).upper()
+
+
 def test_wrong_certificate_is_rejected(certs, caplog):
     port = free_port()
     high = make_link(certs, "high", port, Inbox())
@@ -225,6 +232,9 @@ def test_wrong_certificate_is_rejected(certs, caplog):
         assert intruder.state is not LinkState.CONNECTED
         assert "TLS handshake" in high.stats.last_error
         assert "certificate" in high.stats.last_error.lower()
+        # The operator can tell which certificate arrived.
+        assert "subject 'O=QKDServer node,CN=intruder'" in high.stats.last_error
+        assert f"SHA-256 fingerprint {fingerprint(certs['intruder'][0])}" in high.stats.last_error
     finally:
         intruder.stop()
         high.stop()
@@ -241,6 +251,8 @@ def test_client_rejects_server_with_other_certificate(certs):
         assert wait_until(lambda: "this node rejected the peer's certificate" in low.stats.last_error), \
             low.stats.last_error
         assert f"not remote_cert ({certs['high'][0]})" in low.stats.last_error
+        assert "subject 'O=QKDServer node,CN=intruder'" in low.stats.last_error
+        assert f"SHA-256 fingerprint {fingerprint(certs['intruder'][0])}" in low.stats.last_error
         assert low.state is not LinkState.CONNECTED
     finally:
         low.stop()
@@ -698,3 +710,37 @@ def test_repeated_oversized_frame_counted(certs, caplog):
     # The first in full, then the 2nd, 3rd and 5th with their count.
     assert len(lines) == 4, lines
     assert lines[-1].endswith("(5 times so far)")
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"recv_next": 2**70}, "recv_next 1180591620717411303424, expected an integer from 1 to "
+                           "18446744073709551615 (the 64-bit sequence number field)"),
+    ({"recv_next": 0}, "recv_next 0, expected an integer from 1"),
+    ({"recv_next": True}, "recv_next True, expected an integer from 1"),
+    ({"session": ""}, "session '', expected a non-empty string"),
+    ({"role": "middle"}, "role 'middle', expected 'high' or 'low'"),
+    ({"max_frame_bytes": 2**32}, "max_frame_bytes 4294967296, expected an integer from 1 to "
+                                 "4294967295"),
+])
+def test_invalid_hello_field_named(certs, fields, reason):
+    port = free_port()
+    high = make_link(certs, "high", port, Inbox())
+    high.start()
+    try:
+        with raw_tls_client(certs, port) as client:
+            values = {"session": "raw-session", "recv_next": 1, "role": "low",
+                      "identity": "marker-of-the-whole-message", **fields}
+            client.sendall(raw_hello(**values))
+            client.settimeout(5)
+            try:
+                while client.recv(4096):  # until the node closes the connection
+                    pass
+            except OSError:
+                pass
+        assert wait_until(lambda: "HELLO" in high.stats.last_error), high.stats.last_error
+        assert "invalid HELLO from 127.0.0.1:" in high.stats.last_error
+        assert reason in high.stats.last_error
+        assert "marker-of-the-whole-message" not in high.stats.last_error
+        assert high.stats.connections == 0
+    finally:
+        high.stop()

@@ -57,7 +57,8 @@ from typing import Callable, Optional
 
 from .frames import (HEADER_SIZE, SEQUENCED, Frame, FrameError, FrameType, decode_json,
                      describe_payload, encode_json, parse_header)
-from .tls import describe_handshake_error, load_pinned_certificate, peer_rejected_ours
+from .tls import (describe_certificate, describe_handshake_error, load_pinned_certificate,
+                  peer_rejected_ours, record_peer_certificates, start_handshake_record)
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,9 @@ class Link:
         # Receives a frame that was queued before the peer announced a smaller limit.
         self._on_oversized = on_oversized
         self._pinned_der = load_pinned_certificate(settings.remote_cert)
+        for context in (settings.server_context, settings.client_context):
+            if context is not None:
+                record_peer_certificates(context)
         self.session = secrets.token_hex(8)
         self.stats = LinkStats()
         self.state = LinkState.STOPPED
@@ -402,6 +406,7 @@ class Link:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**16, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        handshake = start_handshake_record()
         try:
             transport, _ = await loop.connect_accepted_socket(
                 lambda: protocol, connection, ssl=self.settings.server_context,
@@ -410,7 +415,8 @@ class Link:
             # The peer's port number changes with every attempt; the host alone lets
             # repeated failures be counted as one message.
             host = address.rsplit(":", 1)[0]
-            self._record_error(f"TLS handshake with {host} failed: {self._describe_tls(error)}")
+            self._record_error(f"TLS handshake with {host} failed: "
+                               f"{self._describe_tls(error, handshake.peer_der)}")
             connection.close()
             return
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
@@ -426,6 +432,7 @@ class Link:
         while not self._stopping.is_set():
             connected = False
             established = self.stats.connections
+            handshake = start_handshake_record()
             try:
                 reader, writer = await asyncio.wait_for(
                     asyncio.open_connection(settings.host, settings.port,
@@ -435,7 +442,8 @@ class Link:
                 await self._run_connection(reader, writer, address)
             except (ssl.SSLError, OSError, asyncio.TimeoutError) as error:
                 if not connected:
-                    self._record_error(f"cannot connect to {address}: {self._describe_tls(error)}")
+                    self._record_error(f"cannot connect to {address}: "
+                                       f"{self._describe_tls(error, handshake.peer_der)}")
             # Only a connection that got past the HELLO exchange resets the backoff. A
             # peer that rejects this node's certificate completes the TLS handshake and
             # closes the connection afterwards, so it must not be retried at full rate.
@@ -474,10 +482,11 @@ class Link:
         if self._error_repeats & (self._error_repeats - 1) == 0:
             log.error("classical channel: %s (%d times so far)", message, self._error_repeats + 1)
 
-    def _describe_tls(self, error: BaseException) -> str:
+    def _describe_tls(self, error: BaseException, peer_der: Optional[bytes] = None) -> str:
         if isinstance(error, asyncio.TimeoutError):
             return "timed out"
-        return describe_handshake_error(error, self.settings.local_cert, self.settings.remote_cert)
+        return describe_handshake_error(error, self.settings.local_cert, self.settings.remote_cert,
+                                        peer_der)
 
     async def _run_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                               address: str) -> None:
@@ -567,7 +576,8 @@ class Link:
         ssl_object = writer.get_extra_info("ssl_object")
         peer_der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         if peer_der != self._pinned_der:
-            raise ChannelError(f"peer {address} presented a certificate other than "
+            presented = f" ({describe_certificate(peer_der)})" if peer_der else ""
+            raise ChannelError(f"peer {address} presented a certificate{presented} other than "
                                f"remote_cert ({self.settings.remote_cert}); check that "
                                "remote_cert is a copy of the peer's local_cert")
 

@@ -8,13 +8,16 @@ not checked because the pinned certificate already identifies the peer.
 
 from __future__ import annotations
 
+import contextvars
 import datetime
+import hashlib
 import ipaddress
 import os
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..config import ConfigError
 
@@ -29,6 +32,85 @@ PEER_REJECTED_REASONS = frozenset({
 })
 
 
+# TLS record content type of handshake messages, and the handshake message type of a
+# Certificate message (RFC 8446, sections 5.1 and 4).
+_HANDSHAKE = 22
+_CERTIFICATE = 11
+
+
+@dataclass
+class HandshakeRecord:
+    """The peer's certificate in DER as one TLS handshake received it, if the peer sent one."""
+
+    peer_der: Optional[bytes] = None
+
+
+# The record of the handshake that the current asyncio task runs. asyncio runs the
+# socket callbacks of a connection in a copy of the context of the task that opened it,
+# so the message callback below finds the record of its own connection.
+_handshake_record: contextvars.ContextVar[Optional[HandshakeRecord]] = contextvars.ContextVar(
+    "handshake_record", default=None)
+
+
+def start_handshake_record() -> HandshakeRecord:
+    """Create the record for the next handshake of the current task."""
+    record = HandshakeRecord()
+    _handshake_record.set(record)
+    return record
+
+
+def record_peer_certificates(context: ssl.SSLContext) -> None:
+    """Make the context store the peer's certificate in the current handshake record.
+
+    The ssl module shows no certificate of a failed handshake, so the certificate that a
+    node rejected is taken from the TLS message callback. That hook is private
+    (``SSLContext._msg_callback``, checked on CPython 3.11), so it may change. Without
+    it, messages only lack the subject and fingerprint.
+    """
+    if hasattr(context, "_msg_callback"):
+        context._msg_callback = _on_tls_message
+
+
+def _on_tls_message(connection, direction, version, content_type, message_type, data) -> None:
+    if direction != "read" or content_type != _HANDSHAKE or message_type != _CERTIFICATE:
+        return
+    record = _handshake_record.get()
+    if record is not None:
+        record.peer_der = _first_certificate(bytes(data))
+
+
+def _first_certificate(message: bytes) -> Optional[bytes]:
+    """Return the DER of the first certificate in a TLS 1.3 Certificate message, or None.
+
+    Layout (RFC 8446, section 4.4.2): u8 message type, u24 length, u8 length of the
+    request context and the context, u24 length of the list, then per certificate a u24
+    length, the DER bytes and its extensions.
+    """
+    if len(message) < 5:
+        return None
+    start = 5 + message[4] + 3
+    length = int.from_bytes(message[start:start + 3], "big")
+    der = message[start + 3:start + 3 + length]
+    return der if length and len(der) == length else None
+
+
+def describe_certificate(der: bytes) -> str:
+    """Return the subject and SHA-256 fingerprint of a certificate, for log lines.
+
+    The fingerprint has the form of ``openssl x509 -noout -fingerprint -sha256``, so the
+    operator can compare it with the certificate files.
+    """
+    from cryptography import x509
+
+    digest = hashlib.sha256(der).hexdigest().upper()
+    fingerprint = ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
+    try:
+        subject = repr(x509.load_der_x509_certificate(der).subject.rfc4514_string())
+    except ValueError:
+        subject = "unreadable"
+    return f"subject {subject}, SHA-256 fingerprint {fingerprint}"
+
+
 def peer_rejected_ours(local_cert: str, certain: bool = True) -> str:
     """Return the advice for a peer that rejected (or may have rejected) this node's certificate."""
     verb = "rejected" if certain else "may have rejected"
@@ -36,13 +118,17 @@ def peer_rejected_ours(local_cert: str, certain: bool = True) -> str:
             "remote_cert on the peer is a copy of that file")
 
 
-def we_rejected_peer(remote_cert: str) -> str:
+def we_rejected_peer(remote_cert: str, peer_der: Optional[bytes] = None) -> str:
     """Return the advice for a peer certificate that this node rejected."""
-    return (f"this node rejected the peer's certificate because it is not remote_cert "
-            f"({remote_cert}); check that remote_cert is a copy of the peer's local_cert")
+    advice = (f"this node rejected the peer's certificate because it is not remote_cert "
+              f"({remote_cert}); check that remote_cert is a copy of the peer's local_cert")
+    if peer_der:
+        advice += f". The peer presented a certificate with {describe_certificate(peer_der)}"
+    return advice
 
 
-def describe_handshake_error(error: BaseException, local_cert: str, remote_cert: str) -> str:
+def describe_handshake_error(error: BaseException, local_cert: str, remote_cert: str,
+                             peer_der: Optional[bytes] = None) -> str:
     """Return why a TLS handshake failed, naming the side that rejected which certificate.
 
     asyncio closes a failed connection without sending the TLS alert, so a peer running
@@ -51,7 +137,7 @@ def describe_handshake_error(error: BaseException, local_cert: str, remote_cert:
     """
     reason = getattr(error, "reason", None) or ""
     if reason == "CERTIFICATE_VERIFY_FAILED":
-        return we_rejected_peer(remote_cert)
+        return we_rejected_peer(remote_cert, peer_der)
     if reason in PEER_REJECTED_REASONS:
         return peer_rejected_ours(local_cert)
     closed = isinstance(error, (ConnectionResetError, ssl.SSLEOFError, EOFError))
