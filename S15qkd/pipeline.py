@@ -546,7 +546,19 @@ class HighPipeline(Pipeline):
             epoch = costream.next_type1_epoch
             if epoch in self.t1:
                 self.t1.discard(epoch)
-                costream.push_type1(self.take_file("t1", epoch))
+                pushed = True
+                try:
+                    costream.push_type1(self.take_file("t1", epoch))
+                except (qkd_core.FormatError, OSError) as error:
+                    # Corrupt, labelled with another epoch, or removed from data_root.
+                    self.skip_type1(epoch, str(error))
+            elif any(e > epoch for e in self.t1):
+                # chopper2 writes its epochs in order, so this one will never come: it had
+                # no events, or a costream worker that failed took its file. Waiting for
+                # it would stall costream for good.
+                self.skip_type1(epoch, "no type-1 file of it reached costream, but later "
+                                       "ones did (chopper2 writes none for an epoch "
+                                       "without events)")
                 pushed = True
             epoch = costream.next_type2_epoch
             if epoch in self.t2:
@@ -556,8 +568,9 @@ class HighPipeline(Pipeline):
                     self.t2_timer.cancel()
                 try:
                     costream.push_type2(self.take_file("t2", epoch))
-                except qkd_core.FormatError as error:
-                    # Corrupt, labelled with another epoch or of another protocol.
+                except (qkd_core.FormatError, OSError) as error:
+                    # Corrupt, labelled with another epoch, of another protocol, or
+                    # removed from data_root.
                     self.skip_type2(epoch, str(error))
             elif self.type2_overdue(epoch):
                 self.skip_type2(epoch, f"no type-2 file arrived within "
@@ -565,9 +578,6 @@ class HighPipeline(Pipeline):
                                        "(type2_timeout_s) after a later epoch")
                 pushed = True
         self.drop_late_type2(costream.next_type2_epoch)
-        # NOTE: an epoch without a type-1 file (no events at all on this side) still
-        # stalls costream here. A link that loses every event for a whole epoch needs a
-        # restart.
         for result in costream.advance():
             self.match_epoch(result)
             if self.costream is None:
@@ -605,6 +615,20 @@ class HighPipeline(Pipeline):
         log.warning("type-2 epoch %08x skipped, no raw key from it on either side: %s",
                     epoch, reason)
 
+    def skip_type1(self, epoch: int, reason: str) -> None:
+        """Let costream step over a type-1 epoch it cannot use and log the epoch once.
+
+        The peer's type-2 events of that epoch find no partner here, apart from pairs
+        across the epoch's edges, and the type-4 file tells the peer's splicer which
+        ones, so both sides keep the same bits.
+        """
+        assert self.costream is not None
+        self.costream.skip_type1()
+        self.skipped.add(epoch)
+        self.node.stats.skipped_epochs += 1
+        log.warning("type-1 epoch %08x skipped, its events left out on both sides: %s",
+                    epoch, reason)
+
     def drop_late_type2(self, next_epoch: int) -> None:
         """Remove type-2 files of epochs that costream has passed, such as a skipped
         epoch's file that arrived after all."""
@@ -629,8 +653,9 @@ class HighPipeline(Pipeline):
         if epoch in self.skipped:
             # No pairs were looked for, so the epoch is no evidence about the clock lock.
             self.skipped.discard(epoch)
-            self.node.progress("epoch", role="high", epoch=epoch, coincidences=0, accidentals=0,
-                               raw_bits=0)
+            self.node.progress("epoch", role="high", epoch=epoch,
+                               coincidences=result.coincidences, accidentals=result.accidentals,
+                               raw_bits=int(len(result.raw_bits)))
             self.send_epoch_stats(skipped_epochs=self.node.stats.skipped_epochs)
             return
         stats = self.node.stats
@@ -840,7 +865,7 @@ class LowPipeline(Pipeline):
         assert self.splicer is not None
         try:
             return self.splicer.process(epoch, self.take_file("t3", epoch), t4)
-        except qkd_core.FormatError as error:
+        except (qkd_core.FormatError, OSError) as error:
             # Raising would lose the epoch too, but with a traceback and a worker restart
             # that counts towards stopping key generation. The raw key epochs around it
             # then do not join one block on either side.

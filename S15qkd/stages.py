@@ -206,6 +206,10 @@ class Costream:
     def push_type2(self, content: bytes) -> None:
         self._stage.push_type2(content)
 
+    def skip_type1(self) -> int:
+        """Queue the next type-1 epoch without events and return it; see qkd_core.Costream."""
+        return self._stage.skip_type1()
+
     def skip_type2(self) -> int:
         """Queue the next type-2 epoch without events and return it; see qkd_core.Costream.
 

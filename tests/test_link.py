@@ -404,16 +404,23 @@ def run_with_damaged_type2(tmp_path: Path, monkeypatch, change, index: int,
         original(pipeline, file_type, epoch, content)
 
     monkeypatch.setattr(HighPipeline, "on_file", on_file)
+    skipped = run_counting_skipped(tmp_path, {"type2_timeout_s": timeout})
+    return received[0] + index, skipped
+
+
+def run_counting_skipped(tmp_path: Path, config: dict) -> tuple[int, int]:
+    """Run a simulated link of 24 epochs to its end; return the skipped epochs that the
+    high-count and the low-count status page show at the end."""
     high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path, epochs=24))
-    for config in (high_config, low_config):
-        config.update({"type2_timeout_s": timeout})
+    for node_config in (high_config, low_config):
+        node_config.update(config)
     skipped = []
 
     def count_skipped(high: Node, low: Node) -> None:
         skipped.extend(node.status().raw_key.skipped_epochs for node in (high, low))
 
     assert run_nodes(high_config, low_config, inspect=count_skipped) == "input used up"
-    return received[0] + index, (skipped[0], skipped[1])
+    return skipped[0], skipped[1]
 
 
 @needs_keys
@@ -453,6 +460,99 @@ def test_bad_type2_epoch_in_offset_search(tmp_path, monkeypatch, caplog):
     assert keys
     assert all(int(name, 16) > bad for name in keys), sorted(keys)
     assert not [r for r in caplog.records if "stage worker costream failed" in r.getMessage()]
+
+
+def damage_type1(path: Path, damage: str) -> None:
+    """Damage the type-1 file at path as the case damage says."""
+    if damage == "truncated":
+        path.write_bytes(truncate_file(path.read_bytes()))
+    elif damage == "garbled":
+        # A header tag that is neither type 1 (1) nor extended type 1 (0x101).
+        path.write_bytes(b"\xf7\x27\x3f\x53" + path.read_bytes()[4:])
+    else:
+        path.unlink()
+
+
+#: How each case damages one type-1 file before costream reads it, and the reason
+#: expected in the log line. "never_written" also keeps costream from hearing of it,
+#: as for an epoch without events on the high-count side.
+TYPE1_DAMAGE = {
+    "truncated": "invalid type-1 file",
+    "garbled": "header tag",
+    "removed": "No such file",
+    "never_written": "no type-1 file of it reached costream",
+}
+
+
+@needs_keys
+@pytest.mark.parametrize("damage", list(TYPE1_DAMAGE))
+def test_bad_type1_epoch_skipped(tmp_path, monkeypatch, caplog, damage):
+    from S15qkd.pipeline import HighPipeline
+
+    caplog.set_level("INFO", logger="S15qkd")
+    chopped: list[int] = []
+    original = HighPipeline.handle_chopped
+
+    def handle_chopped(pipeline, item):
+        chopped.append(item.epoch)
+        # The 11th epoch: costream matches it, after the offset search.
+        if item.epoch == chopped[0] + 10:
+            damage_type1(pipeline.folders["t1"] / f"{item.epoch:08x}", damage)
+            if damage == "never_written":
+                return
+        original(pipeline, item)
+
+    monkeypatch.setattr(HighPipeline, "handle_chopped", handle_chopped)
+    skipped_counts = run_counting_skipped(tmp_path, {})
+
+    bad = chopped[0] + 10
+    skipped = [r.getMessage() for r in caplog.records if "skipped, its events" in r.getMessage()]
+    assert len(skipped) == 1, skipped
+    assert f"type-1 epoch {bad:08x} skipped" in skipped[0]
+    assert TYPE1_DAMAGE[damage] in skipped[0]
+    assert skipped_counts == (1, 1)
+    keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_key_after(keys, bad)
+    assert not [r for r in caplog.records if "stage worker costream failed" in r.getMessage()]
+
+
+def assert_key_after(keys: dict, epoch: int) -> None:
+    """Check that a key holds raw key of an epoch after epoch: the link went on."""
+    ends = {name: key.start_epoch + key.epochs - 1 for name, key in keys.items()}
+    assert [name for name, last in ends.items() if last > epoch], ends
+
+
+@needs_keys
+def test_failed_costream_push_skips_epoch(tmp_path, monkeypatch, caplog):
+    from S15qkd import stages
+
+    caplog.set_level("INFO", logger="S15qkd")
+    original = stages.Costream.push_type1
+    pushed: list[bytes] = []
+    failed: list[int] = []
+
+    def push_type1(costream, content):
+        # The worker took the epoch's file before the push failed, as when a bug or
+        # an unexpected error hits; the restarted worker must not wait for that file.
+        pushed.append(content)
+        if len(pushed) == 10:
+            failed.append(costream.next_type1_epoch)
+            raise RuntimeError("costream failed on purpose")
+        original(costream, content)
+
+    monkeypatch.setattr(stages.Costream, "push_type1", push_type1)
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path, epochs=24))
+    assert run_nodes(high_config, low_config) == "input used up"
+
+    messages = [r.getMessage() for r in caplog.records]
+    assert [m for m in messages if "stage worker costream failed" in m]
+    skipped = [m for m in messages if "skipped, its events" in m]
+    assert len(skipped) == 1, skipped
+    assert f"type-1 epoch {failed[0]:08x} skipped" in skipped[0]
+    keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
+    assert_key_after(keys, failed[0])
 
 
 @needs_keys

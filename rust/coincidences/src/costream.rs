@@ -664,6 +664,23 @@ impl Costream {
         epoch
     }
 
+    /// Queues epoch [`Costream::next_type1_epoch`] without events, in place of a type-1
+    /// file that `push_type1` rejected or that was never written, and returns that epoch.
+    ///
+    /// The type-2 events of that epoch then find no partner, so the epoch closes with no
+    /// coincidences apart from pairs across its edges with the neighbouring type-1 epochs.
+    /// Its type-4 file lists only the pairs found, so the peer's splicer takes the same
+    /// bits as this side. The reference costream has no such step: it stops on a missing
+    /// or bad type-1 file.
+    pub fn skip_type1(&mut self) -> u32 {
+        let epoch = self.next_type1_epoch();
+        self.queue1.push_back(Type1Events {
+            epoch,
+            ..Type1Events::default()
+        });
+        epoch
+    }
+
     /// Matches the queued events until a file is missing or the run is done; every epoch
     /// closed on the way is appended to `closed`.
     pub fn advance(&mut self, closed: &mut Vec<ClosedEpoch>) -> Result<Need, CoincidenceError> {

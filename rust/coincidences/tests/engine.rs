@@ -365,6 +365,48 @@ fn rejected_type2_file_can_be_skipped() {
 }
 
 #[test]
+fn skipped_type1_epoch_gives_same_key() {
+    let link = link(34_568);
+    let files = epochs(&link, 4);
+    let mut costream = Costream::new(config(34_568, 3)).unwrap();
+    costream.push_type1(&files[0].type1).unwrap();
+
+    let mut truncated = files[1].type1.clone();
+    truncated.truncate(truncated.len() / 2);
+    assert!(costream.push_type1(&truncated).is_err());
+    assert_eq!(costream.next_type1_epoch(), START + 1);
+    assert_eq!(costream.skip_type1(), START + 1);
+    assert_eq!(costream.next_type1_epoch(), START + 2);
+
+    for f in &files[2..] {
+        costream.push_type1(&f.type1).unwrap();
+    }
+    for f in &files[..3] {
+        costream.push_type2(&f.type2).unwrap();
+    }
+    let mut closed = Vec::new();
+    assert_eq!(costream.advance(&mut closed).unwrap(), Need::Done);
+    assert_eq!(closed.len(), 3);
+
+    // Only pairs across the edges of the skipped epoch remain, and the peer's splicer
+    // takes the bits of exactly those.
+    assert!(
+        closed[1].coincidences as usize <= link.pairs / 100,
+        "{:?}",
+        closed[1]
+    );
+    for (epoch, file) in closed.iter().zip(&files) {
+        assert_splices_to_same_key(epoch, file);
+    }
+    for epoch in [&closed[0], &closed[2]] {
+        assert!(
+            epoch.coincidences as usize >= link.pairs * 99 / 100,
+            "{epoch:?}"
+        );
+    }
+}
+
+#[test]
 fn skipped_first_epoch_keeps_extended_tags() {
     let link = link(0);
     let files = epochs(&link, 3);

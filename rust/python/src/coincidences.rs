@@ -305,6 +305,17 @@ impl Costream {
         self.inner.skip_type2()
     }
 
+    /// Queue epoch `next_type1_epoch` without events and return that epoch, in place of
+    /// a type-1 file that push_type1 rejected or that chopper2 never wrote.
+    ///
+    /// The peer's type-2 events of that epoch find no partner, apart from pairs across
+    /// its edges. Its type-4 file lists only the pairs found, so the peer's splicer takes
+    /// the same bits as this side.
+    /// The reference costream has no such step.
+    fn skip_type1(&mut self) -> u32 {
+        self.inner.skip_type1()
+    }
+
     /// Match the queued files until one is missing or the run is done.
     ///
     /// Returns (closed, need, epoch): the list of CostreamEpoch closed on the way, then
