@@ -634,6 +634,11 @@ class Node:
         log.error("key generation stopped: %s", reason)
         self._in_thread(lambda: self.stop_keygen(reason, error=True))
 
+    def restart_keygen(self, reason: str) -> None:
+        """Start a new key generation run on both sides, which searches the offset again."""
+        log.warning("restarting key generation: %s", reason)
+        self._in_thread(self.start_keygen)
+
     def set_mode(self, state: EngineState, reason: str) -> None:
         self.engine.move(state, reason)
         self.send_control({"msg": "mode", "state": state.value, "reason": reason})

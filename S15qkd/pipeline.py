@@ -42,6 +42,7 @@ import logging
 import math
 import shutil
 import threading
+import time
 from collections import deque
 from typing import TYPE_CHECKING, Optional
 
@@ -81,6 +82,14 @@ INITIAL_PAIR_RATIO = 10.0
 #: accidentals stay 0 and the pair ratio above stays high.
 LOCK_LOST_PEAK_EPOCHS = 2
 
+#: Seconds of wall time in which every event lies before the latest accepted one, after
+#: which the run restarts. A time tagger that restarted counts from an earlier time, and
+#: the chopper would drop its events until they pass the old time, which may take hours.
+BACKWARD_RESTART_S = 5.0
+
+#: Minimum seconds between two warnings about events whose time went back.
+BACKWARD_WARNING_INTERVAL_S = 10.0
+
 #: Names of the two measurement bases of BBM92, in the order of costream's basis bit.
 BASIS_NAMES = ("H/V", "diagonal")
 
@@ -106,6 +115,7 @@ class Pipeline:
         self.chopper_worker: StageWorker  # set by the role's constructor
         self.blocks: BlockManager  # set by the role's constructor
         self.pacer: Optional[ReadPacer] = None  # set by the low-count side
+        self.time_order = TimeOrderCheck(node)
         self.folder = node.data_root / f"run-{run:08x}"
         self.folders = {name: self.folder / name for name in ("t1", "t2", "t3")}
         for folder in self.folders.values():
@@ -218,6 +228,7 @@ class Pipeline:
             # so the worker that the watchdog restarts opens a new one.
             self.chopper = None
             raise
+        self.time_order.update(self.chopper.stats())
         for chopped in epochs:
             self.node.stats.last_local_epoch = chopped.epoch
             self.node.stats.detector_counts = chopped.detector_counts
@@ -282,6 +293,55 @@ def raw_key_retention_epochs(config) -> int:
 def batch_epoch(times: np.ndarray) -> int:
     """Return the epoch of the first event of a batch, as the chopper numbers epochs."""
     return (int(times[0]) >> 32) & 0xFFFF_FFFF
+
+
+class TimeOrderCheck:
+    """Events the chopper dropped because their time lies before the latest accepted event.
+
+    A few such events are hardware glitches. When every event goes back for
+    BACKWARD_RESTART_S, the time tagger restarted with an earlier time, so key generation
+    restarts and peak finding runs on the new times.
+    """
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        self.events_in = 0          # the chopper's counters at the last update
+        self.dropped = 0
+        self.unreported = 0         # dropped events not yet in a warning
+        self.warned_at: Optional[float] = None
+        self.all_back_since: Optional[float] = None   # first batch of a row that all went back
+        self.restarting = False
+
+    def update(self, stats: dict) -> None:
+        """Take the chopper's counters after a batch; warn and restart as needed."""
+        events = stats["events_in"] - self.events_in
+        dropped = stats["dropped_backward"] - self.dropped
+        self.events_in, self.dropped = stats["events_in"], stats["dropped_backward"]
+        if dropped == 0:
+            if events:
+                self.all_back_since = None
+            return
+        now = time.monotonic()
+        epoch = self.node.stats.last_local_epoch
+        after = "before the first epoch" if epoch is None else f"after epoch {epoch:08x}"
+        self.unreported += dropped
+        if self.warned_at is None or now - self.warned_at >= BACKWARD_WARNING_INTERVAL_S:
+            log.warning("%d events dropped %s because their time lies before the latest "
+                        "accepted event; if the time tagger was restarted, restart key "
+                        "generation (stop_keygen, then start_keygen) so that peak finding "
+                        "runs again", self.unreported, after)
+            self.unreported = 0
+            self.warned_at = now
+        if dropped < events:
+            self.all_back_since = None
+        elif self.all_back_since is None:
+            self.all_back_since = now
+        elif now - self.all_back_since >= BACKWARD_RESTART_S and not self.restarting:
+            self.restarting = True
+            self.node.restart_keygen(
+                f"every event for {BACKWARD_RESTART_S:g} s lay before the latest accepted "
+                f"one ({self.dropped} dropped in all, {after}): the time tagger was probably "
+                "restarted")
 
 
 def histogram_peak_ticks(histogram) -> Optional[int]:
@@ -619,8 +679,8 @@ class HighPipeline(Pipeline):
         """Let costream step over a type-1 epoch it cannot use and log the epoch once.
 
         The peer's type-2 events of that epoch find no partner here, apart from pairs
-        across the epoch's edges, and the type-4 file tells the peer's splicer which
-        ones, so both sides keep the same bits.
+        across the epoch's edges. The type-4 file lists those pairs for the peer's
+        splicer, so both sides keep the same bits.
         """
         assert self.costream is not None
         self.costream.skip_type1()

@@ -117,6 +117,11 @@ class Chopper:
     def feed(self, times: np.ndarray, patterns: np.ndarray) -> list[ChoppedEpoch]:
         return [self._convert(item) for item in self._stage.feed(times, patterns)]
 
+    def stats(self) -> dict:
+        """Return the chopper's event counters since it started, such as
+        ``events_in`` and ``dropped_backward``."""
+        return self._stage.stats
+
     def finish(self) -> list[ChoppedEpoch]:
         """Write the epoch still open at the end of the input (the reference drops it)."""
         item = self._stage.flush()
@@ -455,24 +460,51 @@ def open_source(config, role: str) -> EventSource:
         device = sources.DeviceSource(config["source.device"],
                                       skew_ticks=config.skew_corrections())
         return DeviceEvents(device, applies_skew=True)
-    return DeviceEvents(sources.PipeSource(config["source.events_file"]), applies_skew=False)
+    return DeviceEvents(sources.PipeSource(config["source.events_file"]), applies_skew=False,
+                        pipe=config["source.events_file"])
 
 
 class DeviceEvents(EventSource):
     """A started :mod:`S15qkd.sources` source (TDC1 device or named pipe), read in batches.
 
-    Events arrive at the device's own pace, so no pacing is added.
+    Events arrive at the device's own pace, so no pacing is added. For a pipe, the node
+    logs when events stop for PIPE_IDLE_S and when they come again. The node holds the
+    pipe open for writing too, so a writer that closes it causes no end of file.
     """
 
     can_pause = False
 
-    def __init__(self, source, applies_skew: bool):
+    #: Seconds without events from a pipe after which the node logs that they stopped.
+    PIPE_IDLE_S = 2.0
+
+    def __init__(self, source, applies_skew: bool, pipe: Optional[str] = None):
         super().__init__(real_time=False)
         self.applies_skew = applies_skew
+        self.pipe = pipe
+        self._last_events: Optional[float] = None   # monotonic time of the last events
+        self._idle_logged = False
         self._source = source.start()
 
     def _read(self):
-        return self._source.read_batch()
+        batch = self._source.read_batch()
+        if self.pipe is not None and batch is not None:
+            self._watch_pipe(len(batch[0]))
+        return batch
+
+    def _watch_pipe(self, events: int) -> None:
+        import time
+
+        now = time.monotonic()
+        if events:
+            if self._idle_logged:
+                log.info("pipe %s: events arrive again, %.1f s after the last ones",
+                         self.pipe, now - self._last_events)
+            self._last_events, self._idle_logged = now, False
+        elif (self._last_events is not None and not self._idle_logged
+              and now - self._last_events >= self.PIPE_IDLE_S):
+            log.info("pipe %s: no events for %g s; its writer closed the pipe or stopped "
+                     "writing", self.pipe, self.PIPE_IDLE_S)
+            self._idle_logged = True
 
 
 # ---- reconciliation -------------------------------------------------------------------------

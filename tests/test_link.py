@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import weakref
 from pathlib import Path
@@ -409,8 +410,10 @@ def run_with_damaged_type2(tmp_path: Path, monkeypatch, change, index: int,
 
 
 def run_counting_skipped(tmp_path: Path, config: dict) -> tuple[int, int]:
-    """Run a simulated link of 24 epochs to its end; return the skipped epochs that the
-    high-count and the low-count status page show at the end."""
+    """Run a simulated link of 24 epochs to its end with config added.
+
+    Returns the skipped epochs that the high-count and the low-count status page show.
+    """
     high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path, epochs=24))
     for node_config in (high_config, low_config):
         node_config.update(config)
@@ -463,7 +466,7 @@ def test_bad_type2_epoch_in_offset_search(tmp_path, monkeypatch, caplog):
 
 
 def damage_type1(path: Path, damage: str) -> None:
-    """Damage the type-1 file at path as the case damage says."""
+    """Damage the type-1 file at path in the way that the case name damage describes."""
     if damage == "truncated":
         path.write_bytes(truncate_file(path.read_bytes()))
     elif damage == "garbled":
@@ -533,8 +536,8 @@ def test_failed_costream_push_skips_epoch(tmp_path, monkeypatch, caplog):
     failed: list[int] = []
 
     def push_type1(costream, content):
-        # The worker took the epoch's file before the push failed, as when a bug or
-        # an unexpected error hits; the restarted worker must not wait for that file.
+        # The worker took the epoch's file before the push failed, as after a bug or an
+        # unexpected error. The restarted worker must not wait for that file.
         pushed.append(content)
         if len(pushed) == 10:
             failed.append(costream.next_type1_epoch)
@@ -553,6 +556,81 @@ def test_failed_costream_push_skips_epoch(tmp_path, monkeypatch, caplog):
     keys = assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
     assert_nothing_staged(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
     assert_key_after(keys, failed[0])
+
+
+class TimeJump:
+    """Event source factory whose first source moves its times by ``epochs`` epochs once
+    ``jump`` is set. Going back is a restarted time tagger whose clock began again."""
+
+    def __init__(self, config: Config, epochs: int):
+        self.config = config
+        self.epochs = epochs
+        self.jump = threading.Event()
+        self.sources = 0
+
+    def __call__(self, role: str):
+        from S15qkd import stages
+
+        source = stages.open_source(self.config, role)
+        self.sources += 1
+        if self.sources > 1:
+            return source
+        jump = self.jump
+        original = source.next_batch
+        shift = np.int64(self.epochs * stages.EPOCH_TICKS)
+
+        def next_batch(stop_event):
+            # Moved after the pacing, so the events still come at the wall clock's pace.
+            batch = original(stop_event)
+            if batch is None or not jump.is_set():
+                return batch
+            return (batch[0].astype(np.int64) + shift).astype(np.uint64), batch[1]
+
+        source.next_batch = next_batch
+        return source
+
+
+def start_nodes(high_config: Config, low_config: Config, high_factory: TimeJump,
+                low_factory: TimeJump) -> tuple[Node, Node]:
+    """Start two nodes with real-time simulated sources from the factories."""
+    real_time = {"source": {"real_time": True, "epochs": 0, "start_time": time.time()}}
+    for node_config in (high_config, low_config):
+        node_config.update(real_time)
+    high = Node(high_config, progress=Progress(io.StringIO(), quiet=True), auto_start=True,
+                source_factory=high_factory)
+    low = Node(low_config, progress=Progress(io.StringIO(), quiet=True),
+               source_factory=low_factory)
+    high.start()
+    low.start()
+    return high, low
+
+
+@needs_keys
+def test_time_going_back_restarts_keygen(tmp_path, monkeypatch, caplog):
+    from S15qkd import pipeline
+
+    caplog.set_level("INFO", logger="S15qkd")
+    monkeypatch.setattr(pipeline, "BACKWARD_RESTART_S", 1.0, raising=False)
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path))
+    high_factory, low_factory = TimeJump(high_config, -100), TimeJump(low_config, 0)
+    high, low = start_nodes(high_config, low_config, high_factory, low_factory)
+    try:
+        assert wait_until(lambda: len(high.keystore.keys()) >= 1, 120), high.engine.reason
+        high_factory.jump.set()
+        assert wait_until(lambda: high_factory.sources >= 2, 60), high.engine.reason
+        before = len(high.keystore.keys())
+        assert wait_until(lambda: len(high.keystore.keys()) > before, 120), high.engine.reason
+    finally:
+        high.close()
+        low.close()
+
+    messages = [r.getMessage() for r in caplog.records]
+    dropped = [m for m in messages if "because their time lies before the latest" in m]
+    assert dropped, "no warning about events going back in time"
+    assert "restart key generation" in dropped[0]
+    restarts = [m for m in messages if m.startswith("restarting key generation: every event")]
+    assert len(restarts) == 1, restarts
+    assert_keystores_agree(tmp_path / "high" / "keys", tmp_path / "low" / "keys")
 
 
 @needs_keys
@@ -967,3 +1045,4 @@ def test_kill_and_restart_node(tmp_path, killed):
     assert after_restart, "no key from epochs after the restart"
     watchdog_log = (tmp_path / survivor / "data" / "watchdog.log").read_text()
     assert "the peer restarted" in watchdog_log
+

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -124,6 +125,40 @@ def test_pipe_source_reads_qkd_sim(tmp_path):
     times, _ = concat(got)
     assert len(times) == 20000
     assert np.all(np.diff(times.astype(np.int64)) >= 0)
+
+
+def test_pipe_writer_pause_logged(tmp_path, monkeypatch, caplog):
+    from conftest import golden_case
+    from S15qkd.stages import DeviceEvents
+
+    caplog.set_level("INFO", logger="S15qkd")
+    monkeypatch.setattr(DeviceEvents, "PIPE_IDLE_S", 0.3, raising=False)
+    words = (golden_case("realistic") / "events" / "events.hec.out").read_bytes()[:8 * 2000]
+    fifo = tmp_path / "rawevents"
+    os.mkfifo(fifo)
+    events = DeviceEvents(PipeSource(fifo), applies_skew=False, pipe=str(fifo))
+    stop = threading.Event()
+
+    def read_until(text: str) -> int:
+        count = 0
+        deadline = time.monotonic() + 30
+        while text not in caplog.text and time.monotonic() < deadline:
+            count += len(events.next_batch(stop)[0])
+        assert text in caplog.text
+        return count
+
+    try:
+        # Each writer opens the pipe, writes half of the events and closes it.
+        with open(fifo, "wb") as writer:
+            writer.write(words[:8 * 1000])
+        assert read_until(f"pipe {fifo}: no events for 0.3 s") == 1000
+        with open(fifo, "wb") as writer:
+            writer.write(words[8 * 1000:])
+        assert read_until("events arrive again") >= 1
+    finally:
+        events._source.stop()
+    stopped = [r.getMessage() for r in caplog.records if "no events for" in r.getMessage()]
+    assert len(stopped) == 1, stopped
 
 
 def test_pipe_source_rejects_regular_file(tmp_path):
@@ -266,3 +301,4 @@ def test_pump_rejects_other_stages():
     source = SimulatorSource("high").start()
     with pytest.raises(TypeError, match="Chopper"):
         source.pump(object())
+
