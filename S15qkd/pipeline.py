@@ -90,6 +90,11 @@ BACKWARD_RESTART_S = 5.0
 #: Minimum seconds between two warnings about events whose time went back.
 BACKWARD_WARNING_INTERVAL_S = 10.0
 
+#: Seconds of peak finding without enough common epochs of both sides before the
+#: high-count side warns, and then the minimum seconds between two such warnings.
+OVERLAP_WARNING_S = 30.0
+OVERLAP_REPEAT_S = 300.0
+
 #: Names of the two measurement bases of BBM92, in the order of costream's basis bit.
 BASIS_NAMES = ("H/V", "diagonal")
 
@@ -344,6 +349,13 @@ class TimeOrderCheck:
                 "restarted")
 
 
+def epoch_range(epochs: set[int]) -> str:
+    """Describe a set of epochs by its first and last one and its size."""
+    if not epochs:
+        return "none"
+    return f"{min(epochs):08x}..{max(epochs):08x} ({len(epochs)} epochs)"
+
+
 def histogram_peak_ticks(histogram) -> Optional[int]:
     """Return the time difference in ticks of the histogram's highest bin (the first of
     equal ones), or None when the histogram counts no pair."""
@@ -377,6 +389,10 @@ class HighPipeline(Pipeline):
         self.passed_epoch = 0
         self.passed_sent = 0             # the last passed_epoch sent to the peer
         self.search: "stages.OffsetFinder | stages.FrequencySearch | None" = None
+        # Monotonic times of the start of the current peak finding and of the last
+        # warning that the two sides' epochs do not overlap.
+        self.search_since: Optional[float] = None
+        self.overlap_warned_at: Optional[float] = None
         self.pair_ratio = INITIAL_PAIR_RATIO       # running coincidences/(accidentals + 1)
         self.peak_outside_epochs = 0               # epochs in a row with the peak outside
         # (errors, bits) per basis of the last disclosed service epochs.
@@ -534,6 +550,7 @@ class HighPipeline(Pipeline):
         # The first common epoch is usually cut short by the later start of one side,
         # so the search starts at the second one, as the reference does.
         if len(common) < needed + 1:
+            self.check_overlap(len(common), needed + 1)
             return False
         epochs = common[1:needed + 1]
         if epochs != list(range(epochs[0], epochs[0] + needed)):
@@ -583,7 +600,32 @@ class HighPipeline(Pipeline):
                                 "snr_coarse": result.snr_coarse,
                                 "frequency_offset": stats.frequency_offset})
         self.node.engine.move(S.SERVICE_MODE, f"time offset {result.offset_ticks} ticks found")
+        self.search_since = self.overlap_warned_at = None
         return False
+
+    def check_overlap(self, common: int, needed: int) -> None:
+        """Warn when peak finding has waited OVERLAP_WARNING_S for enough common epochs.
+
+        Without a warning an operator would see PEAK_FINDING forever, for example when
+        the two time taggers were not started together.
+        """
+        now = time.monotonic()
+        if self.search_since is None:
+            self.search_since = now
+        waited = now - self.search_since
+        if waited < OVERLAP_WARNING_S:
+            return
+        if self.overlap_warned_at is not None and now - self.overlap_warned_at < OVERLAP_REPEAT_S:
+            return
+        self.overlap_warned_at = now
+        state = (f"{common} common epochs of both sides after {waited:.0f} s of peak finding, "
+                 f"{needed} consecutive ones needed; this side has epochs "
+                 f"{epoch_range(self.t1)}, the peer {epoch_range(self.t2)}")
+        log.warning("%s. Check that both time taggers run and were started together, that "
+                    "their clocks differ by less than the offset search covers, and that both "
+                    "sides use the same source settings (for the simulator: source.seed and "
+                    "source.start_time)", state)
+        self.node.engine.note(f"{state}; see the log for likely causes")
 
     def drop_epoch(self, epoch: int) -> None:
         """Drop the oldest common epoch from the offset search; older type-2 epochs have no

@@ -1046,3 +1046,40 @@ def test_kill_and_restart_node(tmp_path, killed):
     watchdog_log = (tmp_path / survivor / "data" / "watchdog.log").read_text()
     assert "the peer restarted" in watchdog_log
 
+
+@needs_matching
+def test_epochs_without_overlap_warned(tmp_path, monkeypatch, caplog):
+    from S15qkd import pipeline
+
+    caplog.set_level("INFO", logger="S15qkd")
+    monkeypatch.setattr(pipeline, "OVERLAP_WARNING_S", 2.0, raising=False)
+    monkeypatch.setattr(pipeline, "OVERLAP_REPEAT_S", 3.0, raising=False)
+    high_config, low_config = node_configs(tmp_path, simulate_args(tmp_path))
+    # The low-count side's clock runs 1000 epochs (9 minutes) ahead.
+    high_factory, low_factory = TimeJump(high_config, 0), TimeJump(low_config, 1000)
+    low_factory.jump.set()
+    high, low = start_nodes(high_config, low_config, high_factory, low_factory)
+    try:
+        def warnings() -> list[str]:
+            return [r.getMessage() for r in caplog.records
+                    if "common epochs of both sides after" in r.getMessage()]
+
+        assert wait_until(lambda: len(warnings()) >= 2, 60), high.engine.reason
+        assert high.engine.state is EngineState.PEAK_FINDING
+        reason = high.engine.reason
+    finally:
+        high.close()
+        low.close()
+
+    first = warnings()[0]
+    assert re.match(r"0 common epochs of both sides after \d+ s of peak finding", first), first
+    own = re.search(r"this side has epochs ([0-9a-f]{8})\.\.([0-9a-f]{8})", first)
+    peer = re.search(r"the peer ([0-9a-f]{8})\.\.([0-9a-f]{8})", first)
+    assert own is not None, first
+    assert peer is not None, first
+    assert int(peer.group(1), 16) - int(own.group(2), 16) > 900, first
+    assert "started together" in first
+    assert "source.start_time" in first
+    assert "common epochs of both sides" in reason
+    # Repeated at the lower rate, not once per epoch.
+    assert len(warnings()) <= 3, warnings()
