@@ -302,3 +302,28 @@ def test_pump_rejects_other_stages():
     with pytest.raises(TypeError, match="Chopper"):
         source.pump(object())
 
+
+def test_real_time_file_source_paces_epochs():
+    from conftest import golden_case
+    from S15qkd.stages import EPOCH_TICKS, FileSource as NodeFileSource
+
+    # The low-count side's recording: 12 s of events, fewer than one read chunk.
+    path = golden_case("realistic") / "events" / "events.lec.out"
+    source = NodeFileSource(str(path), real_time=True)
+    stop = threading.Event()
+    start = time.monotonic()
+    first = last = None
+    spans = []
+    while time.monotonic() - start < 2.5:
+        times, _ = source.next_batch(stop)
+        if first is None:
+            first = int(times[0])
+        last = int(times[-1])
+        spans.append(int(times[-1]) - int(times[0]))
+    source._file.close()
+
+    replayed_s = (last - first) / 8e9
+    # The events of the first 2.5 s came during those 2.5 s, not all at the end.
+    assert replayed_s > 1.0, replayed_s
+    assert replayed_s < 3.5, replayed_s
+    assert max(spans) <= EPOCH_TICKS // 4
