@@ -299,3 +299,29 @@ def test_clean_arguments_drops_junk_like_getopt():
 
 def test_console_script_is_installed():
     assert shutil.which("qkd-pfind") is not None
+
+
+@pytest.mark.parametrize("drift", [8e-5, -8e-5, 8e-6, -8e-6, 0.0])
+def test_frequency_search_over_seeds(drift):
+    """The search lands on the simulator's rate for every seed.
+
+    The node's defaults (2^23 bins of 32 ns) smear the first peak at a drift of 1e-5 over
+    84 bins, and the highest bin may lie anywhere on that plateau. 2^20 bins at 8 times
+    the drift give the same plateau in a fraction of the time. The small offset keeps
+    the later delays from hiding behind a large one.
+    """
+    finder = qkd_core.FrequencyFinder(buffer_order=20)
+    rate_errors, offset_errors = {}, {}
+    for seed in range(1, 21):
+        simulator = qkd_core.LinkSimulator(seed=seed, pair_rate=2e5, qber=0.03,
+                                           offset_ticks=3_000, drift=drift,
+                                           transmission=(1.0, 0.2))
+        high, _, low, _ = simulator.next_batch(0.35)
+        result = finder.find(low, high)
+        elapsed = (result.origin_ticks - qkd_core.DEFAULT_START_TICKS) % 2**49
+        rate_errors[seed] = result.relative_frequency - drift
+        offset_errors[seed] = result.offset_ticks - (3_000 + drift * elapsed)
+    # The windows lie 0.17 s apart, so 1e-8 is 1.7 ticks. A search that stops on a misread
+    # plateau is 1e-7 to 1e-5 off.
+    assert max(map(abs, rate_errors.values())) < 1e-8, rate_errors
+    assert max(map(abs, offset_errors.values())) < 16, offset_errors

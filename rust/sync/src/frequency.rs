@@ -21,9 +21,12 @@
 //!    `convergence_rate / separation` down to the fine width. At the fine width, repeat
 //!    up to 3 more times while the frequency step exceeds `frequency_threshold`.
 //!
-//! A spurious peak in a later iteration (a delay larger than the correction so far) makes
-//! the window `k` times longer, up to `max_wraps`. When the search fails it is retried on
-//! side H pre-compensated by each entry of `precompensations` in turn.
+//! A later iteration accepts only peaks within twice what the previous step can have left
+//! ([`Residual`]): a rate error smears a coarse peak over a plateau, and its highest bin
+//! may lie anywhere on it. A peak beyond that is noise and makes the window `k` times
+//! longer, up to `max_wraps`. After that the search fails, unless the previous step was
+//! already at the fine width. When the search fails it is retried on side H pre-compensated by
+//! each entry of `precompensations` in turn.
 //!
 //! Differences from fpfind v1.2024.13, which the reference server runs: peak delays are
 //! refined to a fraction of a bin by the centroid of the three bins around the maximum;
@@ -176,6 +179,62 @@ struct Correction {
     f: f64,
 }
 
+/// Safety factor on the residual that a step of the search leaves.
+const RESIDUAL_MARGIN: f64 = 2.0;
+
+/// How far from zero the peaks of the next iteration may lie once a step's correction is
+/// applied, times [`RESIDUAL_MARGIN`]. A later peak beyond it is noise.
+///
+/// A rate error ε smears the peak of a window of span `D` over `ε·D` ticks, and the
+/// highest bin may lie anywhere on that plateau. So at bin width `r` a window's delay is
+/// known to `ε·D/2 + r`, and the rate step, the change of delay over the separation `S`,
+/// to `(ε·(D_early + D_late)/2 + 2r)/S`. The bounds use the measured step for ε. With the
+/// defaults at a drift of 1e-5 the first plateau is 84 bins of 32 ns wide, which leaves
+/// up to 2e-6 of rate and 1e4 ticks of delay for the next iteration.
+#[derive(Debug, Clone, Copy)]
+struct Residual {
+    /// Delay at the origin, in ticks.
+    delay: f64,
+    /// Relative rate.
+    rate: f64,
+}
+
+impl Residual {
+    /// Computes the residual after a step of rate `df` measured in an early window of
+    /// `early_span` ticks and a late one of `late_span` ticks (None: the step measured
+    /// no rate, so the `previous` residual rate remains) at bin width `r` ticks.
+    fn after_step(
+        df: f64,
+        early_span: f64,
+        late_span: Option<f64>,
+        r: f64,
+        separation_ticks: f64,
+        previous: Option<Residual>,
+    ) -> Self {
+        let rate = match (late_span, previous) {
+            (Some(late_span), _) => {
+                RESIDUAL_MARGIN * (df.abs() * (early_span + late_span) / 2.0 + 2.0 * r)
+                    / separation_ticks
+            }
+            (None, Some(previous)) => previous.rate,
+            (None, None) => 0.0,
+        };
+        let delay = RESIDUAL_MARGIN * (df.abs() * early_span / 2.0 + r) + rate * early_span / 2.0;
+        Residual { delay, rate }
+    }
+
+    /// Largest delay of the next early window, of `span` ticks at bin width `r`.
+    fn early_delay_limit(&self, span: f64, r: f64) -> f64 {
+        self.delay + self.rate * span / 2.0 + r
+    }
+
+    /// Largest change of delay from the next early window to the late one, at bin width
+    /// `r`.
+    fn delay_change_limit(&self, separation_ticks: f64, r: f64) -> f64 {
+        self.rate * separation_ticks + 2.0 * r
+    }
+}
+
 impl FrequencyFinder {
     /// Checks the options and allocates about `32 · 2^buffer_order` bytes of buffers.
     pub fn new(params: FrequencySearchParams) -> Result<Self, SyncError> {
@@ -311,6 +370,12 @@ impl FrequencyFinder {
         let mut frequency_on = true;
         let mut iteration = 1u32;
         let mut fine_iterations = 0u32;
+        // What the last step leaves to find; None before the first step, whose peak may
+        // lie anywhere in the histogram.
+        let mut residual: Option<Residual> = None;
+        // The last accepted step, when it was at the fine width: the result to return if
+        // a further refinement finds peaks that disagree with it.
+        let mut fine_result: Option<(Correction, f64, f64)> = None;
         let last_a = *a.last().ok_or("no side L events after the origin")?;
         let last_b = *b.last().ok_or("no side H events after the origin")?;
         loop {
@@ -336,10 +401,22 @@ impl FrequencyFinder {
                     }
                     early = peak_of(&correlation, r);
                 }
-            } else if early.delay.abs() > correction.dt.abs().max(TICKS_PER_NS) && wraps < max_wraps
-            {
-                wraps += 1;
-                continue;
+            }
+            if let Some(expected) = residual {
+                let limit = expected.early_delay_limit(span, r);
+                if early.delay.abs() > limit {
+                    if wraps < max_wraps {
+                        wraps += 1;
+                        continue;
+                    }
+                    return fine_result.ok_or_else(|| {
+                        format!(
+                            "iteration {iteration} at {} ns bins found a delay of {:.0} ticks, but the previous step leaves at most {limit:.0}; the peak is noise",
+                            r / TICKS_PER_NS,
+                            early.delay
+                        )
+                    });
+                }
             }
             if early.delay.abs() > max_delay {
                 return Err(format!(
@@ -350,8 +427,8 @@ impl FrequencyFinder {
 
             let mut late_delay = early.delay;
             let mut df = 0.0;
+            let late_span = spans * r * bins;
             if frequency_on {
-                let late_span = spans * r * bins;
                 let late = self.window_peak(
                     a,
                     b,
@@ -362,15 +439,21 @@ impl FrequencyFinder {
                 )?;
                 late_delay = late.delay;
                 df = (late.delay - early.delay) / separation_ticks;
-                if iteration > 1
-                    && (late.delay.abs() > correction.dt.abs().max(TICKS_PER_NS)
-                        || df.abs() > (correction.f - 1.0).abs().max(1e-9))
-                {
-                    if wraps < max_wraps {
-                        wraps += 1;
-                        continue;
+                if let Some(expected) = residual {
+                    let limit = expected.delay_change_limit(separation_ticks, r);
+                    if (late.delay - early.delay).abs() > limit {
+                        if wraps < max_wraps {
+                            wraps += 1;
+                            continue;
+                        }
+                        return fine_result.ok_or_else(|| {
+                            format!(
+                                "iteration {iteration} at {} ns bins found the delay moving by {:.0} ticks between the windows, but the previous step leaves at most {limit:.0}; a peak is noise",
+                                r / TICKS_PER_NS,
+                                late.delay - early.delay
+                            )
+                        });
                     }
-                    return Ok((correction, early.significance, r));
                 }
             }
             if late_delay.abs() > max_delay {
@@ -390,6 +473,14 @@ impl FrequencyFinder {
                     correction.f - 1.0
                 ));
             }
+            residual = Some(Residual::after_step(
+                df,
+                span,
+                frequency_on.then_some(late_span),
+                r,
+                separation_ticks,
+                residual,
+            ));
             log::debug!(
                 "iteration {iteration} at {} ns bins: delay {:.1} ticks, frequency step {df:e}, significance {:.1}",
                 r / TICKS_PER_NS,
@@ -406,6 +497,7 @@ impl FrequencyFinder {
                 {
                     return Ok((correction, early.significance, r));
                 }
+                fine_result = Some((correction, early.significance, r));
             }
             if df.abs() < frequency_threshold {
                 frequency_on = false;
