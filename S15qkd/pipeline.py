@@ -580,6 +580,12 @@ class HighPipeline(Pipeline):
                  "(signal to noise %.1f coarse, %s fine)", result.offset_ticks,
                  result.frequency_offset, epochs[0], epochs[-1], result.snr_coarse,
                  "-" if result.snr_fine is None else f"{result.snr_fine:.1f}")
+        if (stats.frequency_offset is not None
+                and abs(stats.frequency_offset) > 0.8 * search.MAX_FREQUENCY):
+            log.warning("frequency offset %.4g found in epochs %08x..%08x is near the search "
+                        "limit of %.4g; a slightly larger offset will not be found, so check "
+                        "the clocks of both nodes", stats.frequency_offset, epochs[0],
+                        epochs[-1], search.MAX_FREQUENCY)
         # costream tracks the offset from here on; the next search starts from scratch.
         self.search = None
         start = epochs[0]

@@ -148,6 +148,9 @@ class FrequencySearch:
     """Frequency and time offset together (the fpfind method) between the high side's
     type-1 and the peer's type-2 epochs, for clocks whose rates differ by up to 1e-4."""
 
+    #: Largest relative frequency the search accepts (its default, 2^-13, about 122 ppm).
+    MAX_FREQUENCY = 2.0**-13
+
     #: Distance of the late correlation window from the early one, in coarse spans
     #: (coarse bin width times 2^buffer_order); the reference server passes fpfind -s 5.
     SEPARATION = 5
