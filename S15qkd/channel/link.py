@@ -55,6 +55,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from ..log_limits import RateLimitedWarning
 from .frames import (HEADER_SIZE, SEQUENCED, Frame, FrameError, FrameType, decode_json,
                      describe_payload, encode_json, parse_header)
 from .tls import (describe_certificate, describe_handshake_error, load_pinned_certificate,
@@ -225,9 +226,9 @@ class Link:
         self._last_logged_error = ""     # the last logged error, without port numbers
         self._last_error_at = 0.0        # time.monotonic() of the last recorded error
         self._error_repeats = 0
-        self._session_warnings = _RepeatWarning(REPEAT_WARNING_WINDOW_S)
+        self._session_warnings = RateLimitedWarning(log, REPEAT_WARNING_WINDOW_S)
         self._session_switches: deque[float] = deque()   # time.monotonic() of each
-        self._rejection_warnings = _RepeatWarning(REPEAT_WARNING_WINDOW_S)
+        self._rejection_warnings = RateLimitedWarning(log, REPEAT_WARNING_WINDOW_S)
 
     # ---- public API, callable from any thread -------------------------------------------
 
@@ -678,7 +679,7 @@ class Link:
             reason = (f"another connection with this node's certificate, from {current}, is "
                       "alive; two nodes appear to use the same certificate: stop one of "
                       "them or give each node its own certificate (qkdserver certs)")
-            self._rejection_warnings.warn(
+            self._rejection_warnings(
                 "classical channel: rejected a second connection from %s while the "
                 "connection from %s is alive (last frame %.1f s ago); two nodes appear to "
                 "use the same certificate: stop one of them or give each node its own "
@@ -774,7 +775,7 @@ class Link:
         while now - switches[0] > REPEAT_WARNING_WINDOW_S:
             switches.popleft()
         if len(switches) >= 2:
-            self._session_warnings.warn(
+            self._session_warnings(
                 "classical channel: %d new link sessions in the last %.0f s (latest: %s); "
                 "each discards the queued frames and restarts key generation, so no key is "
                 "made. Check whether the peer keeps restarting, or whether two nodes use "
@@ -897,30 +898,6 @@ class _Hello:
     recv_next: int
     identity: str
     max_frame_bytes: Optional[int]     # None from a node that does not announce it
-
-
-class _RepeatWarning:
-    """A warning logged at most once per window, with the count of occurrences since."""
-
-    def __init__(self, window_s: float):
-        self.window_s = window_s
-        self.total = 0
-        self._unlogged = 0
-        self._logged_at: Optional[float] = None
-
-    def warn(self, message: str, *args) -> None:
-        """Log message % args unless a line of this warning was logged within the window."""
-        self.total += 1
-        self._unlogged += 1
-        now = time.monotonic()
-        if self._logged_at is not None and now - self._logged_at < self.window_s:
-            return
-        if self._unlogged == 1:
-            log.warning(message, *args)
-        else:
-            log.warning(message + " (%d times since the last such line)", *args, self._unlogged)
-        self._logged_at = now
-        self._unlogged = 0
 
 
 def _is_int(value: object) -> bool:

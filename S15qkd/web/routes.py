@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
-import time
 from typing import Any, Callable
 
 from flask import Flask, Response, jsonify, redirect, request
@@ -25,6 +23,7 @@ from S15qkd.status import (
     StatusSnapshot,
     UnknownConnectionError,
 )
+from S15qkd.log_limits import RateLimitedWarning
 from S15qkd.web.auth import SESSION_COOKIE, TokenChecker
 
 log = logging.getLogger(__name__)
@@ -37,55 +36,6 @@ REFERENCE_WORKERS = ("transferd", "readevents", "chopper", "chopper2", "costream
 
 # Keys of the reference's "local_counts" map, in detector order 1 to 4.
 REFERENCE_DETECTOR_KEYS = ("v", "-", "h", "+")
-
-
-class RateLimitedWarning:
-    """Logs a warning at most once per interval and counts the ones it drops.
-
-    Rejected credentials are logged this way, so a client that retries in a loop
-    cannot flood the node's log.
-    """
-
-    def __init__(self, interval_s: float = 10.0):
-        self._interval_s = interval_s
-        self._lock = threading.Lock()
-        self._last = -interval_s
-        self._dropped = 0
-        self._flush: threading.Timer | None = None
-
-    def __call__(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            if now - self._last < self._interval_s:
-                self._dropped += 1
-                # Without a later warning the count would never be logged, so a timer
-                # logs it at the end of the interval.
-                if self._flush is None:
-                    self._flush = threading.Timer(self._last + self._interval_s - now,
-                                                  self._log_dropped, (message, args))
-                    self._flush.daemon = True
-                    self._flush.start()
-                return
-            dropped, self._dropped, self._last = self._dropped, 0, now
-            self._cancel_flush()
-        if dropped:
-            message += " (%d similar warnings dropped since the last one)"
-            args += (dropped,)
-        log.warning(message, *args)
-
-    def _cancel_flush(self) -> None:
-        if self._flush is not None:
-            self._flush.cancel()
-            self._flush = None
-
-    def _log_dropped(self, message: str, args: tuple) -> None:
-        """Log the count of the warnings dropped in the interval, with the first of them."""
-        with self._lock:
-            dropped, self._dropped, self._flush = self._dropped, 0, None
-            self._last = time.monotonic()
-        if dropped:
-            log.warning(message + " (and %d similar warnings in the last %g s)",
-                        *args, dropped, self._interval_s)
 
 
 def epoch_name(epoch: int | None) -> str:
@@ -151,9 +101,9 @@ def reference_status_data(snapshot: StatusSnapshot) -> dict[str, Any]:
 def register_routes(server: Flask, node: NodeControl, checker: TokenChecker, protect_status: bool = False) -> None:
     """Add the status, control, configuration and login routes to the Flask server."""
 
-    warn_rejected = RateLimitedWarning()
+    warn_rejected = RateLimitedWarning(log)
     # Its own limit, so that rejected tokens of a script do not hide a failed login.
-    warn_failed_login = RateLimitedWarning()
+    warn_failed_login = RateLimitedWarning(log)
 
     def authentication_failure() -> Response | None:
         """Return the 401/403 response for a request without valid credentials, else None."""
