@@ -292,8 +292,8 @@ class EventSource:
 
     #: True when the source already added the detector skews to the times.
     applies_skew = False
-    #: False for a time tagger, which goes on counting while nobody reads it, so the
-    #: reader drops batches instead of waiting when the peer falls behind.
+    #: False for a time tagger, which goes on counting while the node does not read it.
+    #: The reader then drops batches instead of waiting when the peer falls behind.
     can_pause = True
 
     def __init__(self, real_time: bool):
@@ -489,7 +489,7 @@ class DeviceEvents(EventSource):
     """A started :mod:`S15qkd.sources` source (TDC1 device or named pipe), read in batches.
 
     Events arrive at the device's own pace, so no pacing is added. For a pipe, the node
-    logs when events stop for PIPE_IDLE_S and when they come again. The node holds the
+    logs when events stop for PIPE_IDLE_S and when they come again. The node keeps the
     pipe open for writing too, so a writer that closes it causes no end of file.
     """
 

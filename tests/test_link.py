@@ -521,7 +521,7 @@ def test_bad_type1_epoch_skipped(tmp_path, monkeypatch, caplog, damage):
 
 
 def assert_key_after(keys: dict, epoch: int) -> None:
-    """Check that a key holds raw key of an epoch after epoch: the link went on."""
+    """Check that a key contains raw key of an epoch after epoch: the link went on."""
     ends = {name: key.start_epoch + key.epochs - 1 for name, key in keys.items()}
     assert [name for name, last in ends.items() if last > epoch], ends
 

@@ -200,9 +200,9 @@ struct Residual {
 }
 
 impl Residual {
-    /// Computes the residual after a step of rate `df` measured in an early window of
-    /// `early_span` ticks and a late one of `late_span` ticks (None: the step measured
-    /// no rate, so the `previous` residual rate remains) at bin width `r` ticks.
+    /// Computes the residual after a step of rate `df` at bin width `r` ticks, measured in
+    /// an early window of `early_span` ticks and a late one of `late_span` ticks. A `late_span`
+    /// of None means the step measured no rate, so the `previous` residual rate remains.
     fn after_step(
         df: f64,
         early_span: f64,
